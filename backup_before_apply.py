@@ -1,0 +1,2070 @@
+#!/usr/bin/env python3
+"""backup-before-apply: take a verified, private backup of one stateful service.
+
+An operator runs this by hand, as root, on a Docker host right before a risky change to a
+stateful module of the platform. Given a module id it reads the platform checkout
+(modules/<id>/module.yaml), decides the module's backup class from classes.toml, finds
+the module's container through the docker CLI, writes a private timestamped backup (0600,
+created under a .partial name and renamed only once complete and verified) plus a
+manifest that says how to restore it. ``--list`` audits every module of the platform.
+The service keeps running: nothing is stopped or restarted, and ``--pause`` always
+unpauses. Standard library only; see README.md for the contract and the class table.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import errno
+import fcntl
+import fnmatch
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import signal
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import tomllib
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+# --------------------------------------------------------------------------- constants
+
+PROG = "backup-before-apply"
+LOG = logging.getLogger(PROG)
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the backup failed at run time
+EXIT_USAGE = 2  # bad usage or bad input
+EXIT_REFUSED = 3  # refused by a safety guard
+
+DEFAULT_PLATFORM_ROOT = "/opt/pdurlej-platform"
+DEFAULT_CLASSES = Path(__file__).resolve().with_name("classes.toml")
+
+MODULE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+MODULE_ID_MAX = 128
+MODULE_YAML_MAX_BYTES = 1 << 20
+
+LIFECYCLES = ("active", "parked", "sunset", "non-canonical")
+STATEFULNESS = ("stateful", "stateless")
+UNDECLARED = "undeclared"
+
+# Every procedure name classes.toml may use; IMPLEMENTED (below) says which ones this
+# version can run. A class whose procedure is not implemented is refused, never silently
+# replaced by a live copy of its data directory.
+PROCEDURE_NAMES = (
+    "mounted-archive",
+    "pg-dumpall",
+    "redis-bgsave",
+    "vault-raft-snapshot",
+    "mc-mirror",
+    "meilisearch-dump",
+    "compose-root-archive",
+)
+
+# Variables that CI runners set; the tool never runs automatically.
+CI_ENV_VARS = (
+    "CI",
+    "GITHUB_ACTIONS",
+    "GITEA_ACTIONS",
+    "FORGEJO_ACTIONS",
+    "GITLAB_CI",
+    "JENKINS_URL",
+    "BUILDKITE",
+    "CIRCLECI",
+    "TRAVIS",
+    "DRONE",
+    "WOODPECKER_CI",
+    "TEAMCITY_VERSION",
+    "TF_BUILD",
+    "BITBUCKET_BUILD_NUMBER",
+    "CODEBUILD_BUILD_ID",
+    "RUNNER_TRACKING_ID",
+)
+CI_FALSE_VALUES = ("", "0", "false", "no", "off")
+
+# Bind destinations that hold one host file for the container's benefit, not its state.
+HOST_FILE_DESTINATIONS = frozenset(
+    {"/etc/localtime", "/etc/timezone", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf"}
+)
+VIRTUAL_FS_ROOTS = ("/proc", "/sys", "/dev")
+
+TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
+COPY_CHUNK = 1 << 20
+STDERR_TAIL_LINES = 5
+
+RESTORE_PLACEHOLDERS = ("backup", "manifest", "module", "container", "image")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class BackupError(Exception):
+    """A failure the operator must see as one line; exit_code says which kind."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(BackupError):
+    """Bad usage or bad input: unknown module, invalid id, malformed config."""
+
+    exit_code = EXIT_USAGE
+
+
+class RefusedError(BackupError):
+    """A safety guard refused to go on."""
+
+    exit_code = EXIT_REFUSED
+
+
+class CommandError(BackupError):
+    """An external command failed; carries the command and the tail of its stderr."""
+
+    def __init__(self, argv: list[str], returncode: int | None, stderr: bytes | str) -> None:
+        if isinstance(stderr, bytes):
+            stderr = stderr.decode("utf-8", "replace")
+        lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+        self.argv = argv
+        self.returncode = returncode
+        self.stderr_tail = lines[-STDERR_TAIL_LINES:]
+        status = "timed out" if returncode is None else f"exited {returncode}"
+        detail = " | ".join(self.stderr_tail) or "no output on stderr"
+        super().__init__(f"`{mask_argv(argv)}` {status}: {detail}")
+
+
+class Interrupted(BaseException):
+    """A signal (SIGINT, SIGTERM, SIGHUP) asked the run to stop; cleanup still runs.
+
+    A BaseException so that no `except Exception` on the way up can swallow it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
+# --------------------------------------------------------------------------- run() and docker
+
+_SECRET_ARG_RE = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_]*=)(?P<value>.+)$")
+
+
+def mask_argv(argv: list[str]) -> str:
+    """Return argv as a shell line with any NAME=value after -e/--env masked.
+
+    Secrets travel by name only (`docker exec -e NAME`); this is the safety net if a
+    value ever slips into argv.
+    """
+    masked: list[str] = []
+    after_env = False
+    for arg in argv:
+        if after_env and (match := _SECRET_ARG_RE.match(arg)):
+            arg = match["key"] + "***"
+        after_env = arg in ("-e", "--env")
+        masked.append(arg)
+    return shlex.join(masked)
+
+
+def run(
+    argv: list[str],
+    *,
+    check: bool = True,
+    timeout: float | None = None,
+    input: bytes | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run argv (never through a shell) and return the completed process.
+
+    Raise BackupError if the program is missing, CommandError if it exits non-zero
+    (with check) or runs past timeout.
+    """
+    LOG.debug("$ %s", mask_argv(argv))
+    try:
+        proc = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        raise BackupError(f"{argv[0]}: command not found on PATH") from None
+    except subprocess.TimeoutExpired as exc:
+        raise CommandError(argv, None, exc.stderr or b"") from None
+    if check and proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, proc.stderr)
+    return proc
+
+
+@contextlib.contextmanager
+def stream_from(argv: list[str], *, timeout: float | None = None) -> Iterator[IO[bytes]]:
+    """Yield the stdout of argv as a binary stream; check its exit status at the end.
+
+    The sibling of run() for output too large to hold in memory. Like `set -o pipefail`,
+    a non-zero exit fails the whole step even if the stream looked complete. Raise
+    CommandError on failure; the child is killed if the consumer fails first.
+    """
+    LOG.debug("$ %s", mask_argv(argv))
+    with tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err)
+        except FileNotFoundError:
+            raise BackupError(f"{argv[0]}: command not found on PATH") from None
+        assert proc.stdout is not None
+        try:
+            yield proc.stdout
+            while proc.stdout.read(COPY_CHUNK):
+                pass  # tar readers stop before the trailing padding; let the child finish
+            returncode = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            err.seek(0)
+            raise CommandError(argv, None, err.read()) from None
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            proc.stdout.close()
+        if returncode != 0:
+            err.seek(0)
+            raise CommandError(argv, returncode, err.read())
+
+
+def docker(args: list[str], *, timeout: float, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    """Run one docker CLI command through run()."""
+    return run(["docker", *args], timeout=timeout, check=check)
+
+
+def parse_json(data: bytes, what: str) -> Any:
+    """Return the JSON document in data. Raise BackupError naming what it came from."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BackupError(f"{what}: output is not JSON ({exc})") from None
+
+
+def list_containers(timeout: float) -> list[dict[str, Any]]:
+    """Return `docker inspect` objects for every container, running or not.
+
+    One `docker ps` and one batched `docker inspect`, whatever the number of modules.
+    """
+    ids = docker(["ps", "--all", "--quiet", "--no-trunc"], timeout=timeout).stdout.split()
+    if not ids:
+        return []
+    argv = ["inspect", "--type", "container", *[i.decode() for i in ids]]
+    proc = docker(argv, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        # A container removed between ps and inspect fails the whole call but the
+        # others are still printed; anything else is a real failure.
+        if not proc.stdout.strip().startswith(b"["):
+            raise CommandError(["docker", *argv], proc.returncode, proc.stderr)
+        LOG.debug("docker inspect: %s", proc.stderr.decode("utf-8", "replace").strip())
+    found = parse_json(proc.stdout, "docker inspect")
+    return [c for c in found if isinstance(c, dict)]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """What decides how mounted data is read: on the host, or through docker."""
+
+    version: str
+    endpoint: str
+    local: bool
+    rootless: bool
+
+
+def engine_info(timeout: float) -> EngineInfo:
+    """Return the engine's version and whether its host paths are this host's paths."""
+    info = parse_json(docker(["info", "--format", "{{json .}}"], timeout=timeout).stdout, "docker info")
+    endpoint = os.environ.get("DOCKER_HOST", "")
+    if not endpoint:
+        proc = docker(["context", "inspect", "--format", "{{json .Endpoints.docker.Host}}"], timeout=timeout)
+        endpoint = str(parse_json(proc.stdout, "docker context inspect"))
+    security = " ".join(str(opt) for opt in info.get("SecurityOptions") or [])
+    return EngineInfo(
+        version=str(info.get("ServerVersion", "unknown")),
+        endpoint=endpoint,
+        local=endpoint.startswith("unix://"),
+        rootless="rootless" in security,
+    )
+
+
+# --------------------------------------------------------------------------- config (classes.toml)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackupClass:
+    """One row of the class table."""
+
+    letter: str
+    title: str
+    patterns: tuple[str, ...]
+    procedure: str
+    fallback: str | None
+    restore: str
+    default: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Operator-tunable settings; classes.toml < environment < command line."""
+
+    platform_root: str = DEFAULT_PLATFORM_ROOT
+    backup_dir: str = ""  # empty: <platform_root>/backups
+    docker_timeout: float = 60.0
+    pause_timeout: float = 1800.0
+    lock_timeout: float = 0.0
+    compress_level: int = 6
+
+
+# setting -> (type, environment variable, command-line flag)
+SETTING_SOURCES: dict[str, tuple[type, str, str]] = {
+    "platform_root": (str, "PLATFORM_ROOT", "--platform-root"),
+    "backup_dir": (str, "BACKUP_DIR", "--backup-dir"),
+    "docker_timeout": (float, "BBA_DOCKER_TIMEOUT", "--docker-timeout"),
+    "pause_timeout": (float, "BBA_PAUSE_TIMEOUT", "--pause-timeout"),
+    "lock_timeout": (float, "BBA_LOCK_TIMEOUT", "--lock-timeout"),
+    "compress_level": (int, "BBA_COMPRESS_LEVEL", "--compress-level"),
+}
+SETTING_LIMITS: dict[str, tuple[float, float]] = {
+    "docker_timeout": (1, 86400),
+    "pause_timeout": (1, 86400),
+    "lock_timeout": (0, 86400),
+    "compress_level": (1, 9),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """classes.toml, read and validated."""
+
+    path: Path
+    settings: Settings
+    classes: dict[str, BackupClass]
+
+    @property
+    def default_class(self) -> BackupClass:
+        return next(c for c in self.classes.values() if c.default)
+
+
+CLASS_KEYS = {"title": str, "patterns": list, "procedure": str, "fallback": str, "restore": str, "default": bool}
+CLASS_REQUIRED = ("title", "patterns", "procedure", "restore")
+
+
+def check_setting(name: str, value: Any, where: str) -> Any:
+    """Return value converted to the setting's type. Raise UsageError naming where."""
+    kind = SETTING_SOURCES[name][0]
+    try:
+        if isinstance(value, bool) or (kind is str and not isinstance(value, str)):
+            raise ValueError
+        converted = kind(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+    if name in SETTING_LIMITS:
+        low, high = SETTING_LIMITS[name]
+        if not low <= converted <= high:
+            raise UsageError(f"{where}: {value!r} is outside {low:g}..{high:g}")
+    return converted
+
+
+def load_config(path: Path) -> Config:
+    """Return the validated class table and settings from classes.toml.
+
+    Raise UsageError naming the file and the key if it is missing, malformed or
+    incomplete.
+    """
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: classes file not found (use --classes FILE)") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: malformed TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text") from None
+
+    unknown = set(doc) - {"settings", "classes"}
+    if unknown:
+        raise UsageError(f"{path}: unknown top-level key {sorted(unknown)[0]!r} (expected [settings], [classes.*])")
+    raw_settings = doc.get("settings", {})
+    if not isinstance(raw_settings, dict):
+        raise UsageError(f"{path}: [settings] must be a table")
+    values: dict[str, Any] = {}
+    for key, value in raw_settings.items():
+        if key not in SETTING_SOURCES:
+            raise UsageError(f"{path}: settings.{key}: unknown setting (known: {', '.join(SETTING_SOURCES)})")
+        values[key] = check_setting(key, value, f"{path}: settings.{key}")
+    settings = Settings(**values)
+
+    raw_classes = doc.get("classes")
+    if not isinstance(raw_classes, dict) or not raw_classes:
+        raise UsageError(f"{path}: [classes.*]: no backup classes defined")
+    classes: dict[str, BackupClass] = {}
+    exact_owner: dict[str, str] = {}
+    for letter, table in raw_classes.items():
+        where = f"{path}: classes.{letter}"
+        if not re.fullmatch(r"[A-Z]", letter):
+            raise UsageError(f"{where}: class names are single capital letters")
+        if not isinstance(table, dict):
+            raise UsageError(f"{where}: must be a table")
+        for key, value in table.items():
+            if key not in CLASS_KEYS:
+                raise UsageError(f"{where}.{key}: unknown key (known: {', '.join(CLASS_KEYS)})")
+            if not isinstance(value, CLASS_KEYS[key]):
+                raise UsageError(f"{where}.{key}: expected {CLASS_KEYS[key].__name__}, got {type(value).__name__}")
+        for key in CLASS_REQUIRED:
+            if key not in table:
+                raise UsageError(f"{where}: missing key {key!r}")
+        patterns = table["patterns"]
+        if not all(isinstance(p, str) and p.strip() for p in patterns):
+            raise UsageError(f"{where}.patterns: expected a list of non-empty strings")
+        for pattern in patterns:
+            if not _is_glob(pattern):
+                if pattern in exact_owner:
+                    raise UsageError(f"{where}.patterns: {pattern!r} is already listed in classes.{exact_owner[pattern]}")
+                exact_owner[pattern] = letter
+        for key in ("procedure", "fallback"):
+            if key in table and table[key] not in PROCEDURE_NAMES:
+                raise UsageError(f"{where}.{key}: unknown procedure {table[key]!r} (known: {', '.join(PROCEDURE_NAMES)})")
+        classes[letter] = BackupClass(
+            letter=letter,
+            title=table["title"],
+            patterns=tuple(patterns),
+            procedure=table["procedure"],
+            fallback=table.get("fallback"),
+            restore=table["restore"].strip(),
+            default=table.get("default", False),
+        )
+    defaults = [c.letter for c in classes.values() if c.default]
+    if len(defaults) != 1:
+        raise UsageError(f"{path}: exactly one class must set default = true (found {len(defaults)}: {', '.join(defaults) or 'none'})")
+    return Config(path=path, settings=settings, classes=classes)
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+def classify(module_id: str, config: Config) -> tuple[BackupClass, str]:
+    """Return the class of a module and the pattern that decided it.
+
+    An exact name beats any glob; among globs the one with the most literal characters
+    wins (`agaria-*` over `*`); no match gives the default class. Raise UsageError if two
+    classes tie.
+    """
+    for cls in config.classes.values():
+        if module_id in cls.patterns:
+            return cls, module_id
+    best: list[tuple[int, BackupClass, str]] = []
+    for cls in config.classes.values():
+        for pattern in cls.patterns:
+            if _is_glob(pattern) and fnmatch.fnmatchcase(module_id, pattern):
+                score = len(re.sub(r"\[[^\]]*\]|[*?]", "", pattern))
+                best.append((score, cls, pattern))
+    if not best:
+        return config.default_class, "(default)"
+    top = max(score for score, _, _ in best)
+    winners = [(cls, pattern) for score, cls, pattern in best if score == top]
+    if len({cls.letter for cls, _ in winners}) > 1:
+        listed = ", ".join(f"classes.{cls.letter} {pattern!r}" for cls, pattern in winners)
+        raise UsageError(f"{config.path}: module {module_id!r} matches equally specific patterns of two classes: {listed}")
+    return winners[0]
+
+
+# --------------------------------------------------------------------------- platform audit (module.yaml)
+
+
+class YamlError(UsageError):
+    """module.yaml holds something the reader cannot read without guessing."""
+
+
+_PLAIN_INT_RE = re.compile(r"^[-+]?(0|[1-9][0-9]*)$")
+_PLAIN_FLOAT_RE = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
+_KEY_RE = re.compile(r"""^(?P<key>"(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|[^\s"'#\-?:,\[\]{}&*!|>%@`][^:]*?|-[^\s:][^:]*?)\s*:(?:\s+|$)(?P<rest>.*)$""")
+_DQ_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", '"': '"', "\\": "\\", "/": "/", " ": " ", "e": "\x1b"}
+
+
+@dataclasses.dataclass
+class _Line:
+    number: int
+    indent: int
+    text: str
+
+
+class _YamlReader:
+    """The block-style YAML that people write by hand in module.yaml.
+
+    Handles comments, plain/single/double-quoted scalars, nested maps, block sequences
+    (also at the parent key's indentation), one-line flow collections, and literal and
+    folded block scalars. Rejects tabs in indentation, duplicate keys, anchors, aliases,
+    tags, multi-line flow or quoted scalars and several documents, each with file:line.
+    """
+
+    def __init__(self, text: str, filename: str) -> None:
+        self.filename = filename
+        self.raw = text.split("\n")
+        self.pos = 0
+        self.key_lines: dict[tuple[str, ...], int] = {}
+
+    def fail(self, number: int, why: str) -> YamlError:
+        return YamlError(f"{self.filename}:{number}: {why}")
+
+    # -- lines
+
+    def _structural(self, index: int) -> _Line | None:
+        """Return raw line index without its comment, or None if it is blank."""
+        raw = self.raw[index]
+        body = raw.lstrip(" ")
+        text = _strip_comment(body.lstrip("\t")).rstrip()
+        if not text:
+            return None
+        if body.startswith("\t"):
+            raise self.fail(index + 1, "tab character in indentation (YAML allows spaces only)")
+        return _Line(index + 1, len(raw) - len(body), text)
+
+    def peek(self) -> _Line | None:
+        while self.pos < len(self.raw):
+            line = self._structural(self.pos)
+            if line is not None:
+                if line.indent == 0 and line.text in ("---", "..."):
+                    raise self.fail(line.number, "a second YAML document in one file is not supported")
+                return line
+            self.pos += 1
+        return None
+
+    # -- document
+
+    def document(self) -> Any:
+        line = self.peek()
+        if line is not None and line.indent == 0 and line.text.startswith("---"):
+            if line.text != "---":
+                raise self.fail(line.number, "content after '---' is not supported")
+            self.pos += 1
+        line = self.peek()
+        if line is None:
+            return None
+        if line.indent != 0:
+            raise self.fail(line.number, "the document must start at column 1")
+        value = self.block(0, ())
+        leftover = self.peek()
+        if leftover is not None:
+            raise self.fail(leftover.number, "unexpected indentation or content")
+        return value
+
+    def block(self, indent: int, path: tuple[str, ...]) -> Any:
+        line = self.peek()
+        assert line is not None and line.indent == indent
+        if line.text == "-" or line.text.startswith("- "):
+            return self.sequence(indent, path)
+        return self.mapping(indent, path)
+
+    def mapping(self, indent: int, path: tuple[str, ...]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        while (line := self.peek()) is not None and line.indent == indent:
+            if line.text == "-" or line.text.startswith("- "):
+                raise self.fail(line.number, "a list item where a 'key: value' line was expected")
+            match = _KEY_RE.match(line.text)
+            if not match:
+                raise self.fail(line.number, f"expected 'key: value', got {line.text!r}")
+            key = str(self.scalar(match["key"], line.number, is_key=True))
+            if key in result:
+                raise self.fail(line.number, f"duplicate key {key!r} (first on line {self.key_lines[(*path, key)]})")
+            self.key_lines[(*path, key)] = line.number
+            self.pos += 1
+            result[key] = self.value_after_key(match["rest"], line, (*path, key))
+        line = self.peek()
+        if line is not None and line.indent > indent:
+            raise self.fail(line.number, "unexpected indentation")
+        return result
+
+    def value_after_key(self, rest: str, line: _Line, path: tuple[str, ...]) -> Any:
+        if rest:
+            if rest[0] in "|>":
+                return self.block_scalar(rest, line)
+            return self.inline(rest, line.number)
+        nxt = self.peek()
+        if nxt is None:
+            return None
+        if nxt.indent > line.indent:
+            return self.block(nxt.indent, path)
+        if nxt.indent == line.indent and (nxt.text == "-" or nxt.text.startswith("- ")):
+            return self.sequence(line.indent, path)
+        return None
+
+    def sequence(self, indent: int, path: tuple[str, ...]) -> list[Any]:
+        items: list[Any] = []
+        while (line := self.peek()) is not None and line.indent == indent:
+            if not (line.text == "-" or line.text.startswith("- ")):
+                break
+            item_path = (*path, str(len(items)))
+            rest = line.text[1:].lstrip(" ")
+            if not rest:
+                self.pos += 1
+                nxt = self.peek()
+                items.append(self.block(nxt.indent, item_path) if nxt is not None and nxt.indent > indent else None)
+            elif _KEY_RE.match(rest) or rest == "-" or rest.startswith("- "):
+                # "- key: value" (or "- - item"): the item is a block whose first line
+                # starts at the column of "key"; the line is re-read with that indentation.
+                column = indent + len(line.text) - len(rest)
+                self.raw[self.pos] = " " * column + self.raw[self.pos][column:]
+                items.append(self.block(column, item_path))
+            elif rest[0] in "|>":
+                self.pos += 1
+                items.append(self.block_scalar(rest, line))
+            else:
+                self.pos += 1
+                items.append(self.inline(rest, line.number))
+        return items
+
+    def block_scalar(self, header: str, line: _Line) -> str:
+        match = re.fullmatch(r"([|>])([-+]?)([1-9]?)([-+]?)", header)
+        if not match:
+            raise self.fail(line.number, f"malformed block scalar header {header!r}")
+        style, chomp = match[1], match[2] or match[4]
+        self.pos = line.number  # the line after the header
+        body: list[str] = []
+        block_indent = line.indent + int(match[3]) if match[3] else None
+        while self.pos < len(self.raw):
+            raw = self.raw[self.pos]
+            if not raw.strip():
+                body.append("")
+                self.pos += 1
+                continue
+            indent = len(raw) - len(raw.lstrip(" "))
+            if block_indent is None:
+                if indent <= line.indent:
+                    break
+                block_indent = indent
+            if indent < block_indent:
+                break
+            body.append(raw[block_indent:])
+            self.pos += 1
+        trailing = 0
+        while body and body[-1] == "":
+            body.pop()
+            trailing += 1
+        text = "\n".join(body) if style == "|" else _fold(body)
+        if not text or chomp == "-":
+            return text
+        return text + "\n" * (1 + trailing if chomp == "+" else 1)
+
+    # -- scalars and flow collections
+
+    def inline(self, text: str, number: int) -> Any:
+        if text[0] in "[{":
+            value, end = self.flow(text, 0, number)
+            if text[end:].strip():
+                raise self.fail(number, f"unexpected text after flow collection: {text[end:].strip()!r}")
+            return value
+        return self.scalar(text, number)
+
+    def scalar(self, text: str, number: int, *, is_key: bool = False) -> Any:
+        text = text.strip()
+        if text[:1] in ("&", "*", "!"):
+            raise self.fail(number, f"anchors, aliases and tags are not supported: {text!r}")
+        if text.startswith('"'):
+            if len(text) < 2 or not text.endswith('"') or _dq_end(text) != len(text) - 1:
+                raise self.fail(number, "unterminated or multi-line double-quoted string")
+            return self.unescape(text[1:-1], number)
+        if text.startswith("'"):
+            if len(text) < 2 or not text.endswith("'") or "'" in text[1:-1].replace("''", ""):
+                raise self.fail(number, "unterminated or multi-line single-quoted string")
+            return text[1:-1].replace("''", "'")
+        if text[:1] in ("@", "`", "%"):
+            raise self.fail(number, f"a plain scalar cannot start with {text[0]!r}")
+        if ": " in text or text.endswith(":"):
+            raise self.fail(number, f"unexpected ':' in {text!r} (quote the value)")
+        if is_key:
+            return text
+        return _plain_value(text)
+
+    def unescape(self, body: str, number: int) -> str:
+        out: list[str] = []
+        i = 0
+        while i < len(body):
+            ch = body[i]
+            if ch != "\\":
+                out.append(ch)
+                i += 1
+                continue
+            code = body[i + 1 : i + 2]
+            if code in _DQ_ESCAPES:
+                out.append(_DQ_ESCAPES[code])
+                i += 2
+            elif code in ("x", "u", "U"):
+                width = {"x": 2, "u": 4, "U": 8}[code]
+                digits = body[i + 2 : i + 2 + width]
+                if len(digits) != width or not all(c in "0123456789abcdefABCDEF" for c in digits):
+                    raise self.fail(number, f"bad escape \\{code}{digits}")
+                out.append(chr(int(digits, 16)))
+                i += 2 + width
+            else:
+                raise self.fail(number, f"unknown escape \\{code} in double-quoted string")
+        return "".join(out)
+
+    def flow(self, text: str, i: int, number: int) -> tuple[Any, int]:
+        """Parse a flow collection starting at text[i]; return (value, index after it)."""
+        opener = text[i]
+        closer = "]" if opener == "[" else "}"
+        items: list[Any] = []
+        mapping: dict[str, Any] = {}
+        i += 1
+        while True:
+            i = _skip_spaces(text, i)
+            if i >= len(text):
+                raise self.fail(number, f"unclosed {opener!r} (multi-line flow collections are not supported)")
+            if text[i] == closer:
+                return (items if opener == "[" else mapping), i + 1
+            if text[i] in "[{":
+                value, i = self.flow(text, i, number)
+                key = None
+            else:
+                token, i = _flow_token(text, i)
+                if not token:
+                    raise self.fail(number, f"unexpected {text[i]!r} in flow collection")
+                key = token
+                value = None
+            i = _skip_spaces(text, i)
+            if opener == "{":
+                if key is None or i >= len(text) or text[i] != ":":
+                    raise self.fail(number, "expected 'key: value' inside {...}")
+                name = str(self.scalar(key, number, is_key=True))
+                if name in mapping:
+                    raise self.fail(number, f"duplicate key {name!r}")
+                i = _skip_spaces(text, i + 1)
+                if i < len(text) and text[i] in "[{":
+                    mapping[name], i = self.flow(text, i, number)
+                else:
+                    token, i = _flow_token(text, i)
+                    mapping[name] = self.scalar(token, number) if token else None
+            else:
+                items.append(value if key is None else self.scalar(key, number))
+            i = _skip_spaces(text, i)
+            if i < len(text) and text[i] == ",":
+                i += 1
+            elif i < len(text) and text[i] != closer:
+                raise self.fail(number, f"expected ',' or {closer!r} in flow collection")
+
+
+def _strip_comment(text: str) -> str:
+    quote = ""
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote and not (quote == '"' and _escaped(text, i)):
+                quote = ""
+        elif ch in "\"'" and (i == 0 or text[i - 1] in " \t:[{,-"):
+            quote = ch
+        elif ch == "#" and (i == 0 or text[i - 1] in " \t"):
+            return text[:i]
+    return text
+
+
+def _escaped(text: str, i: int) -> bool:
+    backslashes = 0
+    while i > 0 and text[i - 1] == "\\":
+        backslashes += 1
+        i -= 1
+    return backslashes % 2 == 1
+
+
+def _dq_end(text: str) -> int:
+    for i in range(1, len(text)):
+        if text[i] == '"' and not _escaped(text, i):
+            return i
+    return -1
+
+
+def _skip_spaces(text: str, i: int) -> int:
+    while i < len(text) and text[i] == " ":
+        i += 1
+    return i
+
+
+def _flow_token(text: str, i: int) -> tuple[str, int]:
+    """Return the scalar token at text[i] (quoted or plain) and the index after it."""
+    if i < len(text) and text[i] in "\"'":
+        quote = text[i]
+        j = i + 1
+        while j < len(text):
+            if text[j] == quote and not (quote == '"' and _escaped(text, j)):
+                if quote == "'" and text[j + 1 : j + 2] == "'":
+                    j += 2
+                    continue
+                return text[i : j + 1], j + 1
+            j += 1
+        return text[i:], len(text)
+    j = i
+    while j < len(text) and text[j] not in ",]}" and not (text[j] == ":" and text[j + 1 : j + 2] in (" ", "")):
+        j += 1
+    return text[i:j].strip(), j
+
+
+def _fold(lines: list[str]) -> str:
+    out = ""
+    for index, line in enumerate(lines):
+        if index == 0:
+            out = line
+        elif line == "" or lines[index - 1] == "":
+            out += "\n" + line if line else ""
+        else:
+            out += " " + line
+    return out
+
+
+def _plain_value(text: str) -> Any:
+    if text in ("~", "null", "Null", "NULL"):
+        return None
+    if text in ("true", "True", "TRUE"):
+        return True
+    if text in ("false", "False", "FALSE"):
+        return False
+    if _PLAIN_INT_RE.match(text):
+        return int(text)
+    if _PLAIN_FLOAT_RE.match(text) and any(c.isdigit() for c in text):
+        return float(text)
+    return text
+
+
+def parse_yaml(text: str, filename: str) -> tuple[Any, dict[tuple[str, ...], int]]:
+    """Return the document in text and the line of every mapping key (by key path).
+
+    Raise YamlError with filename:line if the text holds anything the reader would
+    have to guess at.
+    """
+    reader = _YamlReader(text, filename)
+    return reader.document(), reader.key_lines
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+    """What the tool needs from modules/<id>/module.yaml."""
+
+    id: str
+    yaml_path: Path
+    statefulness: str
+    lifecycle: str
+    container: str | None
+    runbook: Path | None
+
+
+def validate_module_id(module_id: str) -> str:
+    """Return module_id. Raise UsageError unless it is a plain, safe module id."""
+    if len(module_id) > MODULE_ID_MAX or not MODULE_ID_RE.match(module_id):
+        raise UsageError(
+            f"invalid module id {module_id!r}: expected lowercase letters, digits, '.', '_', '-' "
+            f"(at most {MODULE_ID_MAX}, starting with a letter or digit)"
+        )
+    return module_id
+
+
+def read_module(yaml_path: Path) -> Module:
+    """Return the module described by yaml_path. Raise UsageError naming file:line."""
+    try:
+        with open(yaml_path, "rb") as fh:
+            data = fh.read(MODULE_YAML_MAX_BYTES + 1)
+    except OSError as exc:
+        raise UsageError(f"{yaml_path}: cannot read: {exc.strerror}") from None
+    if len(data) > MODULE_YAML_MAX_BYTES:
+        raise UsageError(f"{yaml_path}: larger than {MODULE_YAML_MAX_BYTES // 1024} KiB; not a module.yaml")
+    if b"\0" in data:
+        line = data[: data.index(b"\0")].count(b"\n") + 1
+        raise UsageError(f"{yaml_path}:{line}: NUL byte; not a text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UsageError(f"{yaml_path}:{line}: not UTF-8 text") from None
+    doc, lines = parse_yaml(text.removeprefix("\ufeff"), str(yaml_path))
+    if not isinstance(doc, dict):
+        raise UsageError(f"{yaml_path}: expected a mapping at the top level")
+
+    def get(*path: str) -> tuple[Any, str]:
+        node: Any = doc
+        for key in path:
+            if not isinstance(node, dict):
+                return None, where(path)
+            node = node.get(key)
+        return node, where(path)
+
+    def where(path: tuple[str, ...]) -> str:
+        for depth in range(len(path), 0, -1):
+            if path[:depth] in lines:
+                return f"{yaml_path}:{lines[path[:depth]]}: {'.'.join(path)}"
+        return f"{yaml_path}: {'.'.join(path)}"
+
+    dir_name = yaml_path.parent.name
+    module_id, at = get("metadata", "id")
+    if module_id is None:
+        module_id = dir_name
+    elif not isinstance(module_id, str):
+        raise UsageError(f"{at}: expected a string, got {module_id!r}")
+    elif module_id != dir_name:
+        raise UsageError(f"{at}: {module_id!r} does not match its directory name {dir_name!r}")
+    try:
+        validate_module_id(module_id)
+    except UsageError as exc:
+        raise UsageError(f"{at}: {exc}") from None
+
+    statefulness, at = get("spec", "runtime", "statefulness")
+    if statefulness is None:
+        statefulness = UNDECLARED
+    elif statefulness not in STATEFULNESS:
+        raise UsageError(f"{at}: expected one of {', '.join(STATEFULNESS)}, got {statefulness!r}")
+    lifecycle, at = get("metadata", "lifecycle")
+    if lifecycle is None:
+        lifecycle = "active"
+    elif lifecycle not in LIFECYCLES:
+        raise UsageError(f"{at}: expected one of {', '.join(LIFECYCLES)}, got {lifecycle!r}")
+    container, at = get("spec", "runtime", "container")
+    if container is not None and (not isinstance(container, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", container)):
+        raise UsageError(f"{at}: expected a container name, got {container!r}")
+    runbook = yaml_path.with_name("runbook.md")
+    return Module(
+        id=module_id,
+        yaml_path=yaml_path,
+        statefulness=statefulness,
+        lifecycle=lifecycle,
+        container=container,
+        runbook=runbook if runbook.is_file() else None,
+    )
+
+
+def modules_dir(platform_root: Path) -> Path:
+    """Return <platform_root>/modules. Raise UsageError if it is not there."""
+    path = platform_root / "modules"
+    if not path.is_dir():
+        raise UsageError(f"{path}: no such directory; is {platform_root} a platform checkout? (set --platform-root or PLATFORM_ROOT)")
+    return path
+
+
+def load_module(platform_root: Path, module_id: str) -> Module:
+    """Return one module by id. Raise UsageError if the id is invalid or unknown."""
+    validate_module_id(module_id)
+    yaml_path = modules_dir(platform_root) / module_id / "module.yaml"
+    if not yaml_path.is_file():
+        raise UsageError(f"unknown module {module_id!r}: {yaml_path} does not exist")
+    return read_module(yaml_path)
+
+
+def discover_modules(platform_root: Path) -> tuple[list[Module], list[str]]:
+    """Return every readable module under platform_root and one error line per bad one."""
+    modules: list[Module] = []
+    errors: list[str] = []
+    for entry in sorted(modules_dir(platform_root).iterdir()):
+        yaml_path = entry / "module.yaml"
+        if not yaml_path.is_file():
+            LOG.debug("%s: no module.yaml, skipped", entry)
+            continue
+        try:
+            modules.append(read_module(yaml_path))
+        except UsageError as exc:
+            errors.append(str(exc))
+    return modules, errors
+
+
+# --------------------------------------------------------------------------- container resolution
+
+RUNBOOK_DOCKER_RE = re.compile(r"\bdocker\s+(exec|logs|inspect|restart)\b([^\n`|;&]*)")
+# Options of those subcommands that take a separate value; the name follows the options.
+RUNBOOK_OPTS_WITH_VALUE = frozenset(
+    {"-e", "--env", "--env-file", "-u", "--user", "-w", "--workdir", "--detach-keys", "-n", "--tail",
+     "--since", "--until", "-f", "--format", "--type", "-t", "--time", "-s", "--signal"}
+)
+
+
+class AmbiguousContainer(UsageError):
+    """Two or more containers fit the same rule; the operator must pick one."""
+
+    def __init__(self, message: str, names: list[str]) -> None:
+        super().__init__(message)
+        self.names = names
+
+
+class ContainerNotFound(BackupError):
+    """No rule found a container for the module."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+    """The container a module resolved to, and the rule that decided it."""
+
+    container: dict[str, Any]
+    rule: str
+
+    @property
+    def name(self) -> str:
+        return container_name(self.container)
+
+    @property
+    def state(self) -> str:
+        return str(self.container.get("State", {}).get("Status", "unknown"))
+
+
+def container_name(container: dict[str, Any]) -> str:
+    return str(container.get("Name", "")).lstrip("/")
+
+
+def runbook_container_names(text: str) -> list[str]:
+    """Return container names that runbook text uses in docker exec/logs/inspect/restart."""
+    names: list[str] = []
+    for match in RUNBOOK_DOCKER_RE.finditer(text):
+        try:
+            words = shlex.split(match[2], comments=True)
+        except ValueError:
+            words = match[2].split()
+        skip_next = False
+        for word in words:
+            if skip_next:
+                skip_next = False
+            elif word.startswith("-"):
+                skip_next = word in RUNBOOK_OPTS_WITH_VALUE
+            else:
+                if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", word) and word not in names:
+                    names.append(word)
+                break
+    return names
+
+
+def resolve_container(module: Module, containers: list[dict[str, Any]], explicit: str | None = None) -> Resolution:
+    """Return the module's container and the rule that found it.
+
+    Rules, in order: --container; module.yaml spec.runtime.container; compose label
+    com.docker.compose.service == id; a container named exactly the id; names used by
+    docker exec/logs/inspect/restart lines of runbook.md. Raise AmbiguousContainer if a
+    rule finds several, ContainerNotFound if the first two name a missing container or no
+    rule finds one.
+    """
+    by_name = {container_name(c): c for c in containers}
+
+    if explicit is not None:
+        found = by_name.get(explicit) or _by_id_prefix(containers, explicit)
+        if found is None:
+            raise ContainerNotFound(f"--container {explicit}: no such container")
+        return Resolution(found, "--container")
+    if module.container is not None:
+        if module.container not in by_name:
+            raise ContainerNotFound(f"{module.yaml_path}: spec.runtime.container {module.container!r}: no such container")
+        return Resolution(by_name[module.container], "module.yaml spec.runtime.container")
+
+    labelled = [c for c in containers if (c.get("Config", {}).get("Labels") or {}).get("com.docker.compose.service") == module.id]
+    if labelled:
+        return _one(module, labelled, "compose label com.docker.compose.service")
+    if module.id in by_name:
+        return Resolution(by_name[module.id], "container name")
+    if module.runbook is not None:
+        try:
+            text = module.runbook.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise BackupError(f"{module.runbook}: cannot read: {exc.strerror}") from None
+        named = [by_name[n] for n in runbook_container_names(text) if n in by_name]
+        if named:
+            return _one(module, named, f"runbook {module.runbook.name}")
+    raise ContainerNotFound(
+        f"module {module.id!r}: no container found (tried spec.runtime.container, compose label, "
+        f"container name, runbook.md); pass --container NAME"
+    )
+
+
+def _by_id_prefix(containers: list[dict[str, Any]], prefix: str) -> dict[str, Any] | None:
+    if len(prefix) < 12 or not re.fullmatch(r"[0-9a-f]+", prefix):
+        return None
+    hits = [c for c in containers if str(c.get("Id", "")).startswith(prefix)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _one(module: Module, candidates: list[dict[str, Any]], rule: str) -> Resolution:
+    if len(candidates) > 1:
+        names = sorted(container_name(c) for c in candidates)
+        raise AmbiguousContainer(f"module {module.id!r}: {len(names)} containers match by {rule}: {', '.join(names)}; pass --container NAME", names)
+    return Resolution(candidates[0], rule)
+
+
+# --------------------------------------------------------------------------- mounts and sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class MountPlan:
+    """One mount of the container and how it will be read."""
+
+    destination: str
+    type: str
+    source: str
+    name: str | None
+    via: str  # "host": read the host path; "docker": stream with docker cp
+
+    def describe(self) -> str:
+        what = f"volume {self.name}" if self.type == "volume" and self.name else f"{self.type} {self.source}"
+        return f"{self.destination} ({what})"
+
+
+def plan_mounts(container: dict[str, Any], *, read_on_host: bool) -> tuple[list[MountPlan], list[tuple[str, str]]]:
+    """Return the mounts to archive and the (destination, reason) of every skipped one.
+
+    Archived: named volumes and read-write bind mounts of directories. Skipped:
+    read-only mounts, tmpfs, the docker socket, kernel filesystems, single-file binds.
+    """
+    included: list[MountPlan] = []
+    skipped: list[tuple[str, str]] = []
+    for mount in sorted(container.get("Mounts") or [], key=lambda m: str(m.get("Destination", ""))):
+        kind = str(mount.get("Type", ""))
+        dest = str(mount.get("Destination", ""))
+        source = str(mount.get("Source", ""))
+        reason = None
+        if kind not in ("volume", "bind"):
+            reason = f"{kind} mount"
+        elif not mount.get("RW", False):
+            reason = "read-only"
+        elif dest in HOST_FILE_DESTINATIONS:
+            reason = "host file"
+        elif _inside(source, list(VIRTUAL_FS_ROOTS)) or _inside(dest, list(VIRTUAL_FS_ROOTS)):
+            reason = "kernel filesystem"
+        elif source.endswith("docker.sock") or dest.endswith("docker.sock"):
+            reason = "docker socket"
+        elif read_on_host and os.path.lexists(source) and not os.path.isdir(source):
+            reason = "single-file bind"
+        if reason:
+            skipped.append((dest, reason))
+            continue
+        via = "host" if read_on_host and os.path.isdir(source) and os.access(source, os.R_OK | os.X_OK) else "docker"
+        included.append(MountPlan(dest, kind, source, mount.get("Name"), via))
+    return included, skipped
+
+
+def tree_size(path: str) -> int:
+    """Return the apparent size in bytes of the files under path (hard links once)."""
+    total = 0
+    seen: set[tuple[int, int]] = set()
+    stack = [path]
+    while stack:
+        current = stack.pop()
+        try:
+            entries = list(os.scandir(current))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(entry.path)
+            elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                if st.st_nlink > 1:
+                    seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total
+
+
+def human_size(size: int | None) -> str:
+    if size is None:
+        return "?"
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- backup directory, lock, partial files
+
+
+def ensure_backup_dir(path: Path, *, create: bool) -> int | None:
+    """Return an O_DIRECTORY fd of the private backup directory (None if create is false).
+
+    Create it 0700 (with any missing parents) when create is true. Raise RefusedError
+    if it is a symlink, is not owned by the running user, or is group/world writable.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            LOG.info("would create %s (mode 0700)", path)
+            return None
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise RefusedError(f"backup directory {path} is a symlink; refusing to write through it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise RefusedError(f"backup directory {path} exists and is not a directory")
+    if st.st_uid != os.geteuid():
+        raise RefusedError(f"backup directory {path} is owned by uid {st.st_uid}, not by the running user (uid {os.geteuid()})")
+    if st.st_mode & 0o022:
+        raise RefusedError(f"backup directory {path} is group/world writable (mode {stat.S_IMODE(st.st_mode):04o}); fix with chmod 0700")
+    if not create:
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    st2 = os.fstat(fd)
+    if (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise RefusedError(f"backup directory {path} changed while it was being checked")
+    if stat.S_IMODE(st2.st_mode) & 0o077:
+        LOG.warning("backup directory %s was mode %04o; tightened to 0700", path, stat.S_IMODE(st2.st_mode))
+        os.fchmod(fd, 0o700)
+    return fd
+
+
+@contextlib.contextmanager
+def module_lock(dir_fd: int, module_id: str, timeout: float) -> Iterator[None]:
+    """Hold an exclusive flock on <backup-dir>/.<module>.lock for the whole run.
+
+    The kernel drops an flock when its holder dies, so a killed run never leaves a stale
+    lock. Raise RefusedError naming the holder's pid if the lock stays taken past timeout.
+    """
+    name = f".{module_id}.lock"
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+                    raise RefusedError(f"another backup of {module_id!r} is running (pid {holder}; lock {name})") from None
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def remove_stale_partials(dir_fd: int, module_id: str) -> None:
+    """Remove <module>-*.partial left by a killed run; only called under the module lock."""
+    stale = re.compile(re.escape(module_id) + r"-[0-9]{8}T[0-9]{6}Z\.[a-z.]+\.partial")
+    for name in os.listdir(dir_fd):
+        if stale.fullmatch(name):
+            LOG.warning("removing %s left by an interrupted run", name)
+            os.unlink(name, dir_fd=dir_fd)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Block SIGINT/SIGTERM/SIGHUP so that cleanup cannot be cut short by a second one."""
+    sigs = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class PartialFile:
+    """A private new file written as <name>.partial and published as <name> on commit().
+
+    Created with O_EXCL|O_NOFOLLOW and mode 0600 from its first byte, relative to the
+    backup directory's fd; sha256 and size are computed while writing. On any exit
+    without commit() the partial file is removed. commit() never replaces an existing
+    file: it hard-links the partial to the final name, which fails if the name exists.
+    """
+
+    def __init__(self, dir_fd: int, name: str, dir_path: Path) -> None:
+        self.dir_fd = dir_fd
+        self.name = name
+        self.partial = name + ".partial"
+        self.dir_path = dir_path
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.committed = False
+        self._file: IO[bytes] | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.dir_path / self.name
+
+    def __enter__(self) -> PartialFile:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.partial, flags, 0o600, dir_fd=self.dir_fd)
+        except FileExistsError:
+            raise RefusedError(f"{self.dir_path / self.partial} already exists; refusing to reuse it") from None
+        self._file = os.fdopen(fd, "wb", buffering=0)
+        return self
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        assert self._file is not None
+        try:
+            written = self._file.write(data)
+        except OSError as exc:
+            raise _write_error(exc, self.dir_path) from None
+        self.sha256.update(data)
+        self.size += len(data)
+        return written if written is not None else len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def reopen_for_reading(self) -> IO[bytes]:
+        """Return a new read handle on the partial file (for verification before commit)."""
+        fd = os.open(self.partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
+        return os.fdopen(fd, "rb")
+
+    def commit(self) -> Path:
+        assert self._file is not None
+        try:
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            raise _write_error(exc, self.dir_path) from None
+        self._file.close()
+        try:
+            os.link(self.partial, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd, follow_symlinks=False)
+        except FileExistsError:
+            raise BackupError(f"{self.path} appeared while writing; refusing to overwrite it") from None
+        self.committed = True
+        os.unlink(self.partial, dir_fd=self.dir_fd)
+        os.fsync(self.dir_fd)
+        return self.path
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.committed:
+            return
+        with signals_deferred():
+            if self._file is not None and not self._file.closed:
+                self._file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.partial, dir_fd=self.dir_fd)
+
+
+def _write_error(exc: OSError, dir_path: Path) -> BackupError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return BackupError(f"no space left on the filesystem of {dir_path} ({os.strerror(exc.errno)}); partial backup removed")
+    return BackupError(f"writing to {dir_path} failed: {exc.strerror}")
+
+
+# --------------------------------------------------------------------------- archive writers
+
+
+@dataclasses.dataclass
+class ArchiveStats:
+    """What went into an archive, per mount and in total."""
+
+    members: int = 0
+    files: int = 0
+    data_bytes: int = 0
+    per_mount: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def count(self, mount: str, member: tarfile.TarInfo) -> None:
+        self.members += 1
+        entry = self.per_mount.setdefault(mount, {"members": 0, "files": 0, "bytes": 0})
+        entry["members"] += 1
+        if member.isreg():
+            self.files += 1
+            self.data_bytes += member.size
+            entry["files"] += 1
+            entry["bytes"] += member.size
+
+
+class _PaddedReader:
+    """Read exactly `size` bytes of a live file: short reads are padded with zeros.
+
+    A file that shrinks while it is archived must not abort the whole backup (GNU tar
+    warns "file changed as we read it" and goes on); the warning is recorded.
+    """
+
+    def __init__(self, fh: IO[bytes], size: int, on_short: Any) -> None:
+        self.fh, self.left, self.on_short = fh, size, on_short
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left <= 0:
+            return b""
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.fh.read(n)
+        if len(data) < n:
+            self.on_short()
+            data += b"\0" * (n - len(data))
+        self.left -= len(data)
+        return data
+
+
+def _numeric(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    # Owners are kept as numbers only: the names on this host mean nothing in the
+    # container (tar --numeric-owner). Stale pax names would override the new ones.
+    member.uname = member.gname = ""
+    for key in ("path", "linkpath", "uname", "gname"):
+        member.pax_headers.pop(key, None)
+    return member
+
+
+def _inside(path: str, parents: list[str]) -> bool:
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
+
+
+def archive_from_host(tar: tarfile.TarFile, mount: MountPlan, nested: list[str], stats: ArchiveStats) -> None:
+    """Add the host directory of a mount to tar under its container destination."""
+    arc_root = mount.destination.strip("/")
+    stack = [(mount.source, arc_root)]
+    while stack:
+        path, arcname = stack.pop()
+        if "/" + arcname != mount.destination and _inside("/" + arcname, nested):
+            continue  # archived on its own, as a mount of its own
+        try:
+            member = tar.gettarinfo(path, arcname)
+        except FileNotFoundError:
+            stats.warnings.append(f"vanished while archiving: /{arcname}")
+            continue
+        if member is None:
+            continue  # sockets and other types tar cannot hold
+        _numeric(member)
+        if member.isreg():
+            try:
+                fh = open(path, "rb")
+            except FileNotFoundError:
+                stats.warnings.append(f"vanished while archiving: /{arcname}")
+                continue
+            with fh:
+                def short(name: str = arcname) -> None:
+                    stats.warnings.append(f"file changed as we read it: /{name}")
+                tar.addfile(member, _PaddedReader(fh, member.size, short))  # type: ignore[arg-type]
+        else:
+            tar.addfile(member)
+        stats.count(mount.destination, member)
+        if member.isdir():
+            try:
+                names = sorted(os.listdir(path), reverse=True)
+            except FileNotFoundError:
+                continue
+            stack.extend((os.path.join(path, n), f"{arcname}/{n}") for n in names)
+
+
+def archive_through_docker(tar: tarfile.TarFile, container: str, mount: MountPlan, nested: list[str], stats: ArchiveStats, timeout: float) -> None:
+    """Stream a mount out of the container with `docker cp` and add it under its destination.
+
+    Works with any engine the docker CLI reaches (remote DOCKER_HOST, rootless), and
+    keeps the owners as the container sees them.
+    """
+    arc_root = mount.destination.strip("/")
+    with stream_from(["docker", "cp", f"{container}:{mount.destination}/.", "-"], timeout=timeout) as pipe:
+        with tarfile.open(fileobj=pipe, mode="r|") as source:
+            for member in source:
+                # `docker cp C:/dest/. -` names entries "./x"; rebase them on the destination.
+                rel = member.name.removeprefix(".").lstrip("/")
+                member.name = f"{arc_root}/{rel}" if rel else arc_root
+                if member.islnk():
+                    link_rel = member.linkname.removeprefix(".").lstrip("/")
+                    member.linkname = f"{arc_root}/{link_rel}"
+                if rel and _inside("/" + member.name, nested):
+                    continue
+                _numeric(member)
+                tar.addfile(member, source.extractfile(member) if member.isreg() else None)
+                stats.count(mount.destination, member)
+
+
+def verify_tar_gz(fh: IO[bytes], expected_members: int) -> dict[str, Any]:
+    """Return the checks of a .tar.gz read back from disk. Raise BackupError if one fails.
+
+    The gzip stream must be complete (CRC and length trailer), the tar readable to its
+    end-of-archive marker, and the member count equal to what was written.
+    """
+    members = 0
+    try:
+        with gzip.GzipFile(fileobj=fh, mode="rb") as gz, tarfile.open(fileobj=gz, mode="r|") as tar:
+            for member in tar:
+                members += 1
+                if member.isreg():
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None
+                    while extracted.read(COPY_CHUNK):
+                        pass
+            while gz.read(COPY_CHUNK):
+                pass
+    except (OSError, EOFError, tarfile.TarError, gzip.BadGzipFile) as exc:
+        raise BackupError(f"verification failed: archive is not a complete tar.gz ({exc})") from None
+    if members != expected_members:
+        raise BackupError(f"verification failed: archive holds {members} entries, {expected_members} were written")
+    return {"gzip_complete": True, "tar_readable": True, "members": members}
+
+
+# --------------------------------------------------------------------------- class procedures
+
+
+@dataclasses.dataclass
+class BackupJob:
+    """Everything a procedure needs to know, decided before anything is written."""
+
+    module: Module
+    cls: BackupClass
+    procedure: str
+    resolution: Resolution
+    engine: EngineInfo
+    settings: Settings
+    mounts: list[MountPlan]
+    skipped: list[tuple[str, str]]
+    backup_dir: Path
+    timestamp: str
+    pause: bool
+    dry_run: bool
+
+    @property
+    def basename(self) -> str:
+        return f"{self.module.id}-{self.timestamp}"
+
+
+@dataclasses.dataclass
+class BackupResult:
+    """What a procedure wrote and proved."""
+
+    path: Path
+    size: int
+    sha256: str
+    verification: dict[str, Any]
+    details: dict[str, Any]
+    warnings: list[str]
+    paused_seconds: float | None = None
+
+
+@contextlib.contextmanager
+def paused(container: str, timeout: float) -> Iterator[float]:
+    """Freeze the container for the duration of the block and always unpause it.
+
+    Yields the monotonic time the pause began. Raise BackupError loudly if the container
+    could not be unpaused, with the command to run by hand.
+    """
+    docker(["pause", container], timeout=timeout)
+    LOG.warning("container %s is PAUSED for the archive", container)
+    started = time.monotonic()
+    try:
+        yield started
+    finally:
+        with signals_deferred():
+            try:
+                docker(["unpause", container], timeout=timeout)
+            except BackupError as exc:
+                raise BackupError(f"container {container} is STILL PAUSED; run `docker unpause {container}` now ({exc})") from None
+            LOG.info("container %s unpaused after %.1fs", container, time.monotonic() - started)
+
+
+def procedure_mounted_archive(job: BackupJob, dir_fd: int) -> BackupResult:
+    """Class E: archive every writable mount into <module>-<ts>.tar.gz, then verify it."""
+    name = job.basename + ".tar.gz"
+    stats = ArchiveStats()
+    destinations = [m.destination for m in job.mounts] + [d for d, _ in job.skipped]
+    paused_seconds = None
+    with PartialFile(dir_fd, name, job.backup_dir) as out:
+        pause_ctx = paused(job.resolution.name, job.settings.docker_timeout) if job.pause else contextlib.nullcontext(None)
+        with pause_ctx as pause_started:
+            with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=job.settings.compress_level) as gz:  # type: ignore[arg-type]
+                with tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                    for mount in job.mounts:
+                        nested = [d for d in destinations if d != mount.destination and _inside(d, [mount.destination])]
+                        LOG.info("archiving %s via %s", mount.describe(), mount.via)
+                        if mount.via == "host":
+                            archive_from_host(tar, mount, nested, stats)
+                        else:
+                            archive_through_docker(tar, job.resolution.name, mount, nested, stats, job.settings.pause_timeout)
+            if pause_started is not None:
+                paused_seconds = round(time.monotonic() - pause_started, 3)
+        with out.reopen_for_reading() as fh:
+            verification = verify_tar_gz(fh, stats.members)
+        if stats.files == 0:
+            stats.warnings.append("the mounts hold no regular files: this archive contains directories only")
+        path = out.commit()
+    return BackupResult(
+        path=path,
+        size=out.size,
+        sha256=out.sha256.hexdigest(),
+        verification=verification,
+        details={"members": stats.members, "files": stats.files, "data_bytes": stats.data_bytes, "per_mount": stats.per_mount},
+        warnings=stats.warnings,
+        paused_seconds=paused_seconds,
+    )
+
+
+PROCEDURES = {
+    "mounted-archive": procedure_mounted_archive,
+}
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def restore_notes(cls: BackupClass, values: dict[str, str]) -> str:
+    """Return the class's restore notes with {backup}, {module}, ... filled in."""
+    text = cls.restore
+    for key in RESTORE_PLACEHOLDERS:
+        text = text.replace("{" + key + "}", values.get(key, "{" + key + "}"))
+    return text
+
+
+def build_manifest(job: BackupJob, result: BackupResult, started: datetime.datetime, finished: datetime.datetime, manifest_path: Path) -> dict[str, Any]:
+    """Return the manifest document of a finished backup (no secrets, ever)."""
+    container = job.resolution.container
+    values = {
+        "backup": str(result.path),
+        "manifest": str(manifest_path),
+        "module": job.module.id,
+        "container": job.resolution.name,
+        "image": str(container.get("Config", {}).get("Image", "")),
+    }
+    return {
+        "tool": PROG,
+        "tool_version": __version__,
+        "module": job.module.id,
+        "lifecycle": job.module.lifecycle,
+        "class": job.cls.letter,
+        "class_title": job.cls.title,
+        "procedure": job.procedure,
+        "configured_procedure": job.cls.procedure,
+        "fallback_used": None,
+        "container": {
+            "name": job.resolution.name,
+            "id": container.get("Id"),
+            "resolved_by": job.resolution.rule,
+            "state": job.resolution.state,
+            "image": values["image"],
+            "image_id": container.get("Image"),
+        },
+        "engine": {"version": job.engine.version, "endpoint": job.engine.endpoint, "rootless": job.engine.rootless},
+        "mounts": [
+            {"destination": m.destination, "type": m.type, "source": m.source, "name": m.name, "read_via": m.via, **result.details.get("per_mount", {}).get(m.destination, {})}
+            for m in job.mounts
+        ],
+        "skipped_mounts": [{"destination": d, "reason": r} for d, r in job.skipped],
+        "paused": job.pause,
+        "paused_seconds": result.paused_seconds,
+        "started_at": started.isoformat(timespec="seconds"),
+        "finished_at": finished.isoformat(timespec="seconds"),
+        "duration_seconds": round((finished - started).total_seconds(), 3),
+        "backup_file": result.path.name,
+        "bytes": result.size,
+        "sha256": result.sha256,
+        "compression": {"format": "gzip", "level": job.settings.compress_level},
+        "verification": result.verification,
+        "contents": {k: v for k, v in result.details.items() if k != "per_mount"},
+        "warnings": result.warnings,
+        "restore": restore_notes(job.cls, values),
+    }
+
+
+def write_manifest(dir_fd: int, dir_path: Path, name: str, doc: dict[str, Any]) -> Path:
+    """Write doc as <name> atomically, 0600, never replacing an existing file."""
+    with PartialFile(dir_fd, name, dir_path) as out:
+        out.write((json.dumps(doc, indent=2, sort_keys=False) + "\n").encode())
+        return out.commit()
+
+
+# --------------------------------------------------------------------------- guards
+
+
+def running_under_ci(env: dict[str, str]) -> str | None:
+    """Return the name of the CI variable that is set, or None."""
+    for name in CI_ENV_VARS:
+        value = env.get(name)
+        if value is not None and value.strip().lower() not in CI_FALSE_VALUES:
+            return name
+    return None
+
+
+def check_guards(env: dict[str, str], euid: int, *, allow_ci: bool, allow_non_root: bool, needs_root: bool) -> None:
+    """Raise RefusedError under a CI runner or (when needs_root) when not root."""
+    ci_var = running_under_ci(env)
+    if ci_var and not allow_ci:
+        raise RefusedError(f"{ci_var} is set: this tool is run by an operator, never by a CI runner (override: --allow-ci)")
+    if needs_root and euid != 0 and not allow_non_root:
+        raise RefusedError(f"must run as root to read every mount (uid is {euid}; override: --allow-non-root)")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def utc_timestamp(now: datetime.datetime | None = None) -> str:
+    """Return the UTC timestamp used in backup names, e.g. 20261128T105235Z."""
+    return (now or datetime.datetime.now(datetime.timezone.utc)).strftime(TIMESTAMP_FORMAT)
+
+
+def free_timestamp(dir_fd: int, module_id: str, suffixes: tuple[str, ...]) -> str:
+    """Return a timestamp whose backup names do not exist yet (waits into the next second)."""
+    for _ in range(3):
+        stamp = utc_timestamp()
+        taken = False
+        for suffix in suffixes:
+            try:
+                os.stat(f"{module_id}-{stamp}{suffix}", dir_fd=dir_fd, follow_symlinks=False)
+                taken = True
+            except FileNotFoundError:
+                pass
+        if not taken:
+            return stamp
+        time.sleep(1.05 - (time.time() % 1))
+    raise BackupError(f"backup names for {module_id} at {stamp} keep existing; refusing to overwrite")
+
+
+def print_plan(job: BackupJob, out: IO[str], as_json: bool) -> None:
+    """Print every docker command and path a real run would use (--dry-run)."""
+    name = job.resolution.name
+    final = job.backup_dir / (job.basename + ".tar.gz")
+    steps: list[str] = []
+    if job.pause:
+        steps.append(f"run: docker pause {name}")
+    for mount in job.mounts:
+        if mount.via == "host":
+            steps.append(f"read: {mount.source} -> {mount.destination} ({mount.type})")
+        else:
+            steps.append(f"run: docker cp {name}:{mount.destination}/. -")
+    if job.pause:
+        steps.append(f"run: docker unpause {name}")
+    steps += [
+        f"write: {final}.partial (mode 0600, gzip level {job.settings.compress_level})",
+        "verify: gzip trailer, tar readable, member count",
+        f"rename: {final}",
+        f"write: {job.backup_dir / (job.basename + '.manifest.json')}",
+    ]
+    if as_json:
+        doc = {
+            "dry_run": True,
+            "module": job.module.id,
+            "class": job.cls.letter,
+            "procedure": job.procedure,
+            "container": name,
+            "resolved_by": job.resolution.rule,
+            "mounts": [dataclasses.asdict(m) for m in job.mounts],
+            "skipped_mounts": [{"destination": d, "reason": r} for d, r in job.skipped],
+            "steps": steps,
+        }
+        out.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        for step in steps:
+            out.write(f"would {step}\n")
+
+
+def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out: IO[str]) -> int:
+    """Back up one module; print the written paths (or the manifest with --json)."""
+    platform_root = Path(settings.platform_root)
+    module = load_module(platform_root, args.module)
+    if module.statefulness == "stateless":
+        raise RefusedError(f"module {module.id!r} is stateless ({module.yaml_path}: spec.runtime.statefulness); nothing to back up")
+    if module.statefulness == UNDECLARED:
+        LOG.warning("%s does not declare spec.runtime.statefulness; backing up anyway", module.yaml_path)
+    cls, pattern = classify(module.id, config)
+    procedure = args.procedure or cls.procedure
+    LOG.info("module %s: class %s (%s), matched by %s, procedure %s", module.id, cls.letter, cls.title, pattern, procedure)
+    if procedure not in PROCEDURES:
+        raise RefusedError(
+            f"class {cls.letter} ({cls.title}) uses procedure {procedure!r}, which version {__version__} does not implement; "
+            f"pass --procedure mounted-archive to take a live copy of its mounts knowingly"
+        )
+
+    timeout = settings.docker_timeout
+    resolution = resolve_container(module, list_containers(timeout), args.container)
+    LOG.info("container %s (%s), resolved by %s", resolution.name, resolution.state, resolution.rule)
+    state = resolution.container.get("State", {})
+    if state.get("Paused"):
+        if args.pause:
+            raise RefusedError(f"container {resolution.name} is already paused by someone else; refusing to pause/unpause it")
+        LOG.warning("container %s is paused by someone else; it stays paused", resolution.name)
+    pause = args.pause
+    if pause and not state.get("Running"):
+        LOG.warning("container %s is not running (%s); its data is at rest, no pause needed", resolution.name, resolution.state)
+        pause = False
+
+    engine = engine_info(timeout)
+    read_on_host = engine.local and not engine.rootless and not args.via_docker
+    mounts, skipped = plan_mounts(resolution.container, read_on_host=read_on_host)
+    for dest, reason in skipped:
+        LOG.info("skipping mount %s: %s", dest, reason)
+    if not mounts:
+        raise BackupError(f"container {resolution.name} has no writable mounts to archive; nothing would be backed up")
+
+    backup_dir = Path(settings.backup_dir or platform_root / "backups").absolute()
+    job = BackupJob(module, cls, procedure, resolution, engine, settings, mounts, skipped, backup_dir, utc_timestamp(), pause, args.dry_run)
+    if args.dry_run:
+        ensure_backup_dir(backup_dir, create=False)
+        print_plan(job, out, args.json)
+        return EXIT_OK
+
+    dir_fd = ensure_backup_dir(backup_dir, create=True)
+    assert dir_fd is not None
+    try:
+        with module_lock(dir_fd, module.id, settings.lock_timeout):
+            remove_stale_partials(dir_fd, module.id)
+            job.timestamp = free_timestamp(dir_fd, module.id, (".tar.gz", ".manifest.json"))
+            started = datetime.datetime.now(datetime.timezone.utc)
+            result = PROCEDURES[procedure](job, dir_fd)
+            finished = datetime.datetime.now(datetime.timezone.utc)
+            manifest_path = backup_dir / (job.basename + ".manifest.json")
+            manifest = build_manifest(job, result, started, finished, manifest_path)
+            write_manifest(dir_fd, backup_dir, manifest_path.name, manifest)
+    finally:
+        os.close(dir_fd)
+
+    for warning in result.warnings:
+        LOG.warning("%s", warning)
+    LOG.info(
+        "backup verified: %s (%s, %d entries, sha256 %s)",
+        result.path, human_size(result.size), result.verification.get("members", 0), result.sha256[:16],
+    )
+    LOG.info("restore notes (class %s):\n%s", cls.letter, manifest["restore"])
+    if args.json:
+        out.write(json.dumps({**manifest, "backup_path": str(result.path), "manifest_path": str(manifest_path)}, indent=2) + "\n")
+    else:
+        out.write(f"{result.path}\n{manifest_path}\n")
+    return EXIT_OK
+
+
+@dataclasses.dataclass
+class AuditRow:
+    """One module in the --list audit."""
+
+    module: str
+    statefulness: str
+    lifecycle: str
+    class_letter: str | None
+    class_title: str | None
+    procedure: str | None
+    container: str | None = None
+    resolved_by: str | None = None
+    unresolved: str | None = None
+    state: str | None = None
+    running: bool | None = None
+    data_bytes: int | None = None
+    first_candidate: bool = False
+
+
+def audit_rows(modules: list[Module], config: Config, containers: list[dict[str, Any]] | None, read_on_host: bool) -> list[AuditRow]:
+    """Return one audit row per module; runtime fields stay None without docker."""
+    rows: list[AuditRow] = []
+    for module in modules:
+        cls = classify(module.id, config)[0] if module.statefulness != "stateless" else None
+        row = AuditRow(
+            module=module.id,
+            statefulness=module.statefulness,
+            lifecycle=module.lifecycle,
+            class_letter=cls.letter if cls else None,
+            class_title=cls.title if cls else None,
+            procedure=cls.procedure if cls else None,
+        )
+        if containers is not None:
+            try:
+                resolution = resolve_container(module, containers)
+            except AmbiguousContainer as exc:
+                row.unresolved = f"ambiguous: {', '.join(exc.names)}"
+            except ContainerNotFound:
+                row.unresolved = f"declared {module.container} not found" if module.container else "no container found"
+            else:
+                row.container, row.resolved_by, row.state = resolution.name, resolution.rule, resolution.state
+                row.running = bool(resolution.container.get("State", {}).get("Running"))
+                if module.statefulness != "stateless":
+                    mounts, _ = plan_mounts(resolution.container, read_on_host=read_on_host)
+                    if all(m.via == "host" for m in mounts):
+                        row.data_bytes = sum(tree_size(m.source) for m in mounts)
+        row.first_candidate = (
+            module.statefulness == "stateful" and module.lifecycle == "active" and bool(row.running)
+            and cls is not None and cls.default and cls.procedure in PROCEDURES
+        )
+        rows.append(row)
+    order = {letter: i for i, letter in enumerate(sorted(config.classes))}
+    group = {"stateful": 0, UNDECLARED: 1, "stateless": 2}
+    rows.sort(key=lambda r: (group[r.statefulness], order.get(r.class_letter or "", 99), r.module))
+    return rows
+
+
+def cmd_list(args: argparse.Namespace, config: Config, settings: Settings, out: IO[str]) -> int:
+    """Print the stateful audit of every module of the platform."""
+    modules, errors = discover_modules(Path(settings.platform_root))
+    containers: list[dict[str, Any]] | None
+    read_on_host = False
+    try:
+        containers = list_containers(settings.docker_timeout)
+        engine = engine_info(settings.docker_timeout)
+        read_on_host = engine.local and not engine.rootless
+    except BackupError as exc:
+        containers = None
+        LOG.warning("docker is not reachable, runtime columns are unknown: %s", exc)
+    rows = audit_rows(modules, config, containers, read_on_host)
+    if args.json:
+        out.write(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
+    else:
+        out.write(format_audit(rows, config, docker_known=containers is not None))
+    for error in errors:
+        LOG.error("%s", error)
+    if errors:
+        raise UsageError(f"{len(errors)} module.yaml file(s) could not be read (listed above)")
+    return EXIT_OK
+
+
+def format_audit(rows: list[AuditRow], config: Config, *, docker_known: bool) -> str:
+    """Return the --list table: stateful modules grouped by class, then the rest."""
+    lines = [f"  {'MODULE':<30} {'LIFECYCLE':<13} {'CONTAINER (RULE)':<44} {'STATE':<10} {'DATA':>10}"]
+    current = None
+    for row in rows:
+        if row.statefulness == "stateful":
+            group = f"{row.class_letter}  {row.class_title} [{row.procedure}]"
+        elif row.statefulness == UNDECLARED:
+            group = f"statefulness undeclared (class {row.class_letter} if stateful)"
+        else:
+            group = "stateless (no backup needed)"
+        if group != current:
+            lines += ["", group]
+            current = group
+        if not docker_known:
+            where, state = "?", "?"
+        elif row.container:
+            where, state = f"{row.container} ({_short_rule(row.resolved_by)})", row.state or "?"
+        else:
+            where, state = f"- ({row.unresolved})", "-"
+        size = human_size(row.data_bytes) if row.container and row.statefulness != "stateless" else ""
+        mark = "  <- first candidate (active, running, class E)" if row.first_candidate else ""
+        lines.append(f"  {row.module:<30} {row.lifecycle:<13} {where:<44.44} {state:<10} {size:>10}{mark}")
+    stateful = [r for r in rows if r.statefulness == "stateful"]
+    resolved = [r for r in stateful if r.container]
+    running = [r for r in resolved if r.running]
+    known = [r.data_bytes for r in resolved if r.data_bytes is not None]
+    data = f"{human_size(sum(known))} of data"
+    if docker_known and len(known) < len(resolved):
+        data += f" ({len(resolved) - len(known)} not measurable from this host)"
+    lines.append("")
+    if docker_known:
+        lines.append(f"{len(stateful)} stateful modules, {len(resolved)} resolved, {len(running)} running, {data}")
+    else:
+        lines.append(f"{len(stateful)} stateful modules; docker not reachable: containers, state and sizes unknown")
+    firsts = [r.module for r in rows if r.first_candidate]
+    if firsts:
+        lines.append(f"low-blast first candidates: {', '.join(firsts)}")
+    return "\n".join(lines) + "\n"
+
+
+def _short_rule(rule: str | None) -> str:
+    return {
+        "module.yaml spec.runtime.container": "module.yaml",
+        "compose label com.docker.compose.service": "compose label",
+        "container name": "name",
+    }.get(rule or "", rule or "")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse would sys.exit(2) from inside
+        raise UsageError(message)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Return the parsed command line. Raise UsageError on bad usage."""
+    parser = _Parser(
+        prog="backup_before_apply.py",
+        allow_abbrev=False,
+        description="Take a verified, private backup of one stateful module before a risky change (see README.md).",
+    )
+    parser.add_argument("module", nargs="?", help="module id (directory under <platform-root>/modules)")
+    parser.add_argument("--list", action="store_true", help="audit every module instead of backing one up")
+    parser.add_argument("--dry-run", action="store_true", help="print every command and path; change nothing")
+    parser.add_argument("--container", metavar="NAME", help="use this container instead of resolving one")
+    parser.add_argument("--pause", action="store_true", help="freeze the container while archiving (always unpaused)")
+    parser.add_argument("--procedure", choices=sorted(PROCEDURES), help="override the class's procedure")
+    parser.add_argument("--via-docker", action="store_true", help="read mounts with docker cp even when the host paths are readable")
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    parser.add_argument("--platform-root", metavar="DIR", help=f"platform checkout (env PLATFORM_ROOT, default {DEFAULT_PLATFORM_ROOT})")
+    parser.add_argument("--backup-dir", metavar="DIR", help="where backups go (env BACKUP_DIR, default <platform-root>/backups)")
+    parser.add_argument("--classes", metavar="FILE", type=Path, default=DEFAULT_CLASSES, help="class table (default: classes.toml beside this script)")
+    parser.add_argument("--docker-timeout", metavar="SECONDS", help="timeout of each short docker call (env BBA_DOCKER_TIMEOUT)")
+    parser.add_argument("--pause-timeout", metavar="SECONDS", help="timeout of a streamed copy (env BBA_PAUSE_TIMEOUT)")
+    parser.add_argument("--lock-timeout", metavar="SECONDS", help="wait this long for another run of the same module (env BBA_LOCK_TIMEOUT)")
+    parser.add_argument("--compress-level", metavar="N", help="gzip level 1-9 (env BBA_COMPRESS_LEVEL)")
+    parser.add_argument("--allow-ci", action="store_true", help="run even though a CI variable is set")
+    parser.add_argument("--allow-non-root", action="store_true", help="run a backup without root")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="log every command")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--debug", action="store_true", help="like -v, and tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    args = parser.parse_args(argv)
+    if args.list == bool(args.module):
+        raise UsageError("give exactly one of MODULE_ID or --list")
+    if args.list:
+        for flag in ("dry_run", "pause", "container", "procedure", "via_docker"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag.replace('_', '-')} applies to a backup, not to --list")
+    if args.module is not None:
+        validate_module_id(args.module)
+    return args
+
+
+def resolve_settings(config: Config, args: argparse.Namespace, env: dict[str, str]) -> Settings:
+    """Return the settings: classes.toml, then environment, then command line."""
+    values = dataclasses.asdict(config.settings)
+    for name, (_, env_name, flag) in SETTING_SOURCES.items():
+        if env.get(env_name):
+            values[name] = check_setting(name, env[env_name], f"environment {env_name}")
+        flag_value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if flag_value is not None:
+            values[name] = check_setting(name, flag_value, flag)
+    return Settings(**values)
+
+
+class _StderrFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = {logging.WARNING: "warning: ", logging.ERROR: "error: "}.get(record.levelno, "")
+        return f"{PROG}: {prefix}{record.getMessage()}"
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    env = dict(os.environ) if env is None else env
+    try:
+        args = parse_args(argv)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help and --version
+        return int(exc.code or 0)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_StderrFormatter())
+    LOG.addHandler(handler)
+    LOG.propagate = False
+    LOG.setLevel(logging.DEBUG if args.verbose or args.debug else logging.WARNING if args.quiet else logging.INFO)
+    old_umask = os.umask(0o077)
+    old_handlers = {}
+    if _in_main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            old_handlers[signum] = signal.signal(signum, _raise_interrupted)
+    try:
+        check_guards(env, os.geteuid(), allow_ci=args.allow_ci, allow_non_root=args.allow_non_root, needs_root=not (args.list or args.dry_run))
+        config = load_config(args.classes)
+        settings = resolve_settings(config, args, env)
+        command = cmd_list if args.list else cmd_backup
+        return command(args, config, settings, sys.stdout)
+    except Interrupted as exc:
+        LOG.error("%s; cleaned up, no backup written", exc)
+        return 128 + exc.signum
+    except BackupError as exc:
+        if args.debug:
+            traceback.print_exc()
+        kind = "refused" if isinstance(exc, RefusedError) else "error"
+        print(f"{PROG}: {kind}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    finally:
+        for signum, old in old_handlers.items():
+            signal.signal(signum, old)
+        os.umask(old_umask)
+        LOG.removeHandler(handler)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

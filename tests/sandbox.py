@@ -1,0 +1,204 @@
+"""A private Docker engine for the end-to-end tests and `make demo`.
+
+Starts Debian's dockerd on its own socket, data root and exec root (no bridge, no
+iptables, vfs storage), so it never touches a system engine, and imports a tiny base
+image: no registry is reachable here, so containers run the host's own binaries through
+a read-only bind of /usr. Run as a script: `python3 tests/sandbox.py demo`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+BASE_IMAGE = "bba-base:latest"
+# Users whose data directories the base image pre-owns, as the real images do.
+SERVICE_DIRS = {"/var/lib/postgresql": "postgres", "/var/lib/redis": "redis", "/data": "root"}
+
+
+class EngineUnavailable(RuntimeError):
+    """dockerd is not installed or did not start."""
+
+
+class Sandbox:
+    """A dockerd of our own; stop() kills it and removes all of its state."""
+
+    def __init__(self) -> None:
+        # Short path: the containerd socket lives under the exec root (108-byte limit).
+        self.root = Path(tempfile.mkdtemp(prefix="bba-", dir="/tmp"))
+        self.root.chmod(0o755)
+        self.socket = self.root / "docker.sock"
+        self.host = f"unix://{self.socket}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["DOCKER_HOST"] = self.host
+        return env
+
+    def docker(self, *args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            ["docker", *args], env=self.env, input=input.decode() if input else None,
+            capture_output=True, text=True, timeout=300,
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"docker {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
+        return proc
+
+    def start(self) -> Sandbox:
+        dockerd = shutil.which("dockerd") or ("/usr/sbin/dockerd" if os.path.exists("/usr/sbin/dockerd") else None)
+        if dockerd is None:
+            raise EngineUnavailable("dockerd is not installed (apt-get install docker.io)")
+        if os.geteuid() != 0:
+            raise EngineUnavailable("a private dockerd needs root")
+        log = open(self.root / "dockerd.log", "wb")
+        self.proc = subprocess.Popen(
+            [
+                dockerd, "-H", self.host,
+                "--data-root", str(self.root / "data"),
+                "--exec-root", str(self.root / "x"),
+                "--pidfile", str(self.root / "dockerd.pid"),
+                "--bridge=none", "--iptables=false", "--ip6tables=false",
+                "--storage-driver=vfs",
+            ],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            if self.docker("version", check=False).returncode == 0:
+                self._import_base_image()
+                return self
+            time.sleep(0.3)
+        tail = (self.root / "dockerd.log").read_text(errors="replace")[-2000:]
+        self.stop()
+        raise EngineUnavailable(f"dockerd did not start: {tail}")
+
+    def _import_base_image(self) -> None:
+        rootfs = self.root / "rootfs"
+        (rootfs / "etc").mkdir(parents=True)
+        rootfs.chmod(0o755)  # a 0700 top makes every non-root container fail: "sh: not found"
+        for name in ("passwd", "group"):
+            shutil.copy(f"/etc/{name}", rootfs / "etc" / name)
+        for name in ("bin", "lib", "lib64", "sbin"):
+            (rootfs / name).symlink_to(f"usr/{name}")
+        for name in ("usr", "tmp", "var/run", "run", "root", "home"):
+            (rootfs / name).mkdir(parents=True, exist_ok=True)
+        (rootfs / "tmp").chmod(0o1777)
+        users = _passwd()
+        for path, user in SERVICE_DIRS.items():
+            target = rootfs / path.lstrip("/")
+            target.mkdir(parents=True, exist_ok=True)
+            uid, gid = users.get(user, (0, 0))
+            os.chown(target, uid, gid)
+            target.chmod(0o755)
+        archive = self.root / "rootfs.tar"
+        with tarfile.open(archive, "w") as tar:
+            tar.add(rootfs, arcname=".")
+        self.docker("import", str(archive), BASE_IMAGE)
+
+    def run_container(self, name: str, *args: str, command: tuple[str, ...] = ("sleep", "infinity"), user: str | None = None) -> str:
+        """Start a container of the base image with the host's /usr; return its id."""
+        argv = ["run", "-d", "--name", name, "--network", "none", "-v", "/usr:/usr:ro", *args]
+        if user:
+            argv += ["--user", user]
+        return self.docker(*argv, BASE_IMAGE, *command).stdout.strip()
+
+    def inspect(self, name: str) -> dict:
+        return json.loads(self.docker("inspect", name).stdout)[0]
+
+    def remove_all_containers(self) -> None:
+        ids = self.docker("ps", "-aq").stdout.split()
+        if ids:
+            self.docker("rm", "-f", "-v", *ids, check=False)
+        self.docker("volume", "prune", "-f", check=False)
+        for vol in self.docker("volume", "ls", "-q").stdout.split():
+            self.docker("volume", "rm", "-f", vol, check=False)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                self.remove_all_containers()
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        _unmount_under(self.root)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _passwd() -> dict[str, tuple[int, int]]:
+    users = {}
+    with open("/etc/passwd") as fh:
+        for line in fh:
+            parts = line.split(":")
+            if len(parts) > 3:
+                users[parts[0]] = (int(parts[2]), int(parts[3]))
+    return users
+
+
+def _unmount_under(root: Path) -> None:
+    with open("/proc/self/mounts") as fh:
+        points = [line.split()[1] for line in fh if line.split()[1].startswith(str(root) + "/")]
+    for point in sorted(points, key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+# --------------------------------------------------------------------------- demo
+
+DEMO_SERVICES = {
+    # module id -> docker run arguments; the compose label is how most modules resolve.
+    "uptime-kuma": ["--label", "com.docker.compose.service=uptime-kuma", "-v", "demo-kuma:/app/data"],
+    "forgejo": ["--label", "com.docker.compose.service=forgejo", "-v", "demo-forgejo:/data", "-v", "{bind}:/etc/forgejo"],
+    "n8n": ["-v", "demo-n8n:/home/node/.n8n"],
+    "searxng": ["--label", "com.docker.compose.service=searxng", "-v", "{bind}:/etc/searxng"],
+}
+
+
+def demo() -> int:
+    """Start the sandbox, run example services, audit them and back up every class E one."""
+    repo = Path(__file__).resolve().parent.parent
+    tool = [sys.executable, str(repo / "backup_before_apply.py")]
+    out = repo / "demo-backups"
+    print("demo: starting a private dockerd under /tmp (nothing touches a system engine)", file=sys.stderr)
+    box = Sandbox().start()
+    try:
+        for module, args in DEMO_SERVICES.items():
+            bind = box.root / "binds" / module
+            bind.mkdir(parents=True)
+            (bind / "settings.yml").write_text(f"# {module} settings\nsecret_key: demo-only\n")
+            box.run_container(module, *[a.replace("{bind}", str(bind)) for a in args])
+            box.docker("exec", module, "sh", "-c", f"mkdir -p /data /app/data; head -c 200000 /dev/urandom > /tmp/x; for d in /app/data /data /home/node/.n8n; do [ -d $d ] && cp /tmp/x $d/{module}.db; done; true")
+        # The tool refuses to run under CI; the demo is a sandbox, so it says so explicitly.
+        common = ["--platform-root", str(repo / "examples/platform"), "--backup-dir", str(out), "--allow-ci"]
+        print("\n$ backup_before_apply.py --list", file=sys.stderr)
+        subprocess.run([*tool, "--list", *common], env=box.env, check=True)
+        listing = json.loads(subprocess.run([*tool, "--list", "--json", "-q", *common], env=box.env, check=True, capture_output=True, text=True).stdout)
+        targets = [row["module"] for row in listing if row["class_letter"] == "E" and row["statefulness"] == "stateful" and row["running"]]
+        for module in targets:
+            print(f"\n$ backup_before_apply.py {module}", file=sys.stderr)
+            subprocess.run([*tool, module, *common, "-q"], env=box.env, check=True)
+        print(f"\ndemo: {len(targets)} class E backups in {out}:", file=sys.stderr)
+        subprocess.run(["ls", "-l", str(out)], check=True)
+        return 0
+    finally:
+        box.stop()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["demo"]:
+        sys.exit("usage: sandbox.py demo")
+    sys.exit(demo())
