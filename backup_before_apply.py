@@ -514,6 +514,7 @@ class _YamlReader:
         self.filename = filename
         self.raw = text.split("\n")
         self.pos = 0
+        self.in_document = False  # a '---' before the first content line is allowed
         self.key_lines: dict[tuple[str, ...], int] = {}
 
     def fail(self, number: int, why: str) -> YamlError:
@@ -536,7 +537,7 @@ class _YamlReader:
         while self.pos < len(self.raw):
             line = self._structural(self.pos)
             if line is not None:
-                if line.indent == 0 and line.text in ("---", "..."):
+                if self.in_document and line.indent == 0 and line.text in ("---", "..."):
                     raise self.fail(line.number, "a second YAML document in one file is not supported")
                 return line
             self.pos += 1
@@ -550,6 +551,7 @@ class _YamlReader:
             if line.text != "---":
                 raise self.fail(line.number, "content after '---' is not supported")
             self.pos += 1
+        self.in_document = True
         line = self.peek()
         if line is None:
             return None
@@ -975,11 +977,14 @@ def discover_modules(platform_root: Path) -> tuple[list[Module], list[str]]:
 # --------------------------------------------------------------------------- container resolution
 
 RUNBOOK_DOCKER_RE = re.compile(r"\bdocker\s+(exec|logs|inspect|restart)\b([^\n`|;&]*)")
-# Options of those subcommands that take a separate value; the name follows the options.
-RUNBOOK_OPTS_WITH_VALUE = frozenset(
-    {"-e", "--env", "--env-file", "-u", "--user", "-w", "--workdir", "--detach-keys", "-n", "--tail",
-     "--since", "--until", "-f", "--format", "--type", "-t", "--time", "-s", "--signal"}
-)
+# Options of each subcommand that take a separate value (docker CLI reference); the
+# container name is the first word after the options.
+RUNBOOK_OPTS_WITH_VALUE = {
+    "exec": frozenset({"-e", "--env", "--env-file", "-u", "--user", "-w", "--workdir", "--detach-keys"}),
+    "logs": frozenset({"-n", "--tail", "--since", "--until"}),
+    "inspect": frozenset({"-f", "--format", "--type"}),
+    "restart": frozenset({"-t", "--time", "-s", "--signal"}),
+}
 
 
 class AmbiguousContainer(UsageError):
@@ -1027,7 +1032,7 @@ def runbook_container_names(text: str) -> list[str]:
             if skip_next:
                 skip_next = False
             elif word.startswith("-"):
-                skip_next = word in RUNBOOK_OPTS_WITH_VALUE
+                skip_next = word in RUNBOOK_OPTS_WITH_VALUE[match[1]]
             else:
                 if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", word) and word not in names:
                     names.append(word)
@@ -1393,8 +1398,7 @@ def _numeric(member: tarfile.TarInfo) -> tarfile.TarInfo:
     # Owners are kept as numbers only: the names on this host mean nothing in the
     # container (tar --numeric-owner). Stale pax names would override the new ones.
     member.uname = member.gname = ""
-    for key in ("path", "linkpath", "uname", "gname"):
-        member.pax_headers.pop(key, None)
+    member.pax_headers = {k: v for k, v in member.pax_headers.items() if k not in ("path", "linkpath", "uname", "gname")}
     return member
 
 
@@ -1419,15 +1423,16 @@ def archive_from_host(tar: tarfile.TarFile, mount: MountPlan, nested: list[str],
             continue  # sockets and other types tar cannot hold
         _numeric(member)
         if member.isreg():
+
+            def short(name: str = arcname) -> None:
+                stats.warnings.append(f"file changed as we read it: /{name}")
+
             try:
-                fh = open(path, "rb")
+                with open(path, "rb") as fh:
+                    tar.addfile(member, _PaddedReader(fh, member.size, short))
             except FileNotFoundError:
                 stats.warnings.append(f"vanished while archiving: /{arcname}")
                 continue
-            with fh:
-                def short(name: str = arcname) -> None:
-                    stats.warnings.append(f"file changed as we read it: /{name}")
-                tar.addfile(member, _PaddedReader(fh, member.size, short))  # type: ignore[arg-type]
         else:
             tar.addfile(member)
         stats.count(mount.destination, member)
@@ -1555,7 +1560,7 @@ def procedure_mounted_archive(job: BackupJob, dir_fd: int) -> BackupResult:
     with PartialFile(dir_fd, name, job.backup_dir) as out:
         pause_ctx = paused(job.resolution.name, job.settings.docker_timeout) if job.pause else contextlib.nullcontext(None)
         with pause_ctx as pause_started:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=job.settings.compress_level) as gz:  # type: ignore[arg-type]
+            with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=job.settings.compress_level) as gz:
                 with tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                     for mount in job.mounts:
                         nested = [d for d in destinations if d != mount.destination and _inside(d, [mount.destination])]
@@ -1681,7 +1686,7 @@ def check_guards(env: dict[str, str], euid: int, *, allow_ci: bool, allow_non_ro
 
 def utc_timestamp(now: datetime.datetime | None = None) -> str:
     """Return the UTC timestamp used in backup names, e.g. 20261128T105235Z."""
-    return (now or datetime.datetime.now(datetime.timezone.utc)).strftime(TIMESTAMP_FORMAT)
+    return (now or datetime.datetime.now(datetime.UTC)).strftime(TIMESTAMP_FORMAT)
 
 
 def free_timestamp(dir_fd: int, module_id: str, suffixes: tuple[str, ...]) -> str:
@@ -1790,9 +1795,9 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
         with module_lock(dir_fd, module.id, settings.lock_timeout):
             remove_stale_partials(dir_fd, module.id)
             job.timestamp = free_timestamp(dir_fd, module.id, (".tar.gz", ".manifest.json"))
-            started = datetime.datetime.now(datetime.timezone.utc)
+            started = datetime.datetime.now(datetime.UTC)
             result = PROCEDURES[procedure](job, dir_fd)
-            finished = datetime.datetime.now(datetime.timezone.utc)
+            finished = datetime.datetime.now(datetime.UTC)
             manifest_path = backup_dir / (job.basename + ".manifest.json")
             manifest = build_manifest(job, result, started, finished, manifest_path)
             write_manifest(dir_fd, backup_dir, manifest_path.name, manifest)
@@ -2027,7 +2032,7 @@ def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) ->
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_StderrFormatter())
     LOG.addHandler(handler)
-    LOG.propagate = False
+    old_propagate, LOG.propagate = LOG.propagate, False
     LOG.setLevel(logging.DEBUG if args.verbose or args.debug else logging.WARNING if args.quiet else logging.INFO)
     old_umask = os.umask(0o077)
     old_handlers = {}
@@ -2054,6 +2059,7 @@ def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) ->
             signal.signal(signum, old)
         os.umask(old_umask)
         LOG.removeHandler(handler)
+        LOG.propagate = old_propagate
 
 
 def _in_main_thread() -> bool:

@@ -61,18 +61,18 @@ class Sandbox:
             raise EngineUnavailable("dockerd is not installed (apt-get install docker.io)")
         if os.geteuid() != 0:
             raise EngineUnavailable("a private dockerd needs root")
-        log = open(self.root / "dockerd.log", "wb")
-        self.proc = subprocess.Popen(
-            [
-                dockerd, "-H", self.host,
-                "--data-root", str(self.root / "data"),
-                "--exec-root", str(self.root / "x"),
-                "--pidfile", str(self.root / "dockerd.pid"),
-                "--bridge=none", "--iptables=false", "--ip6tables=false",
-                "--storage-driver=vfs",
-            ],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        with open(self.root / "dockerd.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    dockerd, "-H", self.host,
+                    "--data-root", str(self.root / "data"),
+                    "--exec-root", str(self.root / "x"),
+                    "--pidfile", str(self.root / "dockerd.pid"),
+                    "--bridge=none", "--iptables=false", "--ip6tables=false",
+                    "--storage-driver=vfs",
+                ],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

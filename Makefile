@@ -1,0 +1,25 @@
+PYTHON ?= python3
+export PYTHON
+
+.PHONY: test unit e2e lint demo deps
+
+# Everything: unit tests, run() against real commands, end to end on a private dockerd.
+test: deps
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+# Without a Docker engine (the end-to-end file is left out).
+unit: deps
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_e2e.py
+
+lint:
+	$(PYTHON) -m pip install -q ruff mypy
+	$(PYTHON) -m ruff check backup_before_apply.py tests
+	$(PYTHON) -m mypy --strict --ignore-missing-imports backup_before_apply.py
+
+# A private dockerd with example services from examples/platform: --list, then a real
+# backup of every running class E module into ./demo-backups.
+demo: deps
+	$(PYTHON) tests/sandbox.py demo
+
+deps:
+	@sh .ci/deps

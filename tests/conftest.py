@@ -1,0 +1,143 @@
+"""Shared fixtures: the tool as a module, a fake `run` for unit tests, a real engine for e2e."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TOOL = REPO / "backup_before_apply.py"
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+
+import backup_before_apply as bba  # noqa: E402
+from sandbox import EngineUnavailable, Sandbox  # noqa: E402
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in bba.CI_FALSE_VALUES
+
+
+# --------------------------------------------------------------------------- platform trees
+
+
+def write_module(root: Path, module_id: str, yaml: str | None = None, runbook: str | None = None, **fields: str) -> Path:
+    """Write modules/<id>/module.yaml (and runbook.md) under root; return the yaml path."""
+    directory = root / "modules" / module_id
+    directory.mkdir(parents=True, exist_ok=True)
+    if yaml is None:
+        container = f"\n    container: {fields['container']}" if "container" in fields else ""
+        yaml = (
+            f"metadata:\n  id: {module_id}\n  lifecycle: {fields.get('lifecycle', 'active')}\n"
+            f"spec:\n  runtime:\n    statefulness: {fields.get('statefulness', 'stateful')}{container}\n"
+        )
+    (directory / "module.yaml").write_text(yaml)
+    if runbook is not None:
+        (directory / "runbook.md").write_text(runbook)
+    return directory / "module.yaml"
+
+
+@pytest.fixture
+def platform(tmp_path: Path) -> Path:
+    root = tmp_path / "platform"
+    (root / "modules").mkdir(parents=True)
+    return root
+
+
+@pytest.fixture
+def config() -> bba.Config:
+    return bba.load_config(REPO / "classes.toml")
+
+
+# --------------------------------------------------------------------------- fake docker (unit tier)
+
+
+def fake_container(name: str, mounts: list[dict[str, Any]] | None = None, labels: dict[str, str] | None = None,
+                   running: bool = True, paused: bool = False) -> dict[str, Any]:
+    status = "paused" if paused else "running" if running else "exited"
+    return {
+        "Id": (name.encode().hex() + "0" * 64)[:64],
+        "Name": "/" + name,
+        "Image": "sha256:" + "ab" * 32,
+        "Config": {"Image": "example/image:1", "Labels": labels or {}},
+        "State": {"Status": status, "Running": running or paused, "Paused": paused},
+        "Mounts": mounts or [],
+    }
+
+
+class FakeDocker:
+    """Stands in for `run` only: answers the docker CLI calls the tool makes."""
+
+    def __init__(self, containers: list[dict[str, Any]]) -> None:
+        self.containers = containers
+        self.calls: list[list[str]] = []
+        self.fail_on: dict[str, str] = {}
+
+    def __call__(self, argv: list[str], *, check: bool = True, timeout: float | None = None, input: bytes | None = None):
+        assert argv[0] == "docker", argv
+        self.calls.append(argv)
+        sub = argv[1]
+        if sub in self.fail_on:
+            raise bba.CommandError(argv, 1, self.fail_on[sub])
+        if sub == "ps":
+            out = "\n".join(c["Id"] for c in self.containers)
+        elif sub == "inspect":
+            ids = argv[4:]
+            out = json.dumps([c for c in self.containers if c["Id"] in ids])
+        elif sub == "info":
+            out = json.dumps({"ServerVersion": "99.0-fake", "SecurityOptions": ["name=seccomp"]})
+        elif sub == "context":
+            out = json.dumps("unix:///var/run/docker.sock")
+        elif sub in ("pause", "unpause"):
+            out = argv[2]
+        else:
+            raise AssertionError(f"unexpected docker call {argv}")
+        return subprocess.CompletedProcess(argv, 0, out.encode(), b"")
+
+    def subcommands(self) -> list[str]:
+        return [c[1] for c in self.calls]
+
+
+@pytest.fixture
+def fake_docker(monkeypatch: pytest.MonkeyPatch):
+    def install(*containers: dict[str, Any]) -> FakeDocker:
+        fake = FakeDocker(list(containers))
+        monkeypatch.setattr(bba, "run", fake)
+        monkeypatch.delenv("DOCKER_HOST", raising=False)
+        return fake
+    return install
+
+
+# --------------------------------------------------------------------------- real engine (e2e tier)
+
+
+@pytest.fixture(scope="session")
+def engine():
+    try:
+        box = Sandbox().start()
+    except EngineUnavailable as exc:
+        if in_ci():
+            pytest.fail(f"CI=true and no Docker engine: {exc}")
+        pytest.skip(f"no Docker engine: {exc}")
+    yield box
+    box.stop()
+
+
+@pytest.fixture
+def docker_engine(engine: Sandbox):
+    """The session's engine, emptied of containers and volumes after each test."""
+    yield engine
+    engine.remove_all_containers()
+
+
+def run_tool(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the tool as a subprocess, as an operator would (with --allow-ci: tests run under CI)."""
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args, "--allow-ci"],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )

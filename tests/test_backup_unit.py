@@ -1,0 +1,398 @@
+"""The backup command end to end in-process, with only `run` faked (no Docker needed).
+
+Mounts point at real directories under tmp_path, so the archive, the private files,
+the guards and the cleanup are all real; only docker's answers are canned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import os
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+import backup_before_apply as bba
+from conftest import fake_container, write_module
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> dict[str, Path]:
+    volume = tmp_path / "volumes" / "kuma" / "_data"
+    (volume / "sub").mkdir(parents=True)
+    (volume / "kuma.db").write_bytes(b"sqlite" * 1000)
+    (volume / "sub" / "secret").write_text("s")
+    os.chown(volume / "sub", 102, 105)
+    os.chmod(volume / "sub", 0o2750)
+    os.symlink("kuma.db", volume / "link")
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "app.ini").write_text("[x]\n")
+    localtime = tmp_path / "localtime"
+    localtime.write_text("tz")
+    return {"volume": volume, "conf": conf, "localtime": localtime}
+
+
+def mounts(data: dict[str, Path]) -> list[dict]:
+    return [
+        {"Type": "volume", "Name": "kuma", "Source": str(data["volume"]), "Destination": "/app/data", "RW": True},
+        {"Type": "bind", "Source": str(data["conf"]), "Destination": "/app/conf", "RW": True},
+        {"Type": "bind", "Source": str(data["localtime"]), "Destination": "/etc/tz", "RW": True},
+        {"Type": "bind", "Source": "/usr", "Destination": "/usr", "RW": False},
+        {"Type": "tmpfs", "Source": "", "Destination": "/run", "RW": True},
+        {"Type": "bind", "Source": "/var/run/docker.sock", "Destination": "/var/run/docker.sock", "RW": True},
+    ]
+
+
+@pytest.fixture
+def kuma(platform, data, fake_docker):
+    write_module(platform, "kuma")
+    return fake_docker(fake_container("kuma", mounts(data), labels={"com.docker.compose.service": "kuma"}))
+
+
+def backup(platform: Path, backup_dir: Path, *extra: str, env: dict[str, str] | None = None) -> int:
+    return bba.main(["kuma", "--platform-root", str(platform), "--backup-dir", str(backup_dir), *extra], env=env or {})
+
+
+def members(path: Path) -> dict[str, tarfile.TarInfo]:
+    with tarfile.open(path, "r:gz") as tar:
+        return {m.name: m for m in tar.getmembers()}
+
+
+def test_backup_writes_private_archive_and_manifest(platform, tmp_path, kuma, capsys):
+    backup_dir = tmp_path / "new" / "backups"
+    assert backup(platform, backup_dir) == 0
+    out = capsys.readouterr().out.splitlines()
+    archive, manifest = Path(out[0]), Path(out[1])
+    assert archive.name.startswith("kuma-") and archive.name.endswith(".tar.gz")
+    assert manifest.name == archive.name.replace(".tar.gz", ".manifest.json")
+    assert stat.S_IMODE(os.stat(backup_dir).st_mode) == 0o700
+    for path in (archive, manifest):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert sorted(p.name for p in backup_dir.iterdir()) == sorted([archive.name, manifest.name, ".kuma.lock"])
+
+    got = members(archive)
+    assert set(got) == {"app/conf", "app/conf/app.ini", "app/data", "app/data/kuma.db", "app/data/link", "app/data/sub", "app/data/sub/secret"}
+    assert (got["app/data/sub"].uid, got["app/data/sub"].gid, got["app/data/sub"].mode) == (102, 105, 0o2750)
+    assert got["app/data/sub"].uname == "" and got["app/data/link"].linkname == "kuma.db"
+
+    doc = json.loads(manifest.read_text())
+    assert doc["module"] == "kuma" and doc["class"] == "E" and doc["procedure"] == "mounted-archive"
+    assert doc["container"]["resolved_by"] == "compose label com.docker.compose.service"
+    assert doc["bytes"] == archive.stat().st_size
+    import hashlib
+    assert doc["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    assert doc["verification"] == {"gzip_complete": True, "tar_readable": True, "members": 7}
+    assert {m["destination"] for m in doc["mounts"]} == {"/app/data", "/app/conf"}
+    skipped = {m["destination"]: m["reason"] for m in doc["skipped_mounts"]}
+    assert skipped == {"/etc/tz": "single-file bind", "/usr": "read-only", "/run": "tmpfs mount", "/var/run/docker.sock": "docker socket"}
+    assert str(archive) in doc["restore"] and "{backup}" not in doc["restore"]
+
+
+def test_backup_files_are_private_even_with_permissive_umask(platform, tmp_path, kuma, capsys):
+    old = os.umask(0)
+    try:
+        assert backup(platform, tmp_path / "parent" / "b") == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "parent").stat().st_mode) == 0o700  # parents the tool creates too
+    assert stat.S_IMODE((tmp_path / "parent" / "b").stat().st_mode) == 0o700
+    for path in (tmp_path / "parent" / "b").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_backup_json_output_is_the_manifest(platform, tmp_path, kuma, capsys):
+    assert backup(platform, tmp_path / "b", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["module"] == "kuma" and Path(doc["backup_path"]).is_file() and Path(doc["manifest_path"]).is_file()
+
+
+def test_backup_dry_run_touches_nothing_and_prints_plan(platform, tmp_path, kuma, capsys):
+    backup_dir = tmp_path / "b"
+    assert backup(platform, backup_dir, "--dry-run", "--pause") == 0
+    assert not backup_dir.exists()
+    out = capsys.readouterr().out
+    assert "would run: docker pause kuma" in out and "would run: docker unpause kuma" in out
+    assert f"would write: {backup_dir}/kuma-" in out and ".tar.gz.partial (mode 0600" in out
+    assert "pause" not in kuma.subcommands() and "unpause" not in kuma.subcommands()
+
+
+def test_backup_pause_pauses_then_unpauses(platform, tmp_path, kuma, capsys):
+    assert backup(platform, tmp_path / "b", "--pause") == 0
+    subs = kuma.subcommands()
+    assert subs.index("pause") < subs.index("unpause") and subs.count("unpause") == 1
+    manifest = json.loads(next((tmp_path / "b").glob("*.manifest.json")).read_text())
+    assert manifest["paused"] is True and manifest["paused_seconds"] is not None
+
+
+@contextlib.contextmanager
+def tiny_filesystem(path: Path, size: str = "64k"):
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_backup_disk_full_removes_partial_unpauses_and_exits_1(platform, tmp_path, data, kuma, capsys):
+    (data["volume"] / "big").write_bytes(os.urandom(512 * 1024))  # incompressible, > 64k
+    with tiny_filesystem(tmp_path / "full") as backup_dir:
+        assert backup(platform, backup_dir, "--pause") == 1
+        assert [p.name for p in backup_dir.iterdir()] == [".kuma.lock"]
+    err = capsys.readouterr().err
+    assert f"no space left on the filesystem of {backup_dir}" in err
+    assert err.strip().splitlines()[-1].startswith("backup-before-apply: error: ")
+    assert kuma.subcommands().count("unpause") == 1
+
+
+def test_backup_unpause_failure_is_loud(platform, tmp_path, kuma, capsys):
+    kuma.fail_on["unpause"] = "Error response from daemon: boom"
+    assert backup(platform, tmp_path / "b", "--pause") == 1
+    assert "container kuma is STILL PAUSED; run `docker unpause kuma` now" in capsys.readouterr().err
+    assert not list((tmp_path / "b").glob("*.tar.gz"))
+
+
+def test_backup_refuses_container_paused_by_someone_else(platform, tmp_path, data, fake_docker, capsys):
+    write_module(platform, "kuma")
+    fake = fake_docker(fake_container("kuma", mounts(data), paused=True))
+    assert backup(platform, tmp_path / "b", "--pause") == 3
+    assert "already paused by someone else" in capsys.readouterr().err
+    assert "pause" not in fake.subcommands() and "unpause" not in fake.subcommands()
+
+
+def test_backup_stopped_container_archives_data_at_rest(platform, tmp_path, data, fake_docker, capsys):
+    write_module(platform, "kuma")
+    fake = fake_docker(fake_container("kuma", mounts(data), running=False))
+    assert backup(platform, tmp_path / "b", "--pause") == 0
+    assert "is not running (exited); its data is at rest" in capsys.readouterr().err
+    assert "pause" not in fake.subcommands()
+
+
+def test_backup_no_writable_mounts_fails(platform, tmp_path, fake_docker, capsys):
+    write_module(platform, "kuma")
+    fake_docker(fake_container("kuma", [{"Type": "bind", "Source": "/usr", "Destination": "/usr", "RW": False}]))
+    assert backup(platform, tmp_path / "b") == 1
+    assert "has no writable mounts to archive" in capsys.readouterr().err
+
+
+def test_backup_ambiguous_container_exits_2_and_writes_nothing(platform, tmp_path, data, fake_docker, capsys):
+    write_module(platform, "kuma")
+    labels = {"com.docker.compose.service": "kuma"}
+    fake_docker(fake_container("kuma-1", mounts(data), labels=labels), fake_container("kuma-2", mounts(data), labels=labels))
+    assert backup(platform, tmp_path / "b") == 2
+    err = capsys.readouterr().err
+    assert "kuma-1, kuma-2" in err and len(err.strip().splitlines()) == 2  # the class line, then the error
+    assert not (tmp_path / "b").exists()
+
+
+def test_backup_existing_partial_is_stale_and_removed(platform, tmp_path, kuma, capsys):
+    backup_dir = tmp_path / "b"
+    backup_dir.mkdir(mode=0o700)
+    stale = backup_dir / "kuma-20200101T000000Z.tar.gz.partial"
+    stale.write_text("half")
+    other = backup_dir / "kuma-extra-20200101T000000Z.tar.gz.partial"
+    other.write_text("another module's")
+    assert backup(platform, backup_dir) == 0
+    assert not stale.exists() and other.exists()
+
+
+# ---------------------------------------------------------------- guards
+
+
+def test_main_under_ci_refuses_with_exit_3(platform, tmp_path, kuma, capsys):
+    assert backup(platform, tmp_path / "b", env={"CI": "true"}) == 3
+    assert capsys.readouterr().err.strip() == (
+        "backup-before-apply: refused: CI is set: this tool is run by an operator, never by a CI runner (override: --allow-ci)"
+    )
+    assert not (tmp_path / "b").exists()
+    assert backup(platform, tmp_path / "b", env={"GITHUB_ACTIONS": "true"}) == 3
+    assert backup(platform, tmp_path / "b", env={"CI": "false"}) == 0
+    assert backup(platform, tmp_path / "c", "--allow-ci", env={"CI": "true"}) == 0
+
+
+def test_main_not_root_refuses_with_exit_3(platform, tmp_path, kuma, capsys, monkeypatch):
+    monkeypatch.setattr(bba.os, "geteuid", lambda: 1000)
+    assert backup(platform, tmp_path / "b") == 3
+    assert "must run as root" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    backup(platform, tmp_path / "b", "--allow-non-root")
+    assert "must run as root" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc", "x/../../etc", "UPPER", "a b", "ünï", ".."])
+def test_main_invalid_module_id_exit_2_before_touching_anything(tmp_path, bad, capsys):
+    backup_dir = tmp_path / "b"
+    assert bba.main(["--platform-root", str(tmp_path), "--backup-dir", str(backup_dir), "--", bad], env={}) == 2
+    assert "invalid module id" in capsys.readouterr().err
+    assert not backup_dir.exists()
+
+
+def test_main_leading_dash_id_is_usage_error(capsys):
+    assert bba.main(["-x"], env={}) == 2
+    assert bba.main(["--", "-x"], env={}) == 2
+    assert "invalid module id '-x'" in capsys.readouterr().err
+
+
+def test_main_unknown_module_exit_2(platform, tmp_path, capsys):
+    assert backup(platform, tmp_path / "b") == 2
+    assert "unknown module 'kuma'" in capsys.readouterr().err
+
+
+def test_main_stateless_module_refused(platform, tmp_path, capsys):
+    write_module(platform, "kuma", statefulness="stateless")
+    assert backup(platform, tmp_path / "b") == 3
+    assert "is stateless" in capsys.readouterr().err
+
+
+def test_main_unimplemented_procedure_refused_not_replaced(platform, tmp_path, fake_docker, capsys):
+    write_module(platform, "postgres")
+    fake = fake_docker(fake_container("postgres"))
+    assert bba.main(["postgres", "--platform-root", str(platform), "--backup-dir", str(tmp_path / "b")], env={}) == 3
+    assert "procedure 'pg-dumpall', which version" in capsys.readouterr().err
+    assert fake.calls == [] and not (tmp_path / "b").exists()
+
+
+def test_main_usage_errors_exit_2(capsys):
+    assert bba.main([], env={}) == 2
+    assert bba.main(["x", "--list"], env={}) == 2
+    assert bba.main(["--list", "--pause"], env={}) == 2
+    assert bba.main(["--list", "--bogus"], env={}) == 2
+    assert bba.main(["--lis"], env={}) == 2  # no abbreviations
+    assert bba.main(["x", "--procedure", "nope"], env={}) == 2
+    err = capsys.readouterr().err
+    assert "give exactly one of MODULE_ID or --list" in err and "--pause applies to a backup" in err
+
+
+def test_main_version(capsys):
+    assert bba.main(["--version"], env={}) == 0
+    assert bba.__version__ in capsys.readouterr().out
+
+
+def test_main_malformed_classes_exit_2(platform, tmp_path, kuma, capsys):
+    bad = tmp_path / "classes.toml"
+    bad.write_text("[classes\n")
+    assert backup(platform, tmp_path / "b", "--classes", str(bad)) == 2
+    assert f"{bad}: malformed TOML" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem", ["symlink", "group-writable", "other-owner", "file"])
+def test_backup_dir_unsafe_refused_exit_3(platform, tmp_path, kuma, capsys, problem):
+    backup_dir = tmp_path / "b"
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    if problem == "symlink":
+        backup_dir.symlink_to(real)
+    elif problem == "file":
+        backup_dir.write_text("")
+    else:
+        backup_dir.mkdir(mode=0o700)
+        if problem == "group-writable":
+            os.chmod(backup_dir, 0o770)
+        else:
+            os.chown(backup_dir, 12345, 12345)
+    assert backup(platform, backup_dir) == 3
+    assert "refused: backup directory" in capsys.readouterr().err
+    assert list(real.iterdir()) == []
+    if backup_dir.is_dir() and not backup_dir.is_symlink():
+        assert list(backup_dir.iterdir()) == []
+
+
+def test_backup_dir_readable_by_others_is_tightened(platform, tmp_path, kuma, capsys):
+    backup_dir = tmp_path / "b"
+    backup_dir.mkdir(mode=0o755)
+    os.chmod(backup_dir, 0o755)
+    assert backup(platform, backup_dir) == 0
+    assert stat.S_IMODE(backup_dir.stat().st_mode) == 0o700
+    assert "tightened to 0700" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- partial files and locks
+
+
+def open_dir(path: Path) -> int:
+    path.mkdir(mode=0o700, exist_ok=True)
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def test_partial_file_removed_on_error_and_commit_never_overwrites(tmp_path):
+    fd = open_dir(tmp_path / "d")
+    with pytest.raises(RuntimeError):
+        with bba.PartialFile(fd, "x.tar.gz", tmp_path / "d") as out:
+            out.write(b"data")
+            assert (tmp_path / "d" / "x.tar.gz.partial").exists()
+            raise RuntimeError("boom")
+    assert list((tmp_path / "d").iterdir()) == []
+    (tmp_path / "d" / "x.tar.gz").write_text("old")
+    with pytest.raises(bba.BackupError, match="refusing to overwrite"):
+        with bba.PartialFile(fd, "x.tar.gz", tmp_path / "d") as out:
+            out.write(b"new")
+            out.commit()
+    assert (tmp_path / "d" / "x.tar.gz").read_text() == "old"
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["x.tar.gz"]
+
+
+def test_partial_file_planted_symlink_is_not_followed(tmp_path):
+    fd = open_dir(tmp_path / "d")
+    target = tmp_path / "target"
+    target.write_text("precious")
+    (tmp_path / "d" / "x.partial").symlink_to(target)
+    with pytest.raises(bba.RefusedError, match="already exists"):
+        with bba.PartialFile(fd, "x", tmp_path / "d"):
+            pass
+    assert target.read_text() == "precious"
+
+
+def test_partial_file_hashes_while_writing(tmp_path):
+    import hashlib
+    fd = open_dir(tmp_path / "d")
+    with bba.PartialFile(fd, "x", tmp_path / "d") as out:
+        out.write(b"abc")
+        out.write(b"def")
+        path = out.commit()
+    assert out.sha256.hexdigest() == hashlib.sha256(b"abcdef").hexdigest() and out.size == 6
+    assert path.read_bytes() == b"abcdef" and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_module_lock_second_holder_refused_with_pid(tmp_path):
+    fd = open_dir(tmp_path / "d")
+    with bba.module_lock(fd, "kuma", 0):
+        other = os.open(tmp_path / "d", os.O_RDONLY | os.O_DIRECTORY)
+        with pytest.raises(bba.RefusedError, match=rf"another backup of 'kuma' is running \(pid {os.getpid()}"):
+            with bba.module_lock(other, "kuma", 0.3):
+                pass
+        with bba.module_lock(other, "other-module", 0):
+            pass  # different modules proceed in parallel
+    with bba.module_lock(fd, "kuma", 0):
+        pass  # released
+
+
+def test_module_lock_left_by_killed_process_does_not_block(tmp_path):
+    fd = open_dir(tmp_path / "d")
+    subprocess.run(
+        ["python3", "-c", f"import fcntl,os; f=os.open('{tmp_path}/d/.kuma.lock', os.O_RDWR|os.O_CREAT); "
+         "fcntl.flock(f, fcntl.LOCK_EX); os.write(f, b'999999'); os.kill(os.getpid(), 9)"],
+    )
+    with bba.module_lock(fd, "kuma", 0):
+        assert (tmp_path / "d" / ".kuma.lock").read_text().strip() == str(os.getpid())
+
+
+def test_verify_tar_gz_detects_truncation_and_count_mismatch():
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb") as gz, tarfile.open(fileobj=gz, mode="w|") as tar:
+        info = tarfile.TarInfo("a")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    data = buf.getvalue()
+    assert bba.verify_tar_gz(io.BytesIO(data), 1)["members"] == 1
+    with pytest.raises(bba.BackupError, match="not a complete tar.gz"):
+        bba.verify_tar_gz(io.BytesIO(data[:-10]), 1)
+    with pytest.raises(bba.BackupError, match="holds 1 entries, 2 were written"):
+        bba.verify_tar_gz(io.BytesIO(data), 2)

@@ -1,0 +1,93 @@
+"""The run() and stream_from() wrappers against real commands, and docker unreachable."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+import backup_before_apply as bba
+from conftest import REPO, run_tool, write_module
+
+
+def test_run_returns_output():
+    assert bba.run(["sh", "-c", "echo out; echo err >&2"]).stdout == b"out\n"
+
+
+def test_run_failure_carries_command_and_stderr_tail():
+    with pytest.raises(bba.CommandError) as info:
+        bba.run(["sh", "-c", "for i in 1 2 3 4 5 6 7; do echo line$i >&2; done; exit 3"])
+    message = str(info.value)
+    assert message.startswith("`sh -c ")
+    assert "exited 3: line3 | line4 | line5 | line6 | line7" in message and "line2" not in message
+    assert info.value.returncode == 3
+
+
+def test_run_missing_program_is_one_clear_error():
+    with pytest.raises(bba.BackupError, match="no-such-program-xyz: command not found on PATH"):
+        bba.run(["no-such-program-xyz"])
+
+
+def test_run_timeout():
+    with pytest.raises(bba.CommandError, match="timed out"):
+        bba.run(["sleep", "5"], timeout=0.2)
+
+
+def test_run_logs_command_at_debug_with_secrets_masked(caplog):
+    caplog.set_level("DEBUG", logger=bba.PROG)
+    bba.run(["env", "-e", "TOKEN=s.secret", "true"], check=False)
+    assert "$ env -e 'TOKEN=***' true" in caplog.messages
+    assert "s.secret" not in caplog.text
+    assert bba.mask_argv(["docker", "exec", "-e", "VAULT_TOKEN", "c"]) == "docker exec -e VAULT_TOKEN c"
+
+
+def test_stream_from_checks_exit_status_like_pipefail():
+    with bba.stream_from(["sh", "-c", "printf abc"]) as pipe:
+        assert pipe.read() == b"abc"
+    with pytest.raises(bba.CommandError, match="exited 4: bad"):
+        with bba.stream_from(["sh", "-c", "printf abc; echo bad >&2; exit 4"]) as pipe:
+            assert pipe.read() == b"abc"
+
+
+def test_stream_from_consumer_failure_kills_child():
+    with pytest.raises(ValueError):
+        with bba.stream_from(["sh", "-c", "yes"]) as pipe:
+            pipe.read(10)
+            raise ValueError
+
+
+def test_list_without_docker_prints_static_audit(tmp_path):
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no.sock"}
+    proc = run_tool("--list", "--platform-root", str(REPO / "examples/platform"), env=env)
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "docker is not reachable" in line]
+    assert len(warnings) == 1
+    assert "uptime-kuma" in proc.stdout and "docker not reachable" in proc.stdout
+    assert "A  PostgreSQL [pg-dumpall]" in proc.stdout
+
+
+def test_backup_docker_binary_missing_exit_1(tmp_path):
+    write_module(tmp_path, "kuma")
+    env = {"PATH": str(tmp_path / "empty-bin"), "HOME": str(tmp_path)}
+    proc = run_tool("kuma", "--platform-root", str(tmp_path), "--backup-dir", str(tmp_path / "b"), env=env)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "backup-before-apply: error: docker: command not found on PATH"
+    assert "Traceback" not in proc.stderr and not (tmp_path / "b").exists()
+
+
+def test_list_malformed_module_exit_2_names_file_line(tmp_path):
+    write_module(tmp_path, "good")
+    bad = write_module(tmp_path, "bad", yaml="metadata:\n  id: bad\n  id: again\n")
+    env = {**os.environ, "DOCKER_HOST": f"unix://{tmp_path}/no.sock"}
+    proc = run_tool("--list", "--platform-root", str(tmp_path), env=env)
+    assert proc.returncode == 2
+    assert f"{bad}:3: duplicate key 'id' (first on line 2)" in proc.stderr
+    assert "good" in proc.stdout
+
+
+def test_tool_imports_without_side_effects():
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); import backup_before_apply, os; print(oct(os.umask(0o22)))"
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", code], env={"CI": "true", "PATH": os.environ["PATH"]}, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "0o22" and out.stderr == ""

@@ -1,0 +1,176 @@
+"""The standard-library module.yaml reader: what hand-written YAML holds, and what it rejects."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import backup_before_apply as bba
+
+
+def parse(text: str):
+    return bba.parse_yaml(text, "module.yaml")[0]
+
+
+def test_parse_yaml_nested_maps_lists_comments_quotes_returns_values():
+    doc = parse(
+        """# leading comment
+---
+apiVersion: v1   # trailing comment
+metadata:
+  id: "uptime-kuma"
+  owner: 'ops # not a comment'
+  url: http://host:3001/path#frag
+  labels: {tier: "2", compose: apps}
+
+spec:
+  runtime:
+    statefulness: stateful
+    ports: [3001, "3002", 'x']
+  volumes:
+    - name: data
+      mount: /app/data
+    - name: conf
+      mount: /app/conf
+      options:
+        - ro
+  dependencies:
+  - caddy
+  - postgres
+  nothing:
+  empty: []
+  flags: {a: true, b: false, c: ~, d: null}
+  numbers: [1, -2, 3.5, 0x10]
+"""
+    )
+    assert doc["metadata"] == {
+        "id": "uptime-kuma",
+        "owner": "ops # not a comment",
+        "url": "http://host:3001/path#frag",
+        "labels": {"tier": "2", "compose": "apps"},
+    }
+    assert doc["spec"]["runtime"] == {"statefulness": "stateful", "ports": [3001, "3002", "x"]}
+    assert doc["spec"]["volumes"] == [
+        {"name": "data", "mount": "/app/data"},
+        {"name": "conf", "mount": "/app/conf", "options": ["ro"]},
+    ]
+    assert doc["spec"]["dependencies"] == ["caddy", "postgres"]
+    assert doc["spec"]["nothing"] is None
+    assert doc["spec"]["empty"] == []
+    assert doc["spec"]["flags"] == {"a": True, "b": False, "c": None, "d": None}
+    assert doc["spec"]["numbers"] == [1, -2, 3.5, "0x10"]
+
+
+def test_parse_yaml_block_scalars_keep_text():
+    doc = parse(
+        "a: |\n  line one\n    indented\n  line three\n\nb: >-\n  folded\n  text\n\n  new para\nc: |-\n  x\nd: after\n"
+    )
+    assert doc["a"] == "line one\n  indented\nline three\n"
+    assert doc["b"] == "folded text\nnew para"
+    assert doc["c"] == "x"
+    assert doc["d"] == "after"
+
+
+def test_parse_yaml_double_quoted_escapes_decoded():
+    doc = parse('a: "tab\\there \\"q\\" \\u00e9 \\\\"\nb: \'it\'\'s\'\n')
+    assert doc == {"a": 'tab\there "q" é \\', "b": "it's"}
+
+
+def test_parse_yaml_nested_sequences_of_sequences():
+    assert parse("a:\n  - - x\n    - y\n  - - z\n") == {"a": [["x", "y"], ["z"]]}
+
+
+def test_parse_yaml_key_lines_recorded():
+    _, lines = bba.parse_yaml("metadata:\n  id: x\nspec:\n  runtime:\n    statefulness: stateful\n", "f")
+    assert lines[("spec", "runtime", "statefulness")] == 5
+    assert lines[("metadata", "id")] == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "why"),
+    [
+        ("a: 1\na: 2\n", 2, "duplicate key 'a'"),
+        ("a:\n\tb: 1\n", 2, "tab character"),
+        ("a: &anchor x\n", 1, "anchors"),
+        ("a: *alias\n", 1, "anchors"),
+        ("a: !!str x\n", 1, "tags"),
+        ("a: x\n---\nb: y\n", 2, "second YAML document"),
+        ('a: "unterminated\n', 1, "unterminated"),
+        ("a: [1, 2\n", 1, "unclosed"),
+        ("a: b: c\n", 1, "unexpected ':'"),
+        ("a:\n  b: 1\n   c: 2\n", 3, "unexpected indentation"),
+        ("- x\n- y\nkey: 1\n", 3, "unexpected"),
+        ("a: 1\n  b: 2\n", 2, "unexpected indentation"),
+        ("just a string without key\n", 1, "expected 'key: value'"),
+        ("a: {x: 1, x: 2}\n", 1, "duplicate key 'x'"),
+        ('a: "bad \\q escape"\n', 1, "unknown escape"),
+        ("a:\n  - x\n  y: 1\n", 3, "expected"),
+    ],
+)
+def test_parse_yaml_rejects_with_file_and_line(text, line, why):
+    with pytest.raises(bba.YamlError) as info:
+        parse(text)
+    message = str(info.value)
+    assert message.startswith(f"module.yaml:{line}: "), message
+    assert why in message
+
+
+# ---------------------------------------------------------------- properties
+
+_plain = st.from_regex(r"[a-z][a-z0-9_-]{0,12}", fullmatch=True).filter(
+    lambda s: s not in ("true", "false", "null", "yes", "no", "on", "off")
+)
+_text = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), max_size=20)
+_values = st.recursive(
+    st.one_of(_plain, _text, st.integers(-10**6, 10**6), st.booleans()),
+    lambda children: st.one_of(
+        st.lists(children, min_size=1, max_size=4),
+        st.dictionaries(_plain, children, min_size=1, max_size=4),
+    ),
+    max_leaves=15,
+)
+
+
+def _dump(value, indent=0):
+    """A hand-written-style block YAML emitter, to check the reader against."""
+    pad = " " * indent
+    if isinstance(value, dict):
+        out = []
+        for key, item in value.items():
+            if isinstance(item, (dict, list)):
+                out.append(f"{pad}{key}:\n{_dump(item, indent + 2)}")
+            else:
+                out.append(f"{pad}{key}: {_scalar(item)}  # note")
+        return "\n".join(out)
+    out = []
+    for item in value:
+        if isinstance(item, (dict, list)):
+            body = _dump(item, indent + 2)
+            out.append(f"{pad}- {body.lstrip()}")
+        else:
+            out.append(f"{pad}- {_scalar(item)}")
+    return "\n".join(out)
+
+
+def _scalar(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_plain, _values, min_size=1, max_size=5))
+def test_parse_yaml_roundtrips_generated_documents(doc):
+    assert parse(_dump(doc) + "\n") == doc
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=200))
+def test_parse_yaml_arbitrary_text_returns_or_raises_yaml_error(text):
+    try:
+        parse(text)
+    except bba.YamlError as exc:
+        assert str(exc).startswith("module.yaml:")
