@@ -356,7 +356,8 @@ class Config:
 
 
 CLASS_KEYS = {"title": str, "patterns": list, "procedure": str, "fallback": str, "restore": str, "default": bool}
-CLASS_REQUIRED = ("title", "patterns", "procedure", "restore")
+CLASS_REQUIRED = ("title", "patterns", "procedure", "fallback", "restore")
+NO_FALLBACK = "none"
 
 
 def check_setting(name: str, value: Any, where: str) -> Any:
@@ -433,15 +434,16 @@ def load_config(path: Path) -> Config:
                 if pattern in exact_owner:
                     raise UsageError(f"{where}.patterns: {pattern!r} is already listed in classes.{exact_owner[pattern]}")
                 exact_owner[pattern] = letter
-        for key in ("procedure", "fallback"):
-            if key in table and table[key] not in PROCEDURE_NAMES:
-                raise UsageError(f"{where}.{key}: unknown procedure {table[key]!r} (known: {', '.join(PROCEDURE_NAMES)})")
+        if table["procedure"] not in PROCEDURE_NAMES:
+            raise UsageError(f"{where}.procedure: unknown procedure {table['procedure']!r} (known: {', '.join(PROCEDURE_NAMES)})")
+        if table["fallback"] not in (*PROCEDURE_NAMES, NO_FALLBACK):
+            raise UsageError(f"{where}.fallback: unknown procedure {table['fallback']!r} (known: {', '.join(PROCEDURE_NAMES)}, none)")
         classes[letter] = BackupClass(
             letter=letter,
             title=table["title"],
             patterns=tuple(patterns),
             procedure=table["procedure"],
-            fallback=table.get("fallback"),
+            fallback=None if table["fallback"] == NO_FALLBACK else table["fallback"],
             restore=table["restore"].strip(),
             default=table.get("default", False),
         )

@@ -14,12 +14,14 @@ MINIMAL = """
 title = "PostgreSQL"
 patterns = ["postgres", "*postgres"]
 procedure = "pg-dumpall"
+fallback = "none"
 restore = "psql"
 
 [classes.E]
 title = "Mounted"
 patterns = []
 procedure = "mounted-archive"
+fallback = "none"
 default = true
 restore = "tar"
 """
@@ -67,6 +69,7 @@ def test_classify_exact_beats_glob_and_longer_glob_beats_shorter(tmp_path):
 title = "Agaria"
 patterns = ["agaria-po*"]
 procedure = "compose-root-archive"
+fallback = "mounted-archive"
 restore = "x"
 """))
     assert bba.classify("agaria-postgres", config)[0].letter == "G"  # 9 literal characters beat 8
@@ -81,6 +84,7 @@ def test_classify_equally_specific_globs_of_two_classes_is_an_error(tmp_path):
 title = "Redis"
 patterns = ["foopostg*"]
 procedure = "redis-bgsave"
+fallback = "mounted-archive"
 restore = "x"
 """))
     with pytest.raises(bba.UsageError, match=r"equally specific patterns of two classes: classes\.A '\*postgres', classes\.B 'foopostg\*'"):
@@ -98,6 +102,8 @@ restore = "x"
         (MINIMAL.replace('patterns = ["postgres", "*postgres"]', "patterns = 5"), "classes.A.patterns: expected list, got int"),
         (MINIMAL.replace('patterns = ["postgres", "*postgres"]', 'patterns = [""]'), "classes.A.patterns: expected a list of non-empty strings"),
         (MINIMAL.replace('title = "PostgreSQL"', 'title = "PostgreSQL"\ncolour = "red"'), "classes.A.colour: unknown key"),
+        (MINIMAL.replace('fallback = "none"\nrestore = "psql"', 'restore = "psql"'), "classes.A: missing key 'fallback'"),
+        (MINIMAL.replace('fallback = "none"\nrestore = "psql"', 'fallback = "tar"\nrestore = "psql"'), "classes.A.fallback: unknown procedure 'tar'"),
         (MINIMAL.replace("default = true\n", ""), "exactly one class must set default = true (found 0"),
         (MINIMAL.replace('patterns = []', 'patterns = ["postgres"]'), "'postgres' is already listed in classes.A"),
         (MINIMAL.replace("[classes.E]", "[classes.e1]"), "classes.e1: class names are single capital letters"),
