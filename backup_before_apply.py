@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import re
 import shlex
 import signal
@@ -38,6 +39,8 @@ import tempfile
 import time
 import tomllib
 import traceback
+import typing
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -178,21 +181,28 @@ def mask_argv(argv: list[str]) -> str:
     return shlex.join(masked)
 
 
+def _child_env(secrets: dict[str, str] | None) -> dict[str, str] | None:
+    # Secrets reach docker through its environment and are named in argv (`-e NAME`),
+    # so they never show up in /proc/*/cmdline or in a log line.
+    return None if not secrets else {**os.environ, **secrets}
+
+
 def run(
     argv: list[str],
     *,
     check: bool = True,
     timeout: float | None = None,
     input: bytes | None = None,
+    secrets: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run argv (never through a shell) and return the completed process.
 
-    Raise BackupError if the program is missing, CommandError if it exits non-zero
-    (with check) or runs past timeout.
+    secrets are added to the child's environment only. Raise BackupError if the program
+    is missing, CommandError if it exits non-zero (with check) or runs past timeout.
     """
     LOG.debug("$ %s", mask_argv(argv))
     try:
-        proc = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False)
+        proc = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False, env=_child_env(secrets))
     except FileNotFoundError:
         raise BackupError(f"{argv[0]}: command not found on PATH") from None
     except subprocess.TimeoutExpired as exc:
@@ -202,25 +212,40 @@ def run(
     return proc
 
 
-@contextlib.contextmanager
-def stream_from(argv: list[str], *, timeout: float | None = None) -> Iterator[IO[bytes]]:
-    """Yield the stdout of argv as a binary stream; check its exit status at the end.
+@dataclasses.dataclass
+class Stream:
+    """One end of a streaming child: `pipe` to read or write; stderr once it has exited."""
 
-    The sibling of run() for output too large to hold in memory. Like `set -o pipefail`,
-    a non-zero exit fails the whole step even if the stream looked complete. Raise
-    CommandError on failure; the child is killed if the consumer fails first.
-    """
+    pipe: IO[bytes]
+    stderr: bytes = b""
+
+
+@contextlib.contextmanager
+def _streaming(argv: list[str], *, into: bool, timeout: float | None, secrets: dict[str, str] | None, check: bool) -> Iterator[Stream]:
     LOG.debug("$ %s", mask_argv(argv))
-    with tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
         try:
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err)
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE if into else subprocess.DEVNULL,
+                stdout=out if into else subprocess.PIPE,
+                stderr=err,
+                env=_child_env(secrets),
+            )
         except FileNotFoundError:
             raise BackupError(f"{argv[0]}: command not found on PATH") from None
-        assert proc.stdout is not None
+        pipe = proc.stdin if into else proc.stdout
+        assert pipe is not None
+        stream = Stream(pipe)
         try:
-            yield proc.stdout
-            while proc.stdout.read(COPY_CHUNK):
-                pass  # tar readers stop before the trailing padding; let the child finish
+            try:
+                yield stream
+                if not into:
+                    while pipe.read(COPY_CHUNK):
+                        pass  # tar readers stop before the trailing padding; let the child finish
+            finally:
+                with contextlib.suppress(BrokenPipeError):
+                    pipe.close()
             returncode = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
@@ -231,16 +256,46 @@ def stream_from(argv: list[str], *, timeout: float | None = None) -> Iterator[IO
             proc.kill()
             proc.wait()
             raise
-        finally:
-            proc.stdout.close()
-        if returncode != 0:
-            err.seek(0)
-            raise CommandError(argv, returncode, err.read())
+        err.seek(0)
+        stream.stderr = err.read()
+        if check and returncode != 0:
+            raise CommandError(argv, returncode, stream.stderr)
 
 
-def docker(args: list[str], *, timeout: float, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+@contextlib.contextmanager
+def stream_from(argv: list[str], *, timeout: float | None = None, secrets: dict[str, str] | None = None) -> Iterator[IO[bytes]]:
+    """Yield the stdout of argv as a binary stream; check its exit status at the end.
+
+    The sibling of run() for output too large to hold in memory. Like `set -o pipefail`,
+    a non-zero exit fails the whole step even if the stream looked complete. Raise
+    CommandError on failure; the child is killed if the consumer fails first.
+    """
+    with _streaming(argv, into=False, timeout=timeout, secrets=secrets, check=True) as stream:
+        yield stream.pipe
+
+
+@contextlib.contextmanager
+def stream_into(argv: list[str], *, timeout: float | None = None, secrets: dict[str, str] | None = None, check: bool = True) -> Iterator[Stream]:
+    """Yield a Stream whose pipe is the stdin of argv; its stderr is kept for the caller.
+
+    Raise CommandError (with check) if the child exits non-zero once stdin is closed.
+    """
+    with _streaming(argv, into=True, timeout=timeout, secrets=secrets, check=check) as stream:
+        yield stream
+
+
+def docker(args: list[str], *, timeout: float, check: bool = True, secrets: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
     """Run one docker CLI command through run()."""
-    return run(["docker", *args], timeout=timeout, check=check)
+    return run(["docker", *args], timeout=timeout, check=check, secrets=secrets)
+
+
+def exec_argv(container: str, argv: list[str], *, secrets: dict[str, str] | None = None, stdin: bool = False) -> list[str]:
+    """Return `docker exec` argv for a command in container; secrets are passed by name.
+
+    Never `-t`: a TTY rewrites line endings and corrupts binary streams.
+    """
+    names = [flag for name in sorted(secrets or {}) for flag in ("-e", name)]
+    return ["docker", "exec", *(["-i"] if stdin else []), *names, container, *argv]
 
 
 def parse_json(data: bytes, what: str) -> Any:
@@ -323,9 +378,12 @@ class Settings:
     pause_timeout: float = 1800.0
     lock_timeout: float = 0.0
     compress_level: int = 6
+    bgsave_timeout: float = 600.0
+    drill_timeout: float = 300.0
+    redis_password_env: str = "REDIS_PASSWORD"  # noqa: S105 (a variable name, not a password)
 
 
-# setting -> (type, environment variable, command-line flag)
+# setting -> (type, environment variable, command-line flag or "")
 SETTING_SOURCES: dict[str, tuple[type, str, str]] = {
     "platform_root": (str, "PLATFORM_ROOT", "--platform-root"),
     "backup_dir": (str, "BACKUP_DIR", "--backup-dir"),
@@ -333,12 +391,17 @@ SETTING_SOURCES: dict[str, tuple[type, str, str]] = {
     "pause_timeout": (float, "BBA_PAUSE_TIMEOUT", "--pause-timeout"),
     "lock_timeout": (float, "BBA_LOCK_TIMEOUT", "--lock-timeout"),
     "compress_level": (int, "BBA_COMPRESS_LEVEL", "--compress-level"),
+    "bgsave_timeout": (float, "BBA_BGSAVE_TIMEOUT", "--bgsave-timeout"),
+    "drill_timeout": (float, "BBA_DRILL_TIMEOUT", "--drill-timeout"),
+    "redis_password_env": (str, "BBA_REDIS_PASSWORD_ENV", ""),
 }
 SETTING_LIMITS: dict[str, tuple[float, float]] = {
     "docker_timeout": (1, 86400),
     "pause_timeout": (1, 86400),
     "lock_timeout": (0, 86400),
     "compress_level": (1, 9),
+    "bgsave_timeout": (1, 86400),
+    "drill_timeout": (1, 86400),
 }
 
 
@@ -1353,25 +1416,66 @@ def _write_error(exc: OSError, dir_path: Path) -> BackupError:
 # --------------------------------------------------------------------------- archive writers
 
 
+@dataclasses.dataclass(frozen=True)
+class ArchiveItem:
+    """A path in the container to archive, where to read it, and the mount it counts under."""
+
+    path: str
+    host: str | None  # a readable host path, or None to stream it with docker cp
+    group: str
+
+
+def locate(path: str, mounts: list[MountPlan]) -> ArchiveItem:
+    """Return how to read a container path: through the mount that holds it, if any."""
+    holders = [m for m in mounts if _inside(path, [m.destination])]
+    if not holders:
+        return ArchiveItem(path, None, path)
+    mount = max(holders, key=lambda m: len(m.destination))
+    rel = os.path.relpath(path, mount.destination)
+    host = None if mount.via != "host" else (mount.source if rel == "." else os.path.join(mount.source, rel))
+    return ArchiveItem(path, host, mount.destination)
+
+
+_LISTING_MODULUS = 1 << 256
+
+
 @dataclasses.dataclass
 class ArchiveStats:
-    """What went into an archive, per mount and in total."""
+    """What went into an archive, per mount and in total.
+
+    listing_sha256 is an order-independent digest (a sum of per-entry hashes) of every
+    entry's name, type, mode, owner, size and link target, so that a drill can compare a
+    restored tree with the backup without holding the file list in memory.
+    """
 
     members: int = 0
     files: int = 0
     data_bytes: int = 0
-    per_mount: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    per_mount: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
 
-    def count(self, mount: str, member: tarfile.TarInfo) -> None:
+    def count(self, group: str, member: tarfile.TarInfo) -> None:
         self.members += 1
-        entry = self.per_mount.setdefault(mount, {"members": 0, "files": 0, "bytes": 0})
+        entry = self.per_mount.setdefault(group, {"members": 0, "files": 0, "bytes": 0, "listing_sha256": 0})
         entry["members"] += 1
         if member.isreg():
             self.files += 1
             self.data_bytes += member.size
             entry["files"] += 1
             entry["bytes"] += member.size
+        kind = "h" if member.islnk() else "f" if member.isreg() else "d" if member.isdir() else "l" if member.issym() else "o"
+        line = "\0".join(
+            [member.name.rstrip("/"), kind, f"{member.mode:o}", str(member.uid), str(member.gid),
+             str(member.size) if kind == "f" else "", member.linkname if kind == "l" else ""]
+        )
+        digest = int.from_bytes(hashlib.sha256(line.encode("utf-8", "surrogateescape")).digest(), "big")
+        entry["listing_sha256"] = (entry["listing_sha256"] + digest) % _LISTING_MODULUS
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        return {
+            group: {**entry, "listing_sha256": f"{entry['listing_sha256']:064x}"}
+            for group, entry in self.per_mount.items()
+        }
 
 
 class _PaddedReader:
@@ -1408,13 +1512,13 @@ def _inside(path: str, parents: list[str]) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
 
 
-def archive_from_host(tar: tarfile.TarFile, mount: MountPlan, nested: list[str], stats: ArchiveStats) -> None:
-    """Add the host directory of a mount to tar under its container destination."""
-    arc_root = mount.destination.strip("/")
-    stack = [(mount.source, arc_root)]
+def archive_from_host(tar: tarfile.TarFile, item: ArchiveItem, nested: list[str], stats: ArchiveStats) -> None:
+    """Add the host path of an item to tar under its path in the container."""
+    assert item.host is not None
+    stack = [(item.host, item.path.strip("/"))]
     while stack:
         path, arcname = stack.pop()
-        if "/" + arcname != mount.destination and _inside("/" + arcname, nested):
+        if "/" + arcname != item.path and _inside("/" + arcname, nested):
             continue  # archived on its own, as a mount of its own
         try:
             member = tar.gettarinfo(path, arcname)
@@ -1437,7 +1541,7 @@ def archive_from_host(tar: tarfile.TarFile, mount: MountPlan, nested: list[str],
                 continue
         else:
             tar.addfile(member)
-        stats.count(mount.destination, member)
+        stats.count(item.group, member)
         if member.isdir():
             try:
                 names = sorted(os.listdir(path), reverse=True)
@@ -1446,52 +1550,99 @@ def archive_from_host(tar: tarfile.TarFile, mount: MountPlan, nested: list[str],
             stack.extend((os.path.join(path, n), f"{arcname}/{n}") for n in names)
 
 
-def archive_through_docker(tar: tarfile.TarFile, container: str, mount: MountPlan, nested: list[str], stats: ArchiveStats, timeout: float) -> None:
-    """Stream a mount out of the container with `docker cp` and add it under its destination.
+def archive_through_docker(tar: tarfile.TarFile, container: str, item: ArchiveItem, nested: list[str], stats: ArchiveStats, timeout: float) -> None:
+    """Stream a container path out with `docker cp` and add it under the same path.
 
     Works with any engine the docker CLI reaches (remote DOCKER_HOST, rootless), and
     keeps the owners as the container sees them.
     """
-    arc_root = mount.destination.strip("/")
-    with stream_from(["docker", "cp", f"{container}:{mount.destination}/.", "-"], timeout=timeout) as pipe:
+    # `docker cp C:/a/b -` names entries "b", "b/x": rebase them on "a".
+    parent = posixpath.dirname(item.path.rstrip("/")).strip("/")
+    with stream_from(["docker", "cp", f"{container}:{item.path}", "-"], timeout=timeout) as pipe:
         with tarfile.open(fileobj=pipe, mode="r|") as source:
             for member in source:
-                # `docker cp C:/dest/. -` names entries "./x"; rebase them on the destination.
-                rel = member.name.removeprefix(".").lstrip("/")
-                member.name = f"{arc_root}/{rel}" if rel else arc_root
-                if member.islnk():
-                    link_rel = member.linkname.removeprefix(".").lstrip("/")
-                    member.linkname = f"{arc_root}/{link_rel}"
-                if rel and _inside("/" + member.name, nested):
+                name = posixpath.normpath(posixpath.join(parent, member.name)).lstrip("/")
+                if "/" + name != item.path and _inside("/" + name, nested):
                     continue
+                if member.islnk():
+                    member.linkname = posixpath.normpath(posixpath.join(parent, member.linkname)).lstrip("/")
+                member.name = name
                 _numeric(member)
                 tar.addfile(member, source.extractfile(member) if member.isreg() else None)
-                stats.count(mount.destination, member)
+                stats.count(item.group, member)
 
 
-def verify_tar_gz(fh: IO[bytes], expected_members: int) -> dict[str, Any]:
-    """Return the checks of a .tar.gz read back from disk. Raise BackupError if one fails.
+def archive_items(tar: tarfile.TarFile, container: str, items: list[ArchiveItem], skipped: list[str], stats: ArchiveStats, timeout: float) -> None:
+    """Add every item to tar; a path that is its own item (or skipped) is not repeated."""
+    paths = [i.path for i in items] + skipped
+    for item in items:
+        nested = [p for p in paths if p != item.path and _inside(p, [item.path])]
+        LOG.info("archiving %s via %s", item.path, "host path " + item.host if item.host else "docker cp")
+        if item.host is not None:
+            archive_from_host(tar, item, nested, stats)
+        else:
+            archive_through_docker(tar, container, item, nested, stats, timeout)
 
-    The gzip stream must be complete (CRC and length trailer), the tar readable to its
-    end-of-archive marker, and the member count equal to what was written.
+
+def scan_tar(fh: IO[bytes], *, rdb_member: str | None = None) -> dict[str, Any]:
+    """Read a tar(.gz) to its end and return what it holds. Raise BackupError if it is not complete.
+
+    The gzip stream must be complete (CRC and length trailer) and the tar readable to its
+    end-of-archive marker; with rdb_member, that member must start with the RDB magic.
     """
-    members = 0
+    stats = ArchiveStats()
+    rdb_magic = None
     try:
-        with gzip.GzipFile(fileobj=fh, mode="rb") as gz, tarfile.open(fileobj=gz, mode="r|") as tar:
+        with gzip.GzipFile(fileobj=fh, mode="rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for member in tar:
-                members += 1
+                stats.count("", member)
                 if member.isreg():
                     extracted = tar.extractfile(member)
                     assert extracted is not None
-                    while extracted.read(COPY_CHUNK):
-                        pass
-            while gz.read(COPY_CHUNK):
+                    head = extracted.read(COPY_CHUNK)
+                    if member.name == rdb_member:
+                        rdb_magic = head[:5] == REDIS_RDB_MAGIC
+                    while head:
+                        head = extracted.read(COPY_CHUNK)
+            while raw.read(COPY_CHUNK):
                 pass
-    except (OSError, EOFError, tarfile.TarError, gzip.BadGzipFile) as exc:
-        raise BackupError(f"verification failed: archive is not a complete tar.gz ({exc})") from None
-    if members != expected_members:
-        raise BackupError(f"verification failed: archive holds {members} entries, {expected_members} were written")
-    return {"gzip_complete": True, "tar_readable": True, "members": members}
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
+        raise BackupError(f"archive is not a complete tar.gz ({exc})") from None
+    result: dict[str, Any] = {"gzip_complete": True, "tar_readable": True, "members": stats.members}
+    if rdb_member is not None:
+        if rdb_magic is None:
+            raise BackupError(f"archive has no {rdb_member}")
+        if not rdb_magic:
+            raise BackupError(f"{rdb_member} does not start with the RDB magic 'REDIS'")
+        result["rdb_magic"] = True
+    return result
+
+
+def scan_sql_gz(fh: IO[bytes]) -> dict[str, Any]:
+    """Read a gzipped pg_dumpall script to its end and return its checks.
+
+    Raise BackupError if the gzip stream is incomplete, the dump's trailer line is
+    missing, or the dump is too small to be a cluster dump.
+    """
+    size = 0
+    tail = b""
+    try:
+        with gzip.GzipFile(fileobj=fh, mode="rb") as gz:
+            while chunk := gz.read(COPY_CHUNK):
+                size += len(chunk)
+                tail = (tail + chunk)[-PG_TAIL_BYTES:]
+    except (OSError, EOFError, zlib.error) as exc:
+        raise BackupError(f"dump is not a complete gzip stream ({exc})") from None
+    return check_sql_dump(size, tail)
+
+
+def check_sql_dump(size: int, tail: bytes) -> dict[str, Any]:
+    """Return the checks of a dump from its size and last bytes. Raise BackupError if one fails."""
+    if PG_TRAILER not in tail:
+        raise BackupError(f"dump has no trailer line {PG_TRAILER.decode()!r}: pg_dumpall did not finish")
+    if size < PG_MIN_DUMP_BYTES:
+        raise BackupError(f"dump is only {size} bytes: too small to be a cluster dump")
+    return {"gzip_complete": True, "trailer": True, "sql_bytes": size}
 
 
 # --------------------------------------------------------------------------- class procedures
@@ -1512,11 +1663,15 @@ class BackupJob:
     backup_dir: Path
     timestamp: str
     pause: bool
-    dry_run: bool
+    env: dict[str, str]
 
     @property
     def basename(self) -> str:
         return f"{self.module.id}-{self.timestamp}"
+
+    @property
+    def container(self) -> str:
+        return self.resolution.name
 
 
 @dataclasses.dataclass
@@ -1524,12 +1679,18 @@ class BackupResult:
     """What a procedure wrote and proved."""
 
     path: Path
+    format: str  # "tar.gz" or "sql.gz"
     size: int
     sha256: str
     verification: dict[str, Any]
-    details: dict[str, Any]
+    contents: dict[str, Any]
     warnings: list[str]
+    archived: list[str] = dataclasses.field(default_factory=list)
     paused_seconds: float | None = None
+    fallback: dict[str, str] | None = None
+    server: dict[str, Any] | None = None
+    counts: dict[str, Any] | None = None
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -1553,48 +1714,323 @@ def paused(container: str, timeout: float) -> Iterator[float]:
             LOG.info("container %s unpaused after %.1fs", container, time.monotonic() - started)
 
 
-def procedure_mounted_archive(job: BackupJob, dir_fd: int) -> BackupResult:
-    """Class E: archive every writable mount into <module>-<ts>.tar.gz, then verify it."""
-    name = job.basename + ".tar.gz"
+def write_archive(job: BackupJob, dir_fd: int, items: list[ArchiveItem], *, rdb_member: str | None = None) -> BackupResult:
+    """Archive items into <module>-<ts>.tar.gz (paused with --pause), read it back, publish it."""
     stats = ArchiveStats()
-    destinations = [m.destination for m in job.mounts] + [d for d, _ in job.skipped]
+    skipped = [d for d, _ in job.skipped]
     paused_seconds = None
-    with PartialFile(dir_fd, name, job.backup_dir) as out:
-        pause_ctx = paused(job.resolution.name, job.settings.docker_timeout) if job.pause else contextlib.nullcontext(None)
-        with pause_ctx as pause_started:
+    with PartialFile(dir_fd, job.basename + ".tar.gz", job.backup_dir) as out:
+        pause = paused(job.container, job.settings.docker_timeout) if job.pause else contextlib.nullcontext(None)
+        with pause as pause_started:
             with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=job.settings.compress_level) as gz:
                 with tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                    for mount in job.mounts:
-                        nested = [d for d in destinations if d != mount.destination and _inside(d, [mount.destination])]
-                        LOG.info("archiving %s via %s", mount.describe(), mount.via)
-                        if mount.via == "host":
-                            archive_from_host(tar, mount, nested, stats)
-                        else:
-                            archive_through_docker(tar, job.resolution.name, mount, nested, stats, job.settings.pause_timeout)
+                    archive_items(tar, job.container, items, skipped, stats, job.settings.pause_timeout)
             if pause_started is not None:
                 paused_seconds = round(time.monotonic() - pause_started, 3)
         with out.reopen_for_reading() as fh:
-            verification = verify_tar_gz(fh, stats.members)
+            verification = scan_tar(fh, rdb_member=rdb_member)
+        if verification["members"] != stats.members:
+            raise BackupError(f"verification failed: archive holds {verification['members']} entries, {stats.members} were written")
         if stats.files == 0:
-            stats.warnings.append("the mounts hold no regular files: this archive contains directories only")
+            stats.warnings.append("the archived paths hold no regular files: this archive contains directories only")
         path = out.commit()
     return BackupResult(
         path=path,
+        format="tar.gz",
         size=out.size,
         sha256=out.sha256.hexdigest(),
         verification=verification,
-        details={"members": stats.members, "files": stats.files, "data_bytes": stats.data_bytes, "per_mount": stats.per_mount},
+        contents={"members": stats.members, "files": stats.files, "data_bytes": stats.data_bytes, "per_mount": stats.summary()},
         warnings=stats.warnings,
+        archived=[i.path for i in items],
         paused_seconds=paused_seconds,
     )
 
 
+def procedure_mounted_archive(job: BackupJob, dir_fd: int) -> BackupResult:
+    """Class E: archive every writable mount into <module>-<ts>.tar.gz, then verify it."""
+    if not job.mounts:
+        raise BackupError(f"container {job.container} has no writable mounts to archive; nothing would be backed up")
+    items = [ArchiveItem(m.destination, m.source if m.via == "host" else None, m.destination) for m in job.mounts]
+    return write_archive(job, dir_fd, items)
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    """Return the container's configured environment (values stay in memory only)."""
+    env: dict[str, str] = {}
+    for entry in container.get("Config", {}).get("Env") or []:
+        name, _, value = str(entry).partition("=")
+        env[name] = value
+    return env
+
+
+def require_running(job: BackupJob, what: str) -> None:
+    if not job.resolution.container.get("State", {}).get("Running"):
+        raise BackupError(f"container {job.container} is {job.resolution.state}: {what} needs the server running")
+
+
+# -- class A: PostgreSQL
+
+PG_TRAILER = b"-- PostgreSQL database cluster dump complete"
+PG_TAIL_BYTES = 4096
+PG_MIN_DUMP_BYTES = 256
+# One query per database: exact row counts of every table (query_to_xml runs a count(*)
+# per table inside the same statement) and the number of large objects.
+PG_CENSUS_SQL = """
+SELECT json_build_object(
+  'tables', coalesce((
+    SELECT json_object_agg(format('%I.%I', n.nspname, c.relname),
+      (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I', n.nspname, c.relname), false, true, '')))[1]::text::bigint)
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
+  ), '{}'::json),
+  'large_objects', (SELECT count(*) FROM pg_largeobject_metadata))
+"""
+PG_DATABASES_SQL = "SELECT coalesce(json_agg(datname ORDER BY datname), '[]'::json) FROM pg_database WHERE datallowconn AND NOT datistemplate"
+
+
+@dataclasses.dataclass(frozen=True)
+class PgTarget:
+    """How to reach the PostgreSQL server inside a container."""
+
+    container: str
+    user: str
+    secrets: dict[str, str]
+
+
+def pg_target(container: dict[str, Any]) -> PgTarget:
+    """Return the superuser and password of a postgres container, from its own environment."""
+    env = container_env(container)
+    secrets = {"PGPASSWORD": env["POSTGRES_PASSWORD"]} if env.get("POSTGRES_PASSWORD") else {}
+    return PgTarget(container_name(container), env.get("POSTGRES_USER") or "postgres", secrets)
+
+
+def pg_json(target: PgTarget, database: str, sql: str, timeout: float) -> Any:
+    """Return the single JSON value sql produces in database."""
+    argv = exec_argv(target.container, ["psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", target.user, "-d", database, "-c", sql], secrets=target.secrets)
+    proc = run(argv, timeout=timeout, secrets=target.secrets)
+    return parse_json(proc.stdout, f"psql in {target.container}")
+
+
+def pg_census(target: PgTarget, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Return (server, counts): the server version and, per database, tables, rows and large objects."""
+    version = pg_json(target, "postgres", "SELECT to_json(current_setting('server_version'))", timeout)
+    counts: dict[str, Any] = {}
+    for database in pg_json(target, "postgres", PG_DATABASES_SQL, timeout):
+        found = pg_json(target, database, PG_CENSUS_SQL, timeout)
+        tables = dict(sorted(found["tables"].items()))
+        counts[database] = {
+            "tables": len(tables),
+            "rows": sum(tables.values()),
+            "large_objects": found["large_objects"],
+            "row_counts": tables,
+        }
+    return {"engine": "postgresql", "version": version}, counts
+
+
+def procedure_pg_dumpall(job: BackupJob, dir_fd: int) -> BackupResult:
+    """Class A: pg_dumpall of the whole cluster, streamed into <module>-<ts>.sql.gz, verified."""
+    require_running(job, "pg_dumpall")
+    target = pg_target(job.resolution.container)
+    server, counts = pg_census(target, job.settings.docker_timeout)
+    LOG.info(
+        "PostgreSQL %s, user %s: %s", server["version"], target.user,
+        ", ".join(f"{db} ({c['tables']} tables, {c['rows']} rows)" for db, c in counts.items()) or "no databases",
+    )
+    argv = exec_argv(job.container, ["pg_dumpall", "-U", target.user, "--clean", "--if-exists"], secrets=target.secrets)
+    size, tail = 0, b""
+    with PartialFile(dir_fd, job.basename + ".sql.gz", job.backup_dir) as out:
+        LOG.info("dumping with pg_dumpall into %s.partial", out.path)
+        with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=job.settings.compress_level) as gz:
+            with stream_from(argv, timeout=job.settings.pause_timeout, secrets=target.secrets) as pipe:
+                while chunk := pipe.read(COPY_CHUNK):
+                    gz.write(chunk)
+                    size += len(chunk)
+                    tail = (tail + chunk)[-PG_TAIL_BYTES:]
+        check_sql_dump(size, tail)
+        with out.reopen_for_reading() as fh:
+            verification = scan_sql_gz(fh)
+        if verification["sql_bytes"] != size:
+            raise BackupError(f"verification failed: the file holds {verification['sql_bytes']} bytes of SQL, {size} were written")
+        path = out.commit()
+    return BackupResult(
+        path=path, format="sql.gz", size=out.size, sha256=out.sha256.hexdigest(), verification=verification,
+        contents={"sql_bytes": size, "databases": len(counts)}, warnings=[], server=server, counts=counts,
+    )
+
+
+# -- class B: Redis
+
+REDIS_RDB_MAGIC = b"REDIS"
+REDIS_ERROR_RE = re.compile(r"^(ERR|NOAUTH|NOPERM|WRONGPASS|WRONGTYPE|BUSY|LOADING|MISCONF|READONLY|MASTERDOWN|OOM|NOSCRIPT)\b")
+
+
+class RedisReplyError(BackupError):
+    """Redis answered with an error (renamed command, ACL, auth)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisTarget:
+    """How to reach Redis inside a container."""
+
+    container: str
+    secrets: dict[str, str]
+
+
+def redis_target(container: dict[str, Any], settings: Settings, env: dict[str, str]) -> RedisTarget:
+    """Return the Redis of a container, with its password from the operator's environment,
+    else from the container's own, passed to redis-cli as REDISCLI_AUTH by name."""
+    name = settings.redis_password_env
+    password = env.get(name) or container_env(container).get(name)
+    return RedisTarget(container_name(container), {"REDISCLI_AUTH": password} if password else {})
+
+
+def redis_cli(target: RedisTarget, *args: str, timeout: float) -> str:
+    """Return redis-cli's reply. Raise RedisReplyError when Redis answers with an error.
+
+    redis-cli exits 0 on error replies, so the reply itself is checked.
+    """
+    proc = run(exec_argv(target.container, ["redis-cli", "--no-auth-warning", *args], secrets=target.secrets), timeout=timeout, secrets=target.secrets)
+    reply = proc.stdout.decode("utf-8", "replace").strip()
+    if REDIS_ERROR_RE.match(reply) or not reply:
+        raise RedisReplyError(f"redis {' '.join(args[:2])}: {reply.splitlines()[0] if reply else 'no reply'}")
+    return reply
+
+
+def parse_info(text: str) -> dict[str, str]:
+    """Return the fields of an INFO reply."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition(":")
+        if sep and not key.startswith("#"):
+            fields[key] = value
+    return fields
+
+
+def redis_keyspace(target: RedisTarget, timeout: float) -> dict[str, int]:
+    """Return the number of keys per database (INFO keyspace)."""
+    counts = {}
+    for db, value in parse_info(redis_cli(target, "INFO", "keyspace", timeout=timeout)).items():
+        fields = dict(part.split("=", 1) for part in value.split(",") if "=" in part)
+        counts[db] = int(fields.get("keys", 0))
+    return counts
+
+
+def redis_lastsave(target: RedisTarget, timeout: float) -> int:
+    reply = redis_cli(target, "LASTSAVE", timeout=timeout)
+    if not reply.isdigit():
+        raise RedisReplyError(f"redis LASTSAVE: unexpected reply {reply[:80]!r}")
+    return int(reply)
+
+
+def redis_bgsave(target: RedisTarget, timeout: float, docker_timeout: float) -> dict[str, Any]:
+    """Run BGSAVE (BGSAVE SCHEDULE while an AOF rewrite runs) and wait for it to succeed.
+
+    Success means rdb_bgsave_in_progress:0, rdb_last_bgsave_status:ok and a LASTSAVE newer
+    than the one before. Raise RedisReplyError if Redis refuses the command, BackupError
+    if the save fails or takes longer than timeout.
+    """
+    before = redis_lastsave(target, docker_timeout)
+    # LASTSAVE has one-second resolution: start only once the server's clock is past it.
+    while int(redis_cli(target, "TIME", timeout=docker_timeout).split()[0]) <= before:
+        time.sleep(0.1)
+    started = time.monotonic()
+    info = parse_info(redis_cli(target, "INFO", "persistence", timeout=docker_timeout))
+    command = ["BGSAVE", "SCHEDULE"] if info.get("aof_rewrite_in_progress") == "1" else ["BGSAVE"]
+    reply = redis_cli(target, *command, timeout=docker_timeout)
+    if not reply.startswith("Background saving"):
+        raise RedisReplyError(f"redis {' '.join(command)}: unexpected reply {reply[:80]!r}")
+    while True:
+        info = parse_info(redis_cli(target, "INFO", "persistence", timeout=docker_timeout))
+        after = redis_lastsave(target, docker_timeout)
+        if info.get("rdb_bgsave_in_progress") == "0" and after > before:
+            break
+        if info.get("rdb_bgsave_in_progress") == "0" and info.get("rdb_last_bgsave_status") == "err":
+            raise BackupError(f"redis BGSAVE failed in {target.container} (rdb_last_bgsave_status:err; see the container's log)")
+        if time.monotonic() - started > timeout:
+            raise BackupError(f"redis BGSAVE did not finish within {timeout:g}s (bgsave_timeout)")
+        time.sleep(0.2)
+    if info.get("rdb_last_bgsave_status") != "ok":
+        raise BackupError(f"redis BGSAVE finished with rdb_last_bgsave_status:{info.get('rdb_last_bgsave_status')}")
+    return {"command": " ".join(command), "lastsave_before": before, "lastsave_after": after, "seconds": round(time.monotonic() - started, 3)}
+
+
+def redis_config(target: RedisTarget, timeout: float) -> dict[str, str]:
+    """Return dir, dbfilename, appendonly and appenddirname (CONFIG GET)."""
+    config: dict[str, str] = {}
+    for key in ("dir", "dbfilename", "appendonly", "appenddirname"):
+        lines = redis_cli(target, "CONFIG", "GET", key, timeout=timeout).splitlines()
+        if len(lines) >= 2 and lines[0] == key:
+            config[key] = lines[1]
+    if "dir" not in config or "dbfilename" not in config:
+        raise RedisReplyError("redis CONFIG GET dir/dbfilename gave no answer")
+    return config
+
+
+def procedure_redis_bgsave(job: BackupJob, dir_fd: int) -> BackupResult:
+    """Class B: BGSAVE, then archive the RDB file (and the AOF directory when on), verified.
+
+    Falls back to the mounted data archive, loudly, when Redis refuses BGSAVE or CONFIG
+    (renamed command, ACL).
+    """
+    require_running(job, "BGSAVE")
+    target = redis_target(job.resolution.container, job.settings, job.env)
+    timeout = job.settings.docker_timeout
+    server = {"engine": "redis", "version": parse_info(redis_cli(target, "INFO", "server", timeout=timeout)).get("redis_version", "unknown")}
+    counts = redis_keyspace(target, timeout)
+    LOG.info("Redis %s: %s", server["version"], ", ".join(f"{db} {n} keys" for db, n in counts.items()) or "no keys")
+    try:
+        bgsave = redis_bgsave(target, job.settings.bgsave_timeout, timeout)
+        config = redis_config(target, timeout)
+    except RedisReplyError as exc:
+        if job.cls.fallback != "mounted-archive":
+            raise
+        reason = str(exc)
+        LOG.warning("BGSAVE NOT POSSIBLE (%s): FALLING BACK to a live copy of the mounted data; restore it with Redis stopped", reason)
+        result = procedure_mounted_archive(job, dir_fd)
+        result.fallback = {"procedure": "mounted-archive", "reason": reason}
+        result.warnings.insert(0, f"fallback to mounted-archive: {reason}")
+        result.server, result.counts = server, counts
+        return result
+    LOG.info("BGSAVE done in %.1fs (LASTSAVE %d -> %d)", bgsave["seconds"], bgsave["lastsave_before"], bgsave["lastsave_after"])
+    rdb = posixpath.join(config["dir"], config["dbfilename"])
+    paths = [rdb]
+    aof = config.get("appendonly") == "yes"
+    if aof:
+        paths.append(posixpath.join(config["dir"], config.get("appenddirname") or "appendonlydir"))
+    before = parse_info(redis_cli(target, "INFO", "persistence", timeout=timeout))
+    if aof and before.get("aof_rewrite_in_progress") != "0":
+        raise BackupError("an AOF rewrite is running; its directory cannot be copied consistently now (try again shortly)")
+    result = write_archive(job, dir_fd, [locate(p, job.mounts) for p in paths], rdb_member=rdb.lstrip("/"))
+    after = parse_info(redis_cli(target, "INFO", "persistence", timeout=timeout))
+    if aof and (after.get("aof_rewrite_in_progress") != "0" or after.get("aof_rewrites") != before.get("aof_rewrites")):
+        result.path.unlink()
+        raise BackupError("an AOF rewrite ran during the copy; the archive was removed (try again)")
+    check = run(exec_argv(job.container, ["redis-check-rdb", rdb]), timeout=job.settings.pause_timeout, check=False)
+    if check.returncode in (126, 127) or b"executable file not found" in check.stderr:
+        result.verification["redis_check_rdb"] = "not available in the container"
+    elif check.returncode != 0:
+        result.path.unlink()
+        raise BackupError(f"redis-check-rdb {rdb} failed in {job.container}: {check.stdout.decode(errors='replace').strip().splitlines()[-1:]}")
+    else:
+        result.verification["redis_check_rdb"] = "ok"
+    result.server, result.counts = server, counts
+    result.contents.update({"rdb": rdb, "appendonly": aof, "bgsave": bgsave})
+    result.timings["bgsave_seconds"] = bgsave["seconds"]
+    return result
+
+
 PROCEDURES = {
     "mounted-archive": procedure_mounted_archive,
+    "pg-dumpall": procedure_pg_dumpall,
+    "redis-bgsave": procedure_redis_bgsave,
 }
 
 
-# --------------------------------------------------------------------------- manifest
+# --------------------------------------------------------------------------- manifest and --verify
+
+MANIFEST_SUFFIX = ".manifest.json"
+BACKUP_SUFFIXES = (".tar.gz", ".sql.gz")
 
 
 def restore_notes(cls: BackupClass, values: dict[str, str]) -> str:
@@ -1612,9 +2048,10 @@ def build_manifest(job: BackupJob, result: BackupResult, started: datetime.datet
         "backup": str(result.path),
         "manifest": str(manifest_path),
         "module": job.module.id,
-        "container": job.resolution.name,
+        "container": job.container,
         "image": str(container.get("Config", {}).get("Image", "")),
     }
+    per_mount = result.contents.get("per_mount", {})
     return {
         "tool": PROG,
         "tool_version": __version__,
@@ -1622,34 +2059,39 @@ def build_manifest(job: BackupJob, result: BackupResult, started: datetime.datet
         "lifecycle": job.module.lifecycle,
         "class": job.cls.letter,
         "class_title": job.cls.title,
-        "procedure": job.procedure,
+        "procedure": result.fallback["procedure"] if result.fallback else job.procedure,
         "configured_procedure": job.cls.procedure,
-        "fallback_used": None,
+        "fallback_used": result.fallback,
         "container": {
-            "name": job.resolution.name,
+            "name": job.container,
             "id": container.get("Id"),
             "resolved_by": job.resolution.rule,
             "state": job.resolution.state,
             "image": values["image"],
             "image_id": container.get("Image"),
+            "user": container.get("Config", {}).get("User") or "",
         },
         "engine": {"version": job.engine.version, "endpoint": job.engine.endpoint, "rootless": job.engine.rootless},
+        "server": result.server,
         "mounts": [
-            {"destination": m.destination, "type": m.type, "source": m.source, "name": m.name, "read_via": m.via, **result.details.get("per_mount", {}).get(m.destination, {})}
+            {"destination": m.destination, "type": m.type, "source": m.source, "name": m.name, "read_via": m.via, **per_mount.get(m.destination, {})}
             for m in job.mounts
         ],
+        "archived_paths": result.archived,
         "skipped_mounts": [{"destination": d, "reason": r} for d, r in job.skipped],
         "paused": job.pause,
         "paused_seconds": result.paused_seconds,
+        "timings": {**result.timings, "duration_seconds": round((finished - started).total_seconds(), 3)},
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": finished.isoformat(timespec="seconds"),
-        "duration_seconds": round((finished - started).total_seconds(), 3),
         "backup_file": result.path.name,
+        "format": result.format,
         "bytes": result.size,
         "sha256": result.sha256,
         "compression": {"format": "gzip", "level": job.settings.compress_level},
         "verification": result.verification,
-        "contents": {k: v for k, v in result.details.items() if k != "per_mount"},
+        "contents": {k: v for k, v in result.contents.items() if k != "per_mount"},
+        "counts": result.counts,
         "warnings": result.warnings,
         "restore": restore_notes(job.cls, values),
     }
@@ -1658,8 +2100,314 @@ def build_manifest(job: BackupJob, result: BackupResult, started: datetime.datet
 def write_manifest(dir_fd: int, dir_path: Path, name: str, doc: dict[str, Any]) -> Path:
     """Write doc as <name> atomically, 0600, never replacing an existing file."""
     with PartialFile(dir_fd, name, dir_path) as out:
-        out.write((json.dumps(doc, indent=2, sort_keys=False) + "\n").encode())
+        out.write((json.dumps(doc, indent=2) + "\n").encode())
         return out.commit()
+
+
+def backup_pair(path: Path) -> tuple[Path, Path]:
+    """Return (backup, manifest) for a path naming either. Raise UsageError if it is neither."""
+    name = path.name
+    if name.endswith(MANIFEST_SUFFIX):
+        return path, path  # the backup is named inside the manifest
+    for suffix in BACKUP_SUFFIXES:
+        if name.endswith(suffix):
+            return path, path.with_name(name[: -len(suffix)] + MANIFEST_SUFFIX)
+    raise UsageError(f"{path}: not a backup of this tool (expected *{', *'.join(BACKUP_SUFFIXES)} or *{MANIFEST_SUFFIX})")
+
+
+def load_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
+    """Return (backup file, manifest) for a backup or manifest path. Raise UsageError if unreadable."""
+    backup, manifest_path = backup_pair(path)
+    try:
+        doc = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{manifest_path}: manifest not found beside the backup") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{manifest_path}: not a readable manifest ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("tool") != PROG or not isinstance(doc.get("backup_file"), str):
+        raise UsageError(f"{manifest_path}: not a manifest of {PROG}")
+    if backup == manifest_path:
+        backup = manifest_path.with_name(doc["backup_file"])
+    elif doc["backup_file"] != backup.name:
+        raise UsageError(f"{manifest_path}: describes {doc['backup_file']}, not {backup.name}")
+    return backup, doc
+
+
+def verify_backup(path: Path) -> list[tuple[str, bool, str]]:
+    """Return (check, passed, detail) for every check of a backup against its manifest."""
+    backup, doc = load_manifest(path)
+    checks: list[tuple[str, bool, str]] = []
+    try:
+        st = backup.stat()
+    except FileNotFoundError:
+        return [("file", False, f"{backup} does not exist")]
+    checks.append(("size", st.st_size == doc.get("bytes"), f"{st.st_size} bytes, manifest says {doc.get('bytes')}"))
+    mode = stat.S_IMODE(st.st_mode)
+    checks.append(("private", mode & 0o077 == 0, f"mode {mode:04o}"))
+    digest = hashlib.sha256()
+    with open(backup, "rb") as fh:
+        while chunk := fh.read(COPY_CHUNK):
+            digest.update(chunk)
+    checks.append(("sha256", digest.hexdigest() == doc.get("sha256"), f"{digest.hexdigest()[:16]}..., manifest {str(doc.get('sha256'))[:16]}..."))
+    try:
+        with open(backup, "rb") as fh:
+            if doc.get("format") == "sql.gz":
+                found = scan_sql_gz(fh)
+                expected = doc.get("verification", {}).get("sql_bytes")
+                checks.append(("structure", found["sql_bytes"] == expected, f"complete gzip, dump trailer present, {found['sql_bytes']} bytes of SQL (manifest {expected})"))
+            else:
+                rdb = doc.get("contents", {}).get("rdb")
+                found = scan_tar(fh, rdb_member=rdb.lstrip("/") if rdb else None)
+                expected = doc.get("verification", {}).get("members")
+                detail = f"complete gzip, tar readable, {found['members']} entries (manifest {expected})" + (", RDB magic ok" if rdb else "")
+                checks.append(("structure", found["members"] == expected, detail))
+    except BackupError as exc:
+        checks.append(("structure", False, str(exc)))
+    return checks
+
+
+# --------------------------------------------------------------------------- --drill
+
+PG_HARMLESS_ERRORS = (
+    # pg_dumpall --clean drops and recreates every role; the one psql is connected as
+    # cannot be dropped and so already exists (PostgreSQL docs, pg_dumpall "Notes").
+    re.compile(r"current user cannot be dropped"),
+    re.compile(r'role "(?P<role>[^"]+)" already exists'),
+)
+DRILL_NEVER_STARTED = "/bba-drill-never-started"
+
+
+class DrillContainer:
+    """A throwaway container cloned from a module's container, on fresh volumes.
+
+    Same image, user, command and environment (passed by name), the live container's
+    read-only binds, no network, and a new volume at every writable mount, so nothing
+    of the live service is touched. The container and its volumes are removed on exit,
+    whatever happened.
+    """
+
+    def __init__(self, doc: dict[str, Any], live: dict[str, Any] | None, settings: Settings) -> None:
+        self.doc = doc
+        self.live = live
+        self.settings = settings
+        self.name = f"bba-drill-{doc['module']}-{os.urandom(4).hex()}"
+        self.volumes: list[str] = []
+        self.created = False
+        self.secrets: dict[str, str] = {}
+
+    def __enter__(self) -> DrillContainer:
+        return self
+
+    def create(self, *, start: bool) -> None:
+        timeout = self.settings.docker_timeout
+        image = self.doc["container"].get("image_id") or self.doc["container"]["image"]
+        argv = ["create", "--name", self.name, "--network", "none", "--label", f"bba-drill={self.doc['module']}"]
+        destinations = [m["destination"] for m in self.doc.get("mounts", [])]
+        command: list[str] = []
+        if self.live is not None:
+            config = self.live.get("Config", {})
+            if config.get("User"):
+                argv += ["--user", config["User"]]
+            if config.get("WorkingDir"):
+                argv += ["--workdir", config["WorkingDir"]]
+            for name, value in container_env(self.live).items():
+                if name.startswith("DOCKER_"):
+                    LOG.warning("drill: %s is not passed to the throwaway container (it would redirect the docker CLI)", name)
+                    continue
+                self.secrets[name] = value
+                argv += ["-e", name]
+            for mount in self.live.get("Mounts") or []:
+                if mount.get("Type") == "bind" and not mount.get("RW"):
+                    argv += ["-v", f"{mount['Source']}:{mount['Destination']}:ro"]
+                elif mount.get("Type") in ("volume", "bind") and mount["Destination"] not in destinations:
+                    destinations.append(mount["Destination"])
+            image_config = parse_json(docker(["image", "inspect", "--format", "{{json .Config}}", image], timeout=timeout).stdout, "docker image inspect")
+            entrypoint = config.get("Entrypoint") or []
+            if entrypoint != (image_config.get("Entrypoint") or []):
+                argv += ["--entrypoint", entrypoint[0] if entrypoint else ""]
+                command = entrypoint[1:]
+            command += config.get("Cmd") or []
+        if not start:
+            argv += ["--entrypoint", DRILL_NEVER_STARTED] if self.live is None else []
+        for index, destination in enumerate(destinations):
+            volume = f"{self.name}-{index}"
+            docker(["volume", "create", "--label", f"bba-drill={self.doc['module']}", volume], timeout=timeout)
+            self.volumes.append(volume)
+            argv += ["-v", f"{volume}:{destination}"]
+        docker([*argv, image, *command], timeout=timeout, secrets=self.secrets)
+        self.created = True
+        LOG.info("drill: throwaway container %s from %s", self.name, image)
+
+    def copy_in(self, backup: Path) -> None:
+        """Extract a .tar.gz backup into the container's volumes (docker cp keeps owners)."""
+        with open(backup, "rb") as fh, gzip.GzipFile(fileobj=fh, mode="rb") as gz:
+            with stream_into(["docker", "cp", "-", f"{self.name}:/"], timeout=self.settings.drill_timeout) as stream:
+                while chunk := gz.read(COPY_CHUNK):
+                    stream.pipe.write(chunk)
+
+    def start(self) -> None:
+        docker(["start", self.name], timeout=self.settings.docker_timeout)
+
+    def wait_until(self, probe: Any, what: str) -> None:
+        """Call probe() until it returns true; raise BackupError if the container dies or time runs out."""
+        deadline = time.monotonic() + self.settings.drill_timeout
+        while True:
+            with contextlib.suppress(BackupError):
+                if probe():
+                    return
+            state = parse_json(docker(["inspect", "--format", "{{json .State}}", self.name], timeout=self.settings.docker_timeout).stdout, "docker inspect")
+            if not state.get("Running"):
+                logs = docker(["logs", "--tail", "5", self.name], timeout=self.settings.docker_timeout, check=False)
+                tail = (logs.stdout + logs.stderr).decode(errors="replace").strip().replace("\n", " | ")
+                raise BackupError(f"drill: throwaway container exited ({state.get('Status')}) before {what}: {tail}")
+            if time.monotonic() > deadline:
+                raise BackupError(f"drill: {what} did not happen within {self.settings.drill_timeout:g}s (drill_timeout)")
+            time.sleep(0.3)
+
+    def __exit__(self, *exc_info: object) -> None:
+        with signals_deferred():
+            if self.created:
+                docker(["rm", "-f", "-v", self.name], timeout=self.settings.docker_timeout, check=False)
+            for volume in self.volumes:
+                docker(["volume", "rm", "-f", volume], timeout=self.settings.docker_timeout, check=False)
+
+
+def live_container(doc: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    """Return `docker inspect` of the backed-up container (by id, then name), or None."""
+    for ref in (doc["container"].get("id"), doc["container"].get("name")):
+        if ref:
+            proc = docker(["inspect", "--type", "container", ref], timeout=timeout, check=False)
+            if proc.returncode == 0:
+                found = parse_json(proc.stdout, "docker inspect")
+                if found:
+                    return dict(found[0])
+    return None
+
+
+def compare(label: str, expected: Any, found: Any, lines: list[str]) -> bool:
+    same = bool(expected == found)
+    lines.append(f"  {label}: {found} {'=' if same else '!='} {expected}{'' if same else '   <- DIFFERS'}")
+    return same
+
+
+def drill_archive(doc: dict[str, Any], backup: Path, box: DrillContainer, engine: EngineInfo, lines: list[str]) -> int:
+    """Class E (and archive fallbacks): restore into fresh volumes, compare entries per mount."""
+    box.create(start=False)
+    box.copy_in(backup)
+    differences = 0
+    read_on_host = engine.local and not engine.rootless
+    clone = parse_json(docker(["inspect", box.name], timeout=box.settings.docker_timeout).stdout, "docker inspect")[0]
+    restored_mounts = {m.destination: m for m in plan_mounts(clone, read_on_host=read_on_host)[0]}
+    for mount in doc.get("mounts", []):
+        if mount["destination"] not in doc.get("archived_paths", [mount["destination"]]):
+            continue
+        restored = restored_mounts[mount["destination"]]
+        via_host = mount.get("read_via") == "host" and restored.via == "host"
+        stats = ArchiveStats()
+        item = ArchiveItem(restored.destination, restored.source if via_host else None, restored.destination)
+        others = [m["destination"] for m in doc["mounts"] if m["destination"] != mount["destination"]]
+        with tarfile.open(fileobj=typing.cast(IO[bytes], _NullWriter()), mode="w|") as sink:
+            archive_items(sink, box.name, [item], others, stats, box.settings.drill_timeout)
+        found = stats.summary().get(mount["destination"], {})
+        lines.append(f"{mount['destination']} (restored, read via {'host path' if via_host else 'docker cp'}):")
+        for key in ("members", "files", "bytes", "listing_sha256"):
+            differences += not compare(key, mount.get(key), found.get(key), lines)
+    return differences
+
+
+class _NullWriter:
+    """A write-only sink (the drill re-reads restored trees and keeps only their digests)."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def drill_postgres(doc: dict[str, Any], backup: Path, box: DrillContainer, lines: list[str]) -> int:
+    """Class A: load the dump into a fresh server from the same image, compare every count."""
+    if box.live is None:
+        raise BackupError(f"drill: container {doc['container']['name']} is gone; its image, command and environment are needed to start PostgreSQL")
+    box.create(start=True)
+    box.start()
+    target = dataclasses.replace(pg_target(box.live), container=box.name)
+    box.wait_until(lambda: pg_json(target, "postgres", "SELECT to_json(1)", box.settings.docker_timeout) == 1, "PostgreSQL accepted connections")
+    argv = exec_argv(box.name, ["psql", "-X", "-q", "-U", target.user, "-d", "postgres"], secrets=target.secrets, stdin=True)
+    with open(backup, "rb") as fh, gzip.GzipFile(fileobj=fh, mode="rb") as gz:
+        with stream_into(argv, timeout=box.settings.drill_timeout, secrets=target.secrets, check=False) as stream:
+            while chunk := gz.read(COPY_CHUNK):
+                stream.pipe.write(chunk)
+    errors = [line for line in stream.stderr.decode("utf-8", "replace").splitlines() if re.search(r"\b(ERROR|FATAL|PANIC):", line)]
+    unexpected = [
+        e for e in errors
+        if not any((m := p.search(e)) and (m.groupdict().get("role") in (None, target.user)) for p in PG_HARMLESS_ERRORS)
+    ]
+    lines.append(f"psql: {len(errors)} error(s) while loading, {len(errors) - len(unexpected)} known to be harmless")
+    if unexpected:
+        raise BackupError(f"drill failed: psql reported {len(unexpected)} unexpected error(s), first: {unexpected[0].strip()}")
+    server, counts = pg_census(target, box.settings.docker_timeout)
+    differences = 0
+    lines.append(f"server {server['version']} (backup taken from {(doc.get('server') or {}).get('version')})")
+    expected_counts = doc.get("counts") or {}
+    for database in sorted(set(expected_counts) | set(counts)):
+        want, got = expected_counts.get(database, {}), counts.get(database, {})
+        lines.append(f"database {database}:")
+        for key in ("tables", "rows", "large_objects"):
+            differences += not compare(key, want.get(key), got.get(key), lines)
+        for table in sorted(set(want.get("row_counts", {})) | set(got.get("row_counts", {}))):
+            if want.get("row_counts", {}).get(table) != got.get("row_counts", {}).get(table):
+                differences += not compare(f"rows in {table}", want.get("row_counts", {}).get(table), got.get("row_counts", {}).get(table), lines)
+    return differences
+
+
+def drill_redis(doc: dict[str, Any], backup: Path, box: DrillContainer, settings: Settings, env: dict[str, str], lines: list[str]) -> int:
+    """Class B: start Redis from the same image on the restored files, compare keys per database."""
+    if box.live is None:
+        raise BackupError(f"drill: container {doc['container']['name']} is gone; its image, command and environment are needed to start Redis")
+    box.create(start=True)
+    box.copy_in(backup)
+    box.start()
+    target = dataclasses.replace(redis_target(box.live, settings, env), container=box.name)
+    box.wait_until(lambda: parse_info(redis_cli(target, "INFO", "persistence", timeout=settings.docker_timeout)).get("loading") == "0", "Redis loaded its data")
+    aof = (doc.get("contents") or {}).get("appendonly")
+    lines.append(f"loaded from {'the AOF (it takes precedence over the RDB)' if aof else 'the RDB file'}")
+    found = redis_keyspace(target, settings.docker_timeout)
+    differences = 0
+    for db in sorted(set(doc.get("counts") or {}) | set(found)):
+        differences += not compare(f"{db} keys", (doc.get("counts") or {}).get(db), found.get(db), lines)
+    return differences
+
+
+def drill_backup(path: Path, settings: Settings, env: dict[str, str], out: IO[str]) -> int:
+    """Restore a backup into a throwaway container and compare it with its manifest.
+
+    Return EXIT_OK if everything matches. Raise BackupError if the restore fails or
+    anything differs; the throwaway container and volumes are always removed.
+    """
+    backup, doc = load_manifest(path)
+    for check, passed, detail in verify_backup(backup):
+        if not passed:
+            raise BackupError(f"drill refused: {backup.name} fails --verify ({check}: {detail})")
+    timeout = settings.docker_timeout
+    engine = engine_info(timeout)
+    live = live_container(doc, timeout)
+    procedure = doc.get("procedure")
+    lines = [f"drill of {backup.name} (class {doc.get('class')}, {procedure})"]
+    with DrillContainer(doc, live, settings) as box:
+        if procedure == "pg-dumpall":
+            differences = drill_postgres(doc, backup, box, lines)
+        elif procedure == "redis-bgsave":
+            differences = drill_redis(doc, backup, box, settings, env, lines)
+        else:
+            lines.append("(archive: restored into fresh volumes, then every entry's name, type, mode, owner and size compared)")
+            differences = drill_archive(doc, backup, box, engine, lines)
+        lines.insert(1, f"throwaway container {box.name} (removed afterwards), image {doc['container'].get('image')}")
+    out.write("\n".join(lines) + "\n")
+    if differences:
+        raise BackupError(f"drill failed: {differences} difference(s) between the restored data and the manifest")
+    out.write("drill passed: the restored data matches the manifest\n")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- guards
@@ -1708,33 +2456,49 @@ def free_timestamp(dir_fd: int, module_id: str, suffixes: tuple[str, ...]) -> st
     raise BackupError(f"backup names for {module_id} at {stamp} keep existing; refusing to overwrite")
 
 
-def print_plan(job: BackupJob, out: IO[str], as_json: bool) -> None:
-    """Print every docker command and path a real run would use (--dry-run)."""
-    name = job.resolution.name
-    final = job.backup_dir / (job.basename + ".tar.gz")
+def plan_steps(job: BackupJob) -> list[str]:
+    """Return every docker command and path a real run of job would use (--dry-run)."""
+    name = job.container
+    suffix = ".sql.gz" if job.procedure == "pg-dumpall" else ".tar.gz"
+    final = job.backup_dir / (job.basename + suffix)
     steps: list[str] = []
-    if job.pause:
-        steps.append(f"run: docker pause {name}")
-    for mount in job.mounts:
-        if mount.via == "host":
-            steps.append(f"read: {mount.source} -> {mount.destination} ({mount.type})")
-        else:
-            steps.append(f"run: docker cp {name}:{mount.destination}/. -")
-    if job.pause:
-        steps.append(f"run: docker unpause {name}")
-    steps += [
-        f"write: {final}.partial (mode 0600, gzip level {job.settings.compress_level})",
-        "verify: gzip trailer, tar readable, member count",
-        f"rename: {final}",
-        f"write: {job.backup_dir / (job.basename + '.manifest.json')}",
-    ]
+    if job.procedure == "pg-dumpall":
+        pg = pg_target(job.resolution.container)
+        psql = mask_argv(exec_argv(name, ["psql", "-X", "-A", "-t", "-q", "-U", pg.user, "-d", "<each database>", "-c", "<census query>"], secrets=pg.secrets))
+        dump = mask_argv(exec_argv(name, ["pg_dumpall", "-U", pg.user, "--clean", "--if-exists"], secrets=pg.secrets))
+        steps += [f"run: {psql}", f"run: {dump} | gzip -{job.settings.compress_level} > {final}.partial (mode 0600)"]
+        checks = "gzip complete, trailer line present, size"
+    else:
+        if job.procedure == "redis-bgsave":
+            target = redis_target(job.resolution.container, job.settings, job.env)
+            for command in ("INFO keyspace", "LASTSAVE", "BGSAVE", "INFO persistence (until the save is done)", "CONFIG GET dir dbfilename appendonly appenddirname"):
+                steps.append(f"run: {mask_argv(exec_argv(name, ['redis-cli', '--no-auth-warning'], secrets=target.secrets))} {command}")
+            steps.append(f"archive: <dir>/<dbfilename> and, with appendonly, <dir>/<appenddirname> (fallback: {job.cls.fallback or 'none'})")
+        if job.pause:
+            steps.append(f"run: docker pause {name}")
+        if job.procedure == "mounted-archive":
+            for mount in job.mounts:
+                if mount.via == "host":
+                    steps.append(f"read: {mount.source} -> {mount.destination} ({mount.type})")
+                else:
+                    steps.append(f"run: docker cp {name}:{mount.destination} -")
+        if job.pause:
+            steps.append(f"run: docker unpause {name}")
+        steps.append(f"write: {final}.partial (mode 0600, gzip level {job.settings.compress_level})")
+        checks = "gzip complete, tar readable, entry count" + (", RDB magic, redis-check-rdb" if job.procedure == "redis-bgsave" else "")
+    return [*steps, f"verify: {checks}", f"rename: {final}", f"write: {job.backup_dir / (job.basename + MANIFEST_SUFFIX)}"]
+
+
+def print_plan(job: BackupJob, out: IO[str], as_json: bool) -> None:
+    """Print the dry-run plan: `would ...` lines, or one JSON document."""
+    steps = plan_steps(job)
     if as_json:
         doc = {
             "dry_run": True,
             "module": job.module.id,
             "class": job.cls.letter,
             "procedure": job.procedure,
-            "container": name,
+            "container": job.container,
             "resolved_by": job.resolution.rule,
             "mounts": [dataclasses.asdict(m) for m in job.mounts],
             "skipped_mounts": [{"destination": d, "reason": r} for d, r in job.skipped],
@@ -1746,7 +2510,7 @@ def print_plan(job: BackupJob, out: IO[str], as_json: bool) -> None:
             out.write(f"would {step}\n")
 
 
-def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out: IO[str]) -> int:
+def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out: IO[str], env: dict[str, str]) -> int:
     """Back up one module; print the written paths (or the manifest with --json)."""
     platform_root = Path(settings.platform_root)
     module = load_module(platform_root, args.module)
@@ -1781,11 +2545,9 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
     mounts, skipped = plan_mounts(resolution.container, read_on_host=read_on_host)
     for dest, reason in skipped:
         LOG.info("skipping mount %s: %s", dest, reason)
-    if not mounts:
-        raise BackupError(f"container {resolution.name} has no writable mounts to archive; nothing would be backed up")
 
     backup_dir = Path(settings.backup_dir or platform_root / "backups").absolute()
-    job = BackupJob(module, cls, procedure, resolution, engine, settings, mounts, skipped, backup_dir, utc_timestamp(), pause, args.dry_run)
+    job = BackupJob(module, cls, procedure, resolution, engine, settings, mounts, skipped, backup_dir, utc_timestamp(), pause, env)
     if args.dry_run:
         ensure_backup_dir(backup_dir, create=False)
         print_plan(job, out, args.json)
@@ -1796,11 +2558,11 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
     try:
         with module_lock(dir_fd, module.id, settings.lock_timeout):
             remove_stale_partials(dir_fd, module.id)
-            job.timestamp = free_timestamp(dir_fd, module.id, (".tar.gz", ".manifest.json"))
+            job.timestamp = free_timestamp(dir_fd, module.id, (*BACKUP_SUFFIXES, MANIFEST_SUFFIX))
             started = datetime.datetime.now(datetime.UTC)
             result = PROCEDURES[procedure](job, dir_fd)
             finished = datetime.datetime.now(datetime.UTC)
-            manifest_path = backup_dir / (job.basename + ".manifest.json")
+            manifest_path = backup_dir / (job.basename + MANIFEST_SUFFIX)
             manifest = build_manifest(job, result, started, finished, manifest_path)
             write_manifest(dir_fd, backup_dir, manifest_path.name, manifest)
     finally:
@@ -1808,15 +2570,28 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
 
     for warning in result.warnings:
         LOG.warning("%s", warning)
-    LOG.info(
-        "backup verified: %s (%s, %d entries, sha256 %s)",
-        result.path, human_size(result.size), result.verification.get("members", 0), result.sha256[:16],
-    )
+    checks = ", ".join(f"{k} {v}" for k, v in result.verification.items())
+    LOG.info("backup verified: %s (%s, sha256 %s; %s)", result.path, human_size(result.size), result.sha256[:16], checks)
     LOG.info("restore notes (class %s):\n%s", cls.letter, manifest["restore"])
     if args.json:
         out.write(json.dumps({**manifest, "backup_path": str(result.path), "manifest_path": str(manifest_path)}, indent=2) + "\n")
     else:
         out.write(f"{result.path}\n{manifest_path}\n")
+    return EXIT_OK
+
+
+def cmd_verify(path: Path, as_json: bool, out: IO[str]) -> int:
+    """Print every check of a backup against its manifest; raise BackupError if one fails."""
+    checks = verify_backup(path)
+    failed = [name for name, passed, _ in checks if not passed]
+    if as_json:
+        doc = {"backup": str(path), "passed": not failed, "checks": [{"check": c, "passed": p, "detail": d} for c, p, d in checks]}
+        out.write(json.dumps(doc, indent=2) + "\n")
+    else:
+        for name, passed, detail in checks:
+            out.write(f"{'ok  ' if passed else 'FAIL'}  {name:<10} {detail}\n")
+    if failed:
+        raise BackupError(f"verification of {path.name} failed: {', '.join(failed)}")
     return EXIT_OK
 
 
@@ -1967,6 +2742,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("module", nargs="?", help="module id (directory under <platform-root>/modules)")
     parser.add_argument("--list", action="store_true", help="audit every module instead of backing one up")
+    parser.add_argument("--verify", metavar="FILE", type=Path, help="re-check a backup against its manifest")
+    parser.add_argument("--drill", metavar="FILE", type=Path, help="restore a backup into a throwaway container and compare")
     parser.add_argument("--dry-run", action="store_true", help="print every command and path; change nothing")
     parser.add_argument("--container", metavar="NAME", help="use this container instead of resolving one")
     parser.add_argument("--pause", action="store_true", help="freeze the container while archiving (always unpaused)")
@@ -1980,6 +2757,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pause-timeout", metavar="SECONDS", help="timeout of a streamed copy (env BBA_PAUSE_TIMEOUT)")
     parser.add_argument("--lock-timeout", metavar="SECONDS", help="wait this long for another run of the same module (env BBA_LOCK_TIMEOUT)")
     parser.add_argument("--compress-level", metavar="N", help="gzip level 1-9 (env BBA_COMPRESS_LEVEL)")
+    parser.add_argument("--bgsave-timeout", metavar="SECONDS", help="wait this long for a Redis BGSAVE (env BBA_BGSAVE_TIMEOUT)")
+    parser.add_argument("--drill-timeout", metavar="SECONDS", help="wait this long for a drill container to answer (env BBA_DRILL_TIMEOUT)")
     parser.add_argument("--allow-ci", action="store_true", help="run even though a CI variable is set")
     parser.add_argument("--allow-non-root", action="store_true", help="run a backup without root")
     verbosity = parser.add_mutually_exclusive_group()
@@ -1988,12 +2767,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--debug", action="store_true", help="like -v, and tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
-    if args.list == bool(args.module):
-        raise UsageError("give exactly one of MODULE_ID or --list")
-    if args.list:
+    modes = [name for name, given in (("MODULE_ID", args.module), ("--list", args.list), ("--verify", args.verify), ("--drill", args.drill)) if given]
+    if len(modes) != 1:
+        raise UsageError(f"give exactly one of MODULE_ID, --list, --verify FILE or --drill FILE (got {', '.join(modes) or 'none'})")
+    if not args.module:
         for flag in ("dry_run", "pause", "container", "procedure", "via_docker"):
             if getattr(args, flag):
-                raise UsageError(f"--{flag.replace('_', '-')} applies to a backup, not to --list")
+                raise UsageError(f"--{flag.replace('_', '-')} applies to a backup, not to {modes[0]}")
     if args.module is not None:
         validate_module_id(args.module)
     return args
@@ -2005,7 +2785,7 @@ def resolve_settings(config: Config, args: argparse.Namespace, env: dict[str, st
     for name, (_, env_name, flag) in SETTING_SOURCES.items():
         if env.get(env_name):
             values[name] = check_setting(name, env[env_name], f"environment {env_name}")
-        flag_value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        flag_value = getattr(args, flag.lstrip("-").replace("-", "_")) if flag else None
         if flag_value is not None:
             values[name] = check_setting(name, flag_value, flag)
     return Settings(**values)
@@ -2042,11 +2822,17 @@ def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) ->
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             old_handlers[signum] = signal.signal(signum, _raise_interrupted)
     try:
-        check_guards(env, os.geteuid(), allow_ci=args.allow_ci, allow_non_root=args.allow_non_root, needs_root=not (args.list or args.dry_run))
+        needs_root = bool(args.drill) or bool(args.module and not args.dry_run)
+        check_guards(env, os.geteuid(), allow_ci=args.allow_ci, allow_non_root=args.allow_non_root, needs_root=needs_root)
         config = load_config(args.classes)
         settings = resolve_settings(config, args, env)
-        command = cmd_list if args.list else cmd_backup
-        return command(args, config, settings, sys.stdout)
+        if args.list:
+            return cmd_list(args, config, settings, sys.stdout)
+        if args.verify:
+            return cmd_verify(args.verify, args.json, sys.stdout)
+        if args.drill:
+            return drill_backup(args.drill, settings, env, sys.stdout)
+        return cmd_backup(args, config, settings, sys.stdout, env)
     except Interrupted as exc:
         LOG.error("%s; cleaned up, no backup written", exc)
         return 128 + exc.signum

@@ -9,6 +9,7 @@ a read-only bind of /usr. Run as a script: `python3 tests/sandbox.py demo`.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -22,7 +23,29 @@ from pathlib import Path
 
 BASE_IMAGE = "bba-base:latest"
 # Users whose data directories the base image pre-owns, as the real images do.
-SERVICE_DIRS = {"/var/lib/postgresql": "postgres", "/var/lib/redis": "redis", "/data": "root"}
+SERVICE_DIRS = {
+    "/var/lib/postgresql": ("postgres", 0o755),
+    "/var/lib/postgresql/data": ("postgres", 0o700),
+    "/var/run/postgresql": ("postgres", 0o2775),
+    "/data": ("redis", 0o755),
+}
+PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))[-1:] or ["/usr/lib/postgresql/15/bin"]
+PG_PATH = f"{PG_BIN[0]}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# What the official postgres image's entrypoint does, reduced: initdb on the first start
+# with POSTGRES_USER and POSTGRES_PASSWORD, then postgres in the foreground. The password
+# goes through a file, never through argv.
+PG_START = (
+    'set -e; D=/var/lib/postgresql/data; if [ ! -s "$D/PG_VERSION" ]; then '
+    'printf "%s" "$POSTGRES_PASSWORD" > /tmp/pw; '
+    'initdb -D "$D" -U "${POSTGRES_USER:-postgres}" --pwfile=/tmp/pw --auth-local=trust --auth-host=scram-sha-256 >/dev/null; '
+    'rm -f /tmp/pw; fi; exec postgres -D "$D" -c listen_addresses=localhost'
+)
+# Redis configured as the common images do, the password in a config file (not argv).
+REDIS_START = (
+    'set -e; umask 077; { echo "bind 127.0.0.1"; echo "dir /data"; echo "appendonly ${REDIS_APPENDONLY:-no}"; '
+    'if [ -n "$REDIS_PASSWORD" ]; then echo "requirepass $REDIS_PASSWORD"; fi; } > /tmp/redis.conf; '
+    "exec redis-server /tmp/redis.conf"
+)
 
 
 class EngineUnavailable(RuntimeError):
@@ -97,12 +120,12 @@ class Sandbox:
             (rootfs / name).mkdir(parents=True, exist_ok=True)
         (rootfs / "tmp").chmod(0o1777)
         users = _passwd()
-        for path, user in SERVICE_DIRS.items():
+        for path, (user, mode) in SERVICE_DIRS.items():
             target = rootfs / path.lstrip("/")
             target.mkdir(parents=True, exist_ok=True)
             uid, gid = users.get(user, (0, 0))
             os.chown(target, uid, gid)
-            target.chmod(0o755)
+            target.chmod(mode)
         archive = self.root / "rootfs.tar"
         with tarfile.open(archive, "w") as tar:
             tar.add(rootfs, arcname=".")
@@ -114,6 +137,32 @@ class Sandbox:
         if user:
             argv += ["--user", user]
         return self.docker(*argv, BASE_IMAGE, *command).stdout.strip()
+
+    def run_postgres(self, name: str, *args: str, user: str = "postgres", password: str = "secret", volume: str | None = None) -> str:
+        """Start PostgreSQL (the host's binaries) as the official image would; wait until it answers."""
+        cid = self.run_container(
+            name, "-e", f"POSTGRES_USER={user}", "-e", f"POSTGRES_PASSWORD={password}", "-e", f"PATH={PG_PATH}",
+            "-v", f"{volume or name + '-data'}:/var/lib/postgresql/data", *args, command=("sh", "-c", PG_START), user="postgres",
+        )
+        self.wait_for(name, ["psql", "-U", user, "-d", "postgres", "-Atc", "select 1"])
+        return cid
+
+    def run_redis(self, name: str, *args: str, password: str = "", appendonly: bool = False, volume: str | None = None) -> str:
+        """Start Redis (the host's binaries) with its data in a volume at /data; wait until it answers."""
+        cid = self.run_container(
+            name, "-e", f"REDIS_PASSWORD={password}", "-e", f"REDIS_APPENDONLY={'yes' if appendonly else 'no'}",
+            "-v", f"{volume or name + '-data'}:/data", *args, command=("sh", "-c", REDIS_START), user="redis",
+        )
+        self.wait_for(name, ["sh", "-c", 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli ping | grep -q PONG'])
+        return cid
+
+    def wait_for(self, name: str, probe: list[str], timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.docker("exec", name, *probe, check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                logs = self.docker("logs", name, check=False)
+                raise RuntimeError(f"{name} did not become ready: {logs.stdout[-1000:]} {logs.stderr[-1000:]}")
+            time.sleep(0.2)
 
     def inspect(self, name: str) -> dict:
         return json.loads(self.docker("inspect", name).stdout)[0]

@@ -253,10 +253,10 @@ def test_main_stateless_module_refused(platform, tmp_path, capsys):
 
 
 def test_main_unimplemented_procedure_refused_not_replaced(platform, tmp_path, fake_docker, capsys):
-    write_module(platform, "postgres")
-    fake = fake_docker(fake_container("postgres"))
-    assert bba.main(["postgres", "--platform-root", str(platform), "--backup-dir", str(tmp_path / "b")], env={}) == 3
-    assert "procedure 'pg-dumpall', which version" in capsys.readouterr().err
+    write_module(platform, "vault")
+    fake = fake_docker(fake_container("vault"))
+    assert bba.main(["vault", "--platform-root", str(platform), "--backup-dir", str(tmp_path / "b")], env={}) == 3
+    assert "procedure 'vault-raft-snapshot', which version" in capsys.readouterr().err
     assert fake.calls == [] and not (tmp_path / "b").exists()
 
 
@@ -268,7 +268,8 @@ def test_main_usage_errors_exit_2(capsys):
     assert bba.main(["--lis"], env={}) == 2  # no abbreviations
     assert bba.main(["x", "--procedure", "nope"], env={}) == 2
     err = capsys.readouterr().err
-    assert "give exactly one of MODULE_ID or --list" in err and "--pause applies to a backup" in err
+    assert "give exactly one of MODULE_ID, --list, --verify FILE or --drill FILE (got MODULE_ID, --list)" in err
+    assert "--pause applies to a backup, not to --list" in err
 
 
 def test_main_version(capsys):
@@ -384,15 +385,30 @@ def test_module_lock_left_by_killed_process_does_not_block(tmp_path):
         assert (tmp_path / "d" / ".kuma.lock").read_text().strip() == str(os.getpid())
 
 
-def test_verify_tar_gz_detects_truncation_and_count_mismatch():
+def test_scan_tar_detects_truncation_and_checks_rdb_magic():
     buf = io.BytesIO()
     with gzip.GzipFile(fileobj=buf, mode="wb") as gz, tarfile.open(fileobj=gz, mode="w|") as tar:
-        info = tarfile.TarInfo("a")
-        info.size = 3
-        tar.addfile(info, io.BytesIO(b"abc"))
+        for name, body in (("data/dump.rdb", b"REDIS0010..."), ("data/other", b"abc")):
+            info = tarfile.TarInfo(name)
+            info.size = len(body)
+            tar.addfile(info, io.BytesIO(body))
     data = buf.getvalue()
-    assert bba.verify_tar_gz(io.BytesIO(data), 1)["members"] == 1
+    assert bba.scan_tar(io.BytesIO(data))["members"] == 2
+    assert bba.scan_tar(io.BytesIO(data), rdb_member="data/dump.rdb")["rdb_magic"] is True
+    with pytest.raises(bba.BackupError, match="does not start with the RDB magic"):
+        bba.scan_tar(io.BytesIO(data), rdb_member="data/other")
+    with pytest.raises(bba.BackupError, match="archive has no data/missing"):
+        bba.scan_tar(io.BytesIO(data), rdb_member="data/missing")
     with pytest.raises(bba.BackupError, match="not a complete tar.gz"):
-        bba.verify_tar_gz(io.BytesIO(data[:-10]), 1)
-    with pytest.raises(bba.BackupError, match="holds 1 entries, 2 were written"):
-        bba.verify_tar_gz(io.BytesIO(data), 2)
+        bba.scan_tar(io.BytesIO(data[:-10]))
+
+
+def test_scan_sql_gz_requires_trailer_and_size():
+    body = b"--\n-- PostgreSQL database cluster dump\n--\n" + b"SET x = 1;\n" * 40 + bba.PG_TRAILER + b"\n--\n\n"
+    assert bba.scan_sql_gz(io.BytesIO(gzip.compress(body)))["sql_bytes"] == len(body)
+    with pytest.raises(bba.BackupError, match="no trailer line"):
+        bba.scan_sql_gz(io.BytesIO(gzip.compress(body[:-30])))
+    with pytest.raises(bba.BackupError, match="too small"):
+        bba.scan_sql_gz(io.BytesIO(gzip.compress(bba.PG_TRAILER)))
+    with pytest.raises(bba.BackupError, match="not a complete gzip stream"):
+        bba.scan_sql_gz(io.BytesIO(gzip.compress(body)[:-8]))
