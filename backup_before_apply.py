@@ -2286,7 +2286,8 @@ def live_container(doc: dict[str, Any], timeout: float) -> dict[str, Any] | None
 
 def compare(label: str, expected: Any, found: Any, lines: list[str]) -> bool:
     same = bool(expected == found)
-    lines.append(f"  {label}: {found} {'=' if same else '!='} {expected}{'' if same else '   <- DIFFERS'}")
+    shown = [v[:16] + "..." if isinstance(v, str) and len(v) == 64 else v for v in (found, expected)]
+    lines.append(f"  {label}: {shown[0]} {'=' if same else '!='} {shown[1]}{'' if same else '   <- DIFFERS'}")
     return same
 
 

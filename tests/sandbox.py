@@ -43,7 +43,8 @@ PG_START = (
 # Redis configured as the common images do, the password in a config file (not argv).
 REDIS_START = (
     'set -e; umask 077; { echo "bind 127.0.0.1"; echo "dir /data"; echo "appendonly ${REDIS_APPENDONLY:-no}"; '
-    'if [ -n "$REDIS_PASSWORD" ]; then echo "requirepass $REDIS_PASSWORD"; fi; } > /tmp/redis.conf; '
+    'if [ -n "$REDIS_PASSWORD" ]; then echo "requirepass $REDIS_PASSWORD"; fi; '
+    'if [ -n "$REDIS_EXTRA" ]; then echo "$REDIS_EXTRA"; fi; } > /tmp/redis.conf; '
     "exec redis-server /tmp/redis.conf"
 )
 
@@ -69,9 +70,9 @@ class Sandbox:
         env["DOCKER_HOST"] = self.host
         return env
 
-    def docker(self, *args: str, check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    def docker(self, *args: str, check: bool = True, input: bytes | None = None, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            ["docker", *args], env=self.env, input=input.decode() if input else None,
+            ["docker", *args], env={**self.env, **(env_extra or {})}, input=input.decode() if input else None,
             capture_output=True, text=True, timeout=300,
         )
         if check and proc.returncode != 0:
@@ -147,10 +148,10 @@ class Sandbox:
         self.wait_for(name, ["psql", "-U", user, "-d", "postgres", "-Atc", "select 1"])
         return cid
 
-    def run_redis(self, name: str, *args: str, password: str = "", appendonly: bool = False, volume: str | None = None) -> str:
+    def run_redis(self, name: str, *args: str, password: str = "", appendonly: bool = False, volume: str | None = None, extra: str = "") -> str:
         """Start Redis (the host's binaries) with its data in a volume at /data; wait until it answers."""
         cid = self.run_container(
-            name, "-e", f"REDIS_PASSWORD={password}", "-e", f"REDIS_APPENDONLY={'yes' if appendonly else 'no'}",
+            name, "-e", f"REDIS_PASSWORD={password}", "-e", f"REDIS_APPENDONLY={'yes' if appendonly else 'no'}", "-e", f"REDIS_EXTRA={extra}",
             "-v", f"{volume or name + '-data'}:/data", *args, command=("sh", "-c", REDIS_START), user="redis",
         )
         self.wait_for(name, ["sh", "-c", 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli ping | grep -q PONG'])

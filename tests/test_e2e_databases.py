@@ -1,0 +1,249 @@
+"""End to end, classes A and B: real PostgreSQL and Redis in containers on the private engine.
+
+Backup, --verify, --drill, secrets kept out of argv/logs/manifests, and the failures a
+database backup must not survive silently.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TOOL, run_tool, write_module
+
+PG_PASSWORD = "pg-Secret-4c1d"
+REDIS_PASSWORD = "redis-Secret-9f2e"
+
+
+class ArgvWatcher:
+    """Samples every process's argv (/proc/*/cmdline) while a run goes on, looking for a secret."""
+
+    def __init__(self, *secrets: str) -> None:
+        self.secrets = [s.encode() for s in secrets]
+        self.hits: list[str] = []
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                            cmdline = fh.read()
+                    except OSError:
+                        continue
+                    if any(s in cmdline for s in self.secrets):
+                        self.hits.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+            self.samples += 1
+
+    def __enter__(self) -> ArgvWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def psql(engine, container: str, database: str, *sql: str, user: str = "appadmin") -> str:
+    argv = ["exec", container, "psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-U", user, "-d", database]
+    for statement in sql:
+        argv += ["-c", statement]
+    return engine.docker(*argv).stdout
+
+
+@pytest.fixture
+def postgres(docker_engine, tmp_path):
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "honcho-postgres")
+    engine.run_postgres("apps-honcho-postgres-1", "--label", "com.docker.compose.service=honcho-postgres", user="appadmin", password=PG_PASSWORD)
+    c = "apps-honcho-postgres-1"
+    psql(engine, c, "postgres", "CREATE DATABASE shop", "CREATE DATABASE crm", "CREATE ROLE reporter LOGIN PASSWORD 'reporter-pw'")
+    psql(engine, c, "shop",
+         "CREATE TABLE orders (id int PRIMARY KEY, note text)",
+         "INSERT INTO orders SELECT g, md5(g::text) FROM generate_series(1, 4321) g",
+         "CREATE TABLE empty_one (x int)",
+         "SELECT lo_from_bytea(0, 'a large object')",
+         "GRANT SELECT ON orders TO reporter")
+    psql(engine, c, "crm", "CREATE SCHEMA sales", "CREATE TABLE sales.leads AS SELECT g AS id FROM generate_series(1, 17) g")
+    return engine, platform, c
+
+
+def backup(engine, platform, module, backup_dir, *args):
+    return run_tool(module, "--platform-root", str(platform), "--backup-dir", str(backup_dir), *args, env=engine.env)
+
+
+def test_e2e_postgres_backup_verify_drill(postgres, tmp_path):
+    engine, platform, container = postgres
+    with ArgvWatcher(PG_PASSWORD) as watcher:
+        proc = backup(engine, platform, "honcho-postgres", tmp_path / "b", "--debug")
+    assert proc.returncode == 0, proc.stderr
+    assert watcher.samples > 0 and watcher.hits == []
+    dump, manifest_path = map(Path, proc.stdout.split())
+    assert dump.name.endswith(".sql.gz") and oct(dump.stat().st_mode & 0o777) == "0o600"
+    sql = gzip.decompress(dump.read_bytes())
+    assert b"CREATE ROLE reporter;" in sql and b"CREATE DATABASE shop" in sql
+    assert sql.rstrip().endswith(b"-- PostgreSQL database cluster dump complete\n--") or b"cluster dump complete" in sql[-200:]
+    assert PG_PASSWORD not in proc.stderr and PG_PASSWORD not in manifest_path.read_text()
+    doc = json.loads(manifest_path.read_text())
+    assert doc["class"] == "A" and doc["procedure"] == "pg-dumpall" and doc["format"] == "sql.gz"
+    assert doc["server"]["engine"] == "postgresql" and doc["server"]["version"].startswith("15")
+    assert doc["counts"]["shop"]["row_counts"] == {"public.empty_one": 0, "public.orders": 4321}
+    assert doc["counts"]["shop"]["large_objects"] == 1
+    assert doc["counts"]["crm"] == {"tables": 1, "rows": 17, "large_objects": 0, "row_counts": {"sales.leads": 17}}
+    assert doc["verification"]["trailer"] is True and doc["sha256"] == hashlib.sha256(dump.read_bytes()).hexdigest()
+
+    verify = run_tool("--verify", str(dump), env=engine.env)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert [line.split()[:2] for line in verify.stdout.splitlines()] == [["ok", "size"], ["ok", "private"], ["ok", "sha256"], ["ok", "structure"]]
+
+    with ArgvWatcher(PG_PASSWORD) as watcher:
+        drill = run_tool("--drill", str(dump), env=engine.env)
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert watcher.hits == []
+    assert "  rows: 4321 = 4321" in drill.stdout and "  large_objects: 1 = 1" in drill.stdout
+    assert "psql: 2 error(s) while loading, 2 known to be harmless" in drill.stdout
+    assert drill.stdout.strip().endswith("drill passed: the restored data matches the manifest")
+    names = engine.docker("ps", "-a", "--format", "{{.Names}}").stdout.split()
+    assert names == [container]  # the throwaway container is gone; the live one untouched
+    assert not [v for v in engine.docker("volume", "ls", "-q").stdout.split() if v.startswith("bba-drill")]
+    assert engine.inspect(container)["State"]["Running"] is True
+
+
+def test_e2e_verify_detects_flipped_byte_and_truncation(postgres, tmp_path):
+    engine, platform, _ = postgres
+    proc = backup(engine, platform, "honcho-postgres", tmp_path / "b")
+    dump = Path(proc.stdout.split()[0])
+    data = bytearray(dump.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    dump.write_bytes(bytes(data))
+    flipped = run_tool("--verify", str(dump), env=engine.env)
+    assert flipped.returncode == 1
+    assert re.search(r"^FAIL  sha256", flipped.stdout, re.M) and re.search(r"^FAIL  structure", flipped.stdout, re.M)
+    assert flipped.stderr.strip().splitlines()[-1] == f"backup-before-apply: error: verification of {dump.name} failed: sha256, structure"
+    dump.write_bytes(bytes(data[: len(data) // 3]))
+    truncated = run_tool("--verify", str(dump), env=engine.env)
+    assert truncated.returncode == 1
+    assert re.search(r"^FAIL  size", truncated.stdout, re.M) and "not a complete gzip stream" in truncated.stdout
+    drill = run_tool("--drill", str(dump), env=engine.env)
+    assert drill.returncode == 1 and "fails --verify" in drill.stderr
+
+
+def test_e2e_drill_of_broken_dump_fails_clearly(postgres, tmp_path):
+    engine, platform, _ = postgres
+    proc = backup(engine, platform, "honcho-postgres", tmp_path / "b")
+    dump, manifest_path = map(Path, proc.stdout.split())
+    sql = gzip.decompress(dump.read_bytes()).replace(b"CREATE TABLE public.orders", b"CREATE TABLEX public.orders", 1)
+    dump.write_bytes(gzip.compress(sql))
+    doc = json.loads(manifest_path.read_text())
+    doc.update(bytes=dump.stat().st_size, sha256=hashlib.sha256(dump.read_bytes()).hexdigest())
+    doc["verification"]["sql_bytes"] = len(sql)
+    manifest_path.write_text(json.dumps(doc))  # so that it passes --verify and reaches the restore
+    drill = run_tool("--drill", str(dump), env=engine.env)
+    assert drill.returncode == 1
+    last = drill.stderr.strip().splitlines()[-1]
+    assert last.startswith("backup-before-apply: error: drill failed: psql reported") and 'syntax error at or near "TABLEX"' in last
+    assert not [n for n in engine.docker("ps", "-a", "--format", "{{.Names}}").stdout.split() if n.startswith("bba-drill")]
+
+
+def test_e2e_postgres_killed_mid_dump_exit_1_no_file(postgres, tmp_path):
+    engine, platform, container = postgres
+    psql(engine, container, "shop", "CREATE TABLE big AS SELECT g, md5(g::text) || md5((g * 7)::text) AS pad FROM generate_series(1, 1500000) g")
+    backup_dir = tmp_path / "b"
+    proc = subprocess.Popen(
+        [sys.executable, str(TOOL), "honcho-postgres", "--platform-root", str(platform), "--backup-dir", str(backup_dir),
+         "--compress-level", "9", "--allow-ci"],
+        env=engine.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "dumping with pg_dumpall" in line:
+            break
+    time.sleep(0.3)
+    engine.docker("kill", container)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    assert out == ""
+    assert err.strip().splitlines()[-1].startswith("backup-before-apply: error: ")
+    assert sorted(p.name for p in backup_dir.iterdir()) == [".honcho-postgres.lock"]
+
+
+@pytest.fixture(params=[False, True], ids=["aof-off", "aof-on"])
+def redis(request, docker_engine, tmp_path):
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "infisical-redis", container="cache")
+    engine.run_redis("cache", password=REDIS_PASSWORD, appendonly=request.param)
+    script = "".join(f"SET key:{i} value-{i}\n" for i in range(1500)) + "SELECT 3\n" + "".join(f"HSET h:{i} f v\n" for i in range(25))
+    engine.docker("exec", "-i", "-e", "REDISCLI_AUTH", "cache", "redis-cli", input=script.encode(), env_extra={"REDISCLI_AUTH": REDIS_PASSWORD})
+    return engine, platform, request.param
+
+
+def test_e2e_redis_backup_verify_drill(redis, tmp_path):
+    engine, platform, aof = redis
+    with ArgvWatcher(REDIS_PASSWORD) as watcher:
+        proc = backup(engine, platform, "infisical-redis", tmp_path / "b", "--debug")
+    assert proc.returncode == 0, proc.stderr
+    assert watcher.samples > 0 and watcher.hits == []
+    assert REDIS_PASSWORD not in proc.stderr
+    archive, manifest_path = map(Path, proc.stdout.split())
+    assert REDIS_PASSWORD not in manifest_path.read_text()
+    doc = json.loads(manifest_path.read_text())
+    assert doc["procedure"] == "redis-bgsave" and doc["fallback_used"] is None
+    assert doc["counts"] == {"db0": 1500, "db3": 25}
+    assert doc["verification"]["rdb_magic"] is True and doc["verification"]["redis_check_rdb"] == "ok"
+    assert doc["contents"]["appendonly"] is aof and doc["contents"]["bgsave"]["lastsave_after"] > doc["contents"]["bgsave"]["lastsave_before"]
+    expected_paths = ["/data/dump.rdb"] + (["/data/appendonlydir"] if aof else [])
+    assert doc["archived_paths"] == expected_paths
+
+    assert run_tool("--verify", str(archive), env=engine.env).returncode == 0
+    with ArgvWatcher(REDIS_PASSWORD) as watcher:
+        drill = run_tool("--drill", str(archive), env=engine.env)
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert watcher.hits == []
+    assert "  db0 keys: 1500 = 1500" in drill.stdout and "  db3 keys: 25 = 25" in drill.stdout
+    assert ("from the AOF" in drill.stdout) is aof
+
+
+def test_e2e_redis_bgsave_renamed_falls_back_loudly(docker_engine, tmp_path):
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "redis")
+    engine.run_redis("redis", extra='rename-command BGSAVE ""')
+    engine.docker("exec", "redis", "redis-cli", "SET", "a", "1")
+    proc = backup(engine, platform, "redis", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    assert "BGSAVE NOT POSSIBLE" in proc.stderr and "FALLING BACK" in proc.stderr
+    doc = json.loads(Path(proc.stdout.split()[1]).read_text())
+    assert doc["procedure"] == "mounted-archive" and doc["configured_procedure"] == "redis-bgsave"
+    assert doc["fallback_used"]["procedure"] == "mounted-archive" and "unknown command" in doc["fallback_used"]["reason"]
+    assert doc["warnings"][0].startswith("fallback to mounted-archive")
+    drill = run_tool("--drill", proc.stdout.split()[0], env=engine.env)
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+
+
+def test_e2e_class_e_drill_compares_restored_tree(docker_engine, tmp_path):
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "uptime-kuma")
+    engine.run_container("uptime-kuma", "-v", "kuma:/app/data")
+    engine.docker("exec", "uptime-kuma", "sh", "-c", "mkdir /app/data/d && echo x > /app/data/d/f && ln /app/data/d/f /app/data/h && chown 7:8 /app/data/d")
+    for via in ([], ["--via-docker"]):
+        proc = backup(engine, platform, "uptime-kuma", tmp_path / "b", *via)
+        assert proc.returncode == 0, proc.stderr
+        drill = run_tool("--drill", proc.stdout.split()[0], env=engine.env)
+        assert drill.returncode == 0, drill.stdout + drill.stderr
+        assert "  members: 4 = 4" in drill.stdout and "listing_sha256" in drill.stdout
