@@ -1825,7 +1825,7 @@ def pg_census(target: PgTarget, timeout: float) -> tuple[dict[str, Any], dict[st
             "large_objects": found["large_objects"],
             "row_counts": tables,
         }
-    return {"engine": "postgresql", "version": version}, counts
+    return {"engine": "postgresql", "version": version, "user": target.user}, counts
 
 
 def procedure_pg_dumpall(job: BackupJob, dir_fd: int) -> BackupResult:

@@ -216,10 +216,11 @@ DEMO_SERVICES = {
     "n8n": ["-v", "demo-n8n:/home/node/.n8n"],
     "searxng": ["--label", "com.docker.compose.service=searxng", "-v", "{bind}:/etc/searxng"],
 }
+DEMO_PASSWORD = "demo-only-password"  # a sandbox secret; the tool never puts it in argv
 
 
 def demo() -> int:
-    """Start the sandbox, run example services, audit them and back up every class E one."""
+    """Start the sandbox, run example services, audit them, back up and drill them."""
     repo = Path(__file__).resolve().parent.parent
     tool = [sys.executable, str(repo / "backup_before_apply.py")]
     out = repo / "demo-backups"
@@ -232,16 +233,29 @@ def demo() -> int:
             (bind / "settings.yml").write_text(f"# {module} settings\nsecret_key: demo-only\n")
             box.run_container(module, *[a.replace("{bind}", str(bind)) for a in args])
             box.docker("exec", module, "sh", "-c", f"mkdir -p /data /app/data; head -c 200000 /dev/urandom > /tmp/x; for d in /app/data /data /home/node/.n8n; do [ -d $d ] && cp /tmp/x $d/{module}.db; done; true")
+        box.run_postgres("postgres", "--label", "com.docker.compose.service=postgres", user="platform", password=DEMO_PASSWORD)
+        for sql in ("CREATE DATABASE app", "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 5000) g"):
+            box.docker("exec", "postgres", "psql", "-q", "-U", "platform", "-d", "postgres" if "DATABASE" in sql else "app", "-c", sql)
+        box.run_redis("redis", password=DEMO_PASSWORD, appendonly=True)
+        script = "".join(f"SET session:{i} {i}\n" for i in range(1000)).encode()
+        box.docker("exec", "-i", "-e", "REDISCLI_AUTH", "redis", "redis-cli", input=script, env_extra={"REDISCLI_AUTH": DEMO_PASSWORD})
+
         # The tool refuses to run under CI; the demo is a sandbox, so it says so explicitly.
         common = ["--platform-root", str(repo / "examples/platform"), "--backup-dir", str(out), "--allow-ci"]
         print("\n$ backup_before_apply.py --list", file=sys.stderr)
         subprocess.run([*tool, "--list", *common], env=box.env, check=True)
         listing = json.loads(subprocess.run([*tool, "--list", "--json", "-q", *common], env=box.env, check=True, capture_output=True, text=True).stdout)
-        targets = [row["module"] for row in listing if row["class_letter"] == "E" and row["statefulness"] == "stateful" and row["running"]]
+        targets = [r["module"] for r in listing if r["class_letter"] in ("A", "B", "E") and r["statefulness"] == "stateful" and r["running"]]
+        written = {}
         for module in targets:
             print(f"\n$ backup_before_apply.py {module}", file=sys.stderr)
-            subprocess.run([*tool, module, *common, "-q"], env=box.env, check=True)
-        print(f"\ndemo: {len(targets)} class E backups in {out}:", file=sys.stderr)
+            proc = subprocess.run([*tool, module, *common, "-q"], env=box.env, check=True, capture_output=True, text=True)
+            print(proc.stdout, end="")
+            written[module] = proc.stdout.split()[0]
+        for module in ("postgres", "redis", "uptime-kuma"):
+            print(f"\n$ backup_before_apply.py --drill {written[module]}", file=sys.stderr)
+            subprocess.run([*tool, "--drill", written[module], "--allow-ci", "-q"], env=box.env, check=True)
+        print(f"\ndemo: {len(targets)} backups in {out}, 3 of them drilled:", file=sys.stderr)
         subprocess.run(["ls", "-l", str(out)], check=True)
         return 0
     finally:

@@ -228,3 +228,16 @@ def test_e2e_signal_while_paused_cleans_up(kuma, tmp_path, signame, status):
     after = state(engine, "apps-kuma-1")
     assert after["Running"] is True and after["Paused"] is False
     assert sorted(p.name for p in backup_dir.iterdir()) == [".kuma.lock"]
+
+
+def test_make_demo_backs_up_and_drills(engine):
+    """`make demo`, the README's first command, end to end (its own private dockerd)."""
+    import subprocess
+
+    from conftest import REPO
+
+    proc = subprocess.run(["make", "-s", "demo"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stdout.count("drill passed: the restored data matches the manifest") == 3
+    assert "low-blast first candidates: forgejo, uptime-kuma" in proc.stdout
+    assert "demo: 5 backups in" in proc.stderr

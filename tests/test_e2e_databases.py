@@ -247,3 +247,25 @@ def test_e2e_class_e_drill_compares_restored_tree(docker_engine, tmp_path):
         drill = run_tool("--drill", proc.stdout.split()[0], env=engine.env)
         assert drill.returncode == 0, drill.stdout + drill.stderr
         assert "  members: 4 = 4" in drill.stdout and "listing_sha256" in drill.stdout
+
+
+def test_e2e_redis_restore_notes_followed_literally(redis, tmp_path):
+    """Class B's restore notes in classes.toml, step by step, on the live container."""
+    engine, platform, aof = redis
+    proc = backup(engine, platform, "infisical-redis", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    archive = proc.stdout.split()[0]
+    auth = {"REDISCLI_AUTH": REDIS_PASSWORD}
+    engine.docker("exec", "-e", "REDISCLI_AUTH", "cache", "redis-cli", "SET", "after-backup", "1", env_extra=auth)
+    engine.docker("stop", "cache")
+    if aof:
+        engine.docker("run", "--rm", "--network", "none", "--volumes-from", "cache", "bba-base:latest", "rm", "-rf", "/data/appendonlydir")
+    engine.docker(
+        "run", "--rm", "--network", "none", "--volumes-from", "cache", "-v", f"{archive}:/restore.tar.gz:ro",
+        "bba-base:latest", "tar", "-xzpf", "/restore.tar.gz", "--numeric-owner", "-C", "/",
+    )
+    engine.docker("start", "cache")
+    engine.wait_for("cache", ["sh", "-c", 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli info persistence | grep -q "^loading:0"'])
+    keyspace = engine.docker("exec", "-e", "REDISCLI_AUTH", "cache", "redis-cli", "INFO", "keyspace", env_extra=auth).stdout
+    assert "db0:keys=1500," in keyspace and "db3:keys=25," in keyspace
+    assert engine.docker("exec", "-e", "REDISCLI_AUTH", "cache", "redis-cli", "EXISTS", "after-backup", env_extra=auth).stdout.strip() == "0"
