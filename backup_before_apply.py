@@ -41,7 +41,7 @@ import tomllib
 import traceback
 import typing
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -1714,8 +1714,18 @@ def paused(container: str, timeout: float) -> Iterator[float]:
             LOG.info("container %s unpaused after %.1fs", container, time.monotonic() - started)
 
 
-def write_archive(job: BackupJob, dir_fd: int, items: list[ArchiveItem], *, rdb_member: str | None = None) -> BackupResult:
-    """Archive items into <module>-<ts>.tar.gz (paused with --pause), read it back, publish it."""
+def write_archive(
+    job: BackupJob,
+    dir_fd: int,
+    items: list[ArchiveItem],
+    *,
+    rdb_member: str | None = None,
+    before_commit: Callable[[dict[str, Any]], None] | None = None,
+) -> BackupResult:
+    """Archive items into <module>-<ts>.tar.gz (paused with --pause), read it back, publish it.
+
+    before_commit may add to the verification results or raise to discard the archive.
+    """
     stats = ArchiveStats()
     skipped = [d for d, _ in job.skipped]
     paused_seconds = None
@@ -1733,6 +1743,8 @@ def write_archive(job: BackupJob, dir_fd: int, items: list[ArchiveItem], *, rdb_
             raise BackupError(f"verification failed: archive holds {verification['members']} entries, {stats.members} were written")
         if stats.files == 0:
             stats.warnings.append("the archived paths hold no regular files: this archive contains directories only")
+        if before_commit is not None:
+            before_commit(verification)
         path = out.commit()
     return BackupResult(
         path=path,
@@ -2001,19 +2013,21 @@ def procedure_redis_bgsave(job: BackupJob, dir_fd: int) -> BackupResult:
     before = parse_info(redis_cli(target, "INFO", "persistence", timeout=timeout))
     if aof and before.get("aof_rewrite_in_progress") != "0":
         raise BackupError("an AOF rewrite is running; its directory cannot be copied consistently now (try again shortly)")
-    result = write_archive(job, dir_fd, [locate(p, job.mounts) for p in paths], rdb_member=rdb.lstrip("/"))
-    after = parse_info(redis_cli(target, "INFO", "persistence", timeout=timeout))
-    if aof and (after.get("aof_rewrite_in_progress") != "0" or after.get("aof_rewrites") != before.get("aof_rewrites")):
-        result.path.unlink()
-        raise BackupError("an AOF rewrite ran during the copy; the archive was removed (try again)")
-    check = run(exec_argv(job.container, ["redis-check-rdb", rdb]), timeout=job.settings.pause_timeout, check=False)
-    if check.returncode in (126, 127) or b"executable file not found" in check.stderr:
-        result.verification["redis_check_rdb"] = "not available in the container"
-    elif check.returncode != 0:
-        result.path.unlink()
-        raise BackupError(f"redis-check-rdb {rdb} failed in {job.container}: {check.stdout.decode(errors='replace').strip().splitlines()[-1:]}")
-    else:
-        result.verification["redis_check_rdb"] = "ok"
+
+    def check_copy(verification: dict[str, Any]) -> None:
+        after = parse_info(redis_cli(target, "INFO", "persistence", timeout=timeout))
+        if aof and (after.get("aof_rewrite_in_progress") != "0" or after.get("aof_rewrites") != before.get("aof_rewrites")):
+            raise BackupError("an AOF rewrite ran during the copy; no backup written (try again)")
+        check = run(exec_argv(job.container, ["redis-check-rdb", rdb]), timeout=job.settings.pause_timeout, check=False)
+        if check.returncode in (126, 127) or b"executable file not found" in check.stderr:
+            verification["redis_check_rdb"] = "not available in the container"
+        elif check.returncode != 0:
+            last = (check.stdout + check.stderr).decode(errors="replace").strip().splitlines()[-1:]
+            raise BackupError(f"redis-check-rdb {rdb} failed in {job.container}: {' '.join(last)}")
+        else:
+            verification["redis_check_rdb"] = "ok"
+
+    result = write_archive(job, dir_fd, [locate(p, job.mounts) for p in paths], rdb_member=rdb.lstrip("/"), before_commit=check_copy)
     result.server, result.counts = server, counts
     result.contents.update({"rdb": rdb, "appendonly": aof, "bgsave": bgsave})
     result.timings["bgsave_seconds"] = bgsave["seconds"]

@@ -412,3 +412,38 @@ def test_scan_sql_gz_requires_trailer_and_size():
         bba.scan_sql_gz(io.BytesIO(gzip.compress(bba.PG_TRAILER)))
     with pytest.raises(bba.BackupError, match="not a complete gzip stream"):
         bba.scan_sql_gz(io.BytesIO(gzip.compress(body)[:-8]))
+
+
+# ---------------------------------------------------------------- engine replies
+
+
+def test_parse_info_reads_fields_and_skips_sections():
+    info = bba.parse_info("# Persistence\r\nloading:0\r\nrdb_bgsave_in_progress:1\r\n\r\n# Keyspace\r\ndb0:keys=3,expires=0,avg_ttl=0\r\n")
+    assert info == {"loading": "0", "rdb_bgsave_in_progress": "1", "db0": "keys=3,expires=0,avg_ttl=0"}
+
+
+@pytest.mark.parametrize("reply", ["ERR unknown command 'BGSAVE'", "NOAUTH Authentication required.", "NOPERM this user has no permissions", ""])
+def test_redis_cli_error_replies_raise_although_exit_status_is_0(monkeypatch, reply):
+    monkeypatch.setattr(bba, "run", lambda argv, **kw: subprocess.CompletedProcess(argv, 0, reply.encode() + b"\n", b""))
+    with pytest.raises(bba.RedisReplyError):
+        bba.redis_cli(bba.RedisTarget("c", {}), "BGSAVE", timeout=1)
+
+
+def test_redis_target_password_from_operator_env_then_container_env_never_in_argv(monkeypatch):
+    container = fake_container("cache")
+    container["Config"]["Env"] = ["REDIS_PASSWORD=from-container", "OTHER=x"]
+    settings = bba.Settings()
+    assert bba.redis_target(container, settings, {"REDIS_PASSWORD": "from-operator"}).secrets == {"REDISCLI_AUTH": "from-operator"}
+    target = bba.redis_target(container, settings, {})
+    assert target.secrets == {"REDISCLI_AUTH": "from-container"}
+    argv = bba.exec_argv("cache", ["redis-cli", "PING"], secrets=target.secrets)
+    assert argv == ["docker", "exec", "-e", "REDISCLI_AUTH", "cache", "redis-cli", "PING"]
+    assert "from-container" not in " ".join(argv)
+
+
+def test_pg_target_uses_container_user_and_password_by_name():
+    container = fake_container("db")
+    container["Config"]["Env"] = ["POSTGRES_USER=appadmin", "POSTGRES_PASSWORD=pw"]
+    target = bba.pg_target(container)
+    assert (target.user, target.secrets) == ("appadmin", {"PGPASSWORD": "pw"})
+    assert bba.pg_target(fake_container("db2")).user == "postgres"
