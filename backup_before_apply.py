@@ -1522,11 +1522,16 @@ def archive_from_host(tar: tarfile.TarFile, item: ArchiveItem, nested: list[str]
             continue  # archived on its own, as a mount of its own
         try:
             member = tar.gettarinfo(path, arcname)
+            st = os.lstat(path)
         except FileNotFoundError:
             stats.warnings.append(f"vanished while archiving: /{arcname}")
             continue
         if member is None:
             continue  # sockets and other types tar cannot hold
+        if member.isreg() and st.st_nlink == 1:
+            # tarfile remembers every regular file's inode to spot hard links; only files
+            # with more than one link need it, and the others would grow memory per file.
+            tar.inodes.pop((st.st_ino, st.st_dev), None)
         _numeric(member)
         if member.isreg():
 
@@ -1541,6 +1546,7 @@ def archive_from_host(tar: tarfile.TarFile, item: ArchiveItem, nested: list[str]
                 continue
         else:
             tar.addfile(member)
+        tar.members.clear()  # tarfile keeps every member it wrote (~0.5 KiB each): constant memory
         stats.count(item.group, member)
         if member.isdir():
             try:
@@ -1569,6 +1575,8 @@ def archive_through_docker(tar: tarfile.TarFile, container: str, item: ArchiveIt
                 member.name = name
                 _numeric(member)
                 tar.addfile(member, source.extractfile(member) if member.isreg() else None)
+                tar.members.clear()
+                source.members.clear()
                 stats.count(item.group, member)
 
 
@@ -1604,6 +1612,7 @@ def scan_tar(fh: IO[bytes], *, rdb_member: str | None = None) -> dict[str, Any]:
                         rdb_magic = head[:5] == REDIS_RDB_MAGIC
                     while head:
                         head = extracted.read(COPY_CHUNK)
+                tar.members.clear()
             while raw.read(COPY_CHUNK):
                 pass
     except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
