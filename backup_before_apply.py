@@ -2550,6 +2550,8 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
             f"class {cls.letter} ({cls.title}) uses procedure {procedure!r}, which version {__version__} does not implement; "
             f"pass --procedure mounted-archive to take a live copy of its mounts knowingly"
         )
+    if args.pause and procedure == "pg-dumpall":
+        raise UsageError("--pause does not apply to pg-dumpall: the dump needs the server answering (it is consistent without a pause)")
 
     timeout = settings.docker_timeout
     resolution = resolve_container(module, list_containers(timeout), args.container)
@@ -2588,7 +2590,13 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
             finished = datetime.datetime.now(datetime.UTC)
             manifest_path = backup_dir / (job.basename + MANIFEST_SUFFIX)
             manifest = build_manifest(job, result, started, finished, manifest_path)
-            write_manifest(dir_fd, backup_dir, manifest_path.name, manifest)
+            try:
+                write_manifest(dir_fd, backup_dir, manifest_path.name, manifest)
+            except BaseException:
+                # A backup without its manifest must not look finished.
+                with signals_deferred():
+                    os.unlink(result.path.name, dir_fd=dir_fd)
+                raise
     finally:
         os.close(dir_fd)
 

@@ -447,3 +447,19 @@ def test_pg_target_uses_container_user_and_password_by_name():
     target = bba.pg_target(container)
     assert (target.user, target.secrets) == ("appadmin", {"PGPASSWORD": "pw"})
     assert bba.pg_target(fake_container("db2")).user == "postgres"
+
+
+def test_backup_manifest_write_failure_removes_the_backup(platform, tmp_path, kuma, capsys):
+    """Disk full exactly at the manifest: the archive must not stay behind looking finished."""
+    assert backup(platform, tmp_path / "probe") == 0
+    size = next((tmp_path / "probe").glob("*.tar.gz")).stat().st_size
+    capsys.readouterr()
+    with tiny_filesystem(tmp_path / "full", size="256k") as backup_dir:
+        block = os.statvfs(backup_dir).f_frsize
+        room = (size + block - 1) // block * block + block  # the archive, and the lock file's pid
+        filler = backup_dir / "filler"
+        free = os.statvfs(backup_dir).f_bavail * block
+        filler.write_bytes(b"\0" * (free - room))
+        assert backup(platform, backup_dir) == 1
+        assert sorted(p.name for p in backup_dir.iterdir()) == [".kuma.lock", "filler"]
+    assert "no space left" in capsys.readouterr().err
