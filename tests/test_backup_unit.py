@@ -463,3 +463,11 @@ def test_backup_manifest_write_failure_removes_the_backup(platform, tmp_path, ku
         assert backup(platform, backup_dir) == 1
         assert sorted(p.name for p in backup_dir.iterdir()) == [".kuma.lock", "filler"]
     assert "no space left" in capsys.readouterr().err
+
+
+def test_main_pause_with_pg_dumpall_is_usage_error(platform, tmp_path, fake_docker, capsys):
+    write_module(platform, "postgres")
+    fake = fake_docker(fake_container("postgres"))
+    assert bba.main(["postgres", "--pause", "--platform-root", str(platform), "--backup-dir", str(tmp_path / "b")], env={}) == 2
+    assert "--pause does not apply to pg-dumpall" in capsys.readouterr().err
+    assert "pause" not in fake.subcommands()
