@@ -75,7 +75,7 @@ PROCEDURE_NAMES = (
     "redis-bgsave",
     "vault-raft-snapshot",
     "mc-mirror",
-    "meilisearch-dump",
+    "search-engine",
     "compose-root-archive",
 )
 
@@ -366,6 +366,7 @@ class BackupClass:
     fallback: str | None
     restore: str
     default: bool = False
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,7 +379,7 @@ class Settings:
     pause_timeout: float = 1800.0
     lock_timeout: float = 0.0
     compress_level: int = 6
-    bgsave_timeout: float = 600.0
+    snapshot_timeout: float = 600.0
     drill_timeout: float = 300.0
     redis_password_env: str = "REDIS_PASSWORD"  # noqa: S105 (a variable name, not a password)
 
@@ -391,7 +392,7 @@ SETTING_SOURCES: dict[str, tuple[type, str, str]] = {
     "pause_timeout": (float, "BBA_PAUSE_TIMEOUT", "--pause-timeout"),
     "lock_timeout": (float, "BBA_LOCK_TIMEOUT", "--lock-timeout"),
     "compress_level": (int, "BBA_COMPRESS_LEVEL", "--compress-level"),
-    "bgsave_timeout": (float, "BBA_BGSAVE_TIMEOUT", "--bgsave-timeout"),
+    "snapshot_timeout": (float, "BBA_SNAPSHOT_TIMEOUT", "--snapshot-timeout"),
     "drill_timeout": (float, "BBA_DRILL_TIMEOUT", "--drill-timeout"),
     "redis_password_env": (str, "BBA_REDIS_PASSWORD_ENV", ""),
 }
@@ -400,7 +401,7 @@ SETTING_LIMITS: dict[str, tuple[float, float]] = {
     "pause_timeout": (1, 86400),
     "lock_timeout": (0, 86400),
     "compress_level": (1, 9),
-    "bgsave_timeout": (1, 86400),
+    "snapshot_timeout": (1, 86400),
     "drill_timeout": (1, 86400),
 }
 
@@ -418,7 +419,14 @@ class Config:
         return next(c for c in self.classes.values() if c.default)
 
 
-CLASS_KEYS = {"title": str, "patterns": list, "procedure": str, "fallback": str, "restore": str, "default": bool}
+CLASS_KEYS = {"title": str, "patterns": list, "procedure": str, "fallback": str, "restore": str, "default": bool, "options": dict}
+# Options a procedure takes from [classes.X.options]: name -> (type, default).
+PROCEDURE_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
+    "vault-raft-snapshot": {"token_env": (str, "VAULT_TOKEN"), "vault_addr": (str, "")},
+    "mc-mirror": {"alias_env": (str, "MINIO_MC_ALIAS")},
+    "search-engine": {"meilisearch_dump": (bool, False), "meilisearch_url": (str, "http://127.0.0.1:7700")},
+    "compose-root-archive": {"compose_root": (str, "")},
+}
 CLASS_REQUIRED = ("title", "patterns", "procedure", "fallback", "restore")
 NO_FALLBACK = "none"
 
@@ -501,6 +509,14 @@ def load_config(path: Path) -> Config:
             raise UsageError(f"{where}.procedure: unknown procedure {table['procedure']!r} (known: {', '.join(PROCEDURE_NAMES)})")
         if table["fallback"] not in (*PROCEDURE_NAMES, NO_FALLBACK):
             raise UsageError(f"{where}.fallback: unknown procedure {table['fallback']!r} (known: {', '.join(PROCEDURE_NAMES)}, none)")
+        known = PROCEDURE_OPTIONS.get(table["procedure"], {})
+        options = {name: default for name, (_, default) in known.items()}
+        for name, value in table.get("options", {}).items():
+            if name not in known:
+                raise UsageError(f"{where}.options.{name}: unknown option for {table['procedure']} (known: {', '.join(known) or 'none'})")
+            if not isinstance(value, known[name][0]):
+                raise UsageError(f"{where}.options.{name}: expected {known[name][0].__name__}, got {type(value).__name__}")
+            options[name] = value
         classes[letter] = BackupClass(
             letter=letter,
             title=table["title"],
@@ -509,6 +525,7 @@ def load_config(path: Path) -> Config:
             fallback=None if table["fallback"] == NO_FALLBACK else table["fallback"],
             restore=table["restore"].strip(),
             default=table.get("default", False),
+            options=options,
         )
     defaults = [c.letter for c in classes.values() if c.default]
     if len(defaults) != 1:
@@ -1508,6 +1525,12 @@ def _numeric(member: tarfile.TarInfo) -> tarfile.TarInfo:
     return member
 
 
+def _forget_members(tar: tarfile.TarFile) -> None:
+    # tarfile keeps every member it has read or written (~0.5 KiB each; not in the typed
+    # API); dropping them keeps memory constant whatever the number of files.
+    tar.members.clear()  # type: ignore[attr-defined]
+
+
 def _inside(path: str, parents: list[str]) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
 
@@ -1531,7 +1554,7 @@ def archive_from_host(tar: tarfile.TarFile, item: ArchiveItem, nested: list[str]
         if member.isreg() and st.st_nlink == 1:
             # tarfile remembers every regular file's inode to spot hard links; only files
             # with more than one link need it, and the others would grow memory per file.
-            tar.inodes.pop((st.st_ino, st.st_dev), None)
+            tar.inodes.pop((st.st_ino, st.st_dev), None)  # type: ignore[attr-defined]
         _numeric(member)
         if member.isreg():
 
@@ -1546,7 +1569,7 @@ def archive_from_host(tar: tarfile.TarFile, item: ArchiveItem, nested: list[str]
                 continue
         else:
             tar.addfile(member)
-        tar.members.clear()  # tarfile keeps every member it wrote (~0.5 KiB each): constant memory
+        _forget_members(tar)
         stats.count(item.group, member)
         if member.isdir():
             try:
@@ -1575,8 +1598,8 @@ def archive_through_docker(tar: tarfile.TarFile, container: str, item: ArchiveIt
                 member.name = name
                 _numeric(member)
                 tar.addfile(member, source.extractfile(member) if member.isreg() else None)
-                tar.members.clear()
-                source.members.clear()
+                _forget_members(tar)
+                _forget_members(source)
                 stats.count(item.group, member)
 
 
@@ -1612,7 +1635,7 @@ def scan_tar(fh: IO[bytes], *, rdb_member: str | None = None) -> dict[str, Any]:
                         rdb_magic = head[:5] == REDIS_RDB_MAGIC
                     while head:
                         head = extracted.read(COPY_CHUNK)
-                tar.members.clear()
+                _forget_members(tar)
             while raw.read(COPY_CHUNK):
                 pass
     except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
@@ -1788,6 +1811,263 @@ def container_env(container: dict[str, Any]) -> dict[str, str]:
 def require_running(job: BackupJob, what: str) -> None:
     if not job.resolution.container.get("State", {}).get("Running"):
         raise BackupError(f"container {job.container} is {job.resolution.state}: {what} needs the server running")
+
+
+# -- fallback and single files copied out of a container
+
+
+def fall_back(job: BackupJob, dir_fd: int, reason: str, restore_hint: str = "") -> BackupResult:
+    """Take the class's fallback (a mounted data archive) loudly, or fail if it has none."""
+    if job.cls.fallback != "mounted-archive":
+        raise BackupError(f"{job.procedure} is not possible ({reason}) and class {job.cls.letter} has no fallback")
+    hint = f"; {restore_hint}" if restore_hint else ""
+    LOG.warning("%s NOT POSSIBLE (%s): FALLING BACK to a live copy of the mounted data%s", job.procedure.upper(), reason, hint)
+    result = procedure_mounted_archive(job, dir_fd)
+    result.fallback = {"procedure": "mounted-archive", "reason": reason}
+    result.warnings.insert(0, f"fallback to mounted-archive: {reason}{hint}")
+    return result
+
+
+def copy_out_file(job: BackupJob, dir_fd: int, path: str, suffix: str, scan: Callable[[IO[bytes]], dict[str, Any]],
+                  before_commit: Callable[[dict[str, Any]], None] | None = None) -> BackupResult:
+    """Copy one file out of the container (docker cp) into <module>-<ts><suffix>, scan it, publish it."""
+    name = job.basename + suffix
+    with PartialFile(dir_fd, name, job.backup_dir) as out:
+        with stream_from(["docker", "cp", f"{job.container}:{path}", "-"], timeout=job.settings.pause_timeout) as pipe:
+            with tarfile.open(fileobj=pipe, mode="r|") as tar:
+                member = tar.next()
+                if member is None or not member.isreg():
+                    raise BackupError(f"{job.container}:{path} is not a regular file")
+                source = tar.extractfile(member)
+                assert source is not None
+                while chunk := source.read(COPY_CHUNK):
+                    out.write(chunk)
+        with out.reopen_for_reading() as fh:
+            verification = scan(fh)
+        if before_commit is not None:
+            before_commit(verification)
+        result_path = out.commit()
+    return BackupResult(
+        path=result_path, format=suffix.lstrip("."), size=out.size, sha256=out.sha256.hexdigest(),
+        verification=verification, contents={"source": f"{job.container}:{path}"}, warnings=[], archived=[path],
+    )
+
+
+def read_tar_gz_files(fh: IO[bytes], wanted: Callable[[str], bool]) -> tuple[dict[str, int], dict[str, str], dict[str, bytes]]:
+    """Read a tar.gz to its end: sizes and sha256 of every file, and the bytes of small wanted ones.
+
+    Raise BackupError if it is not a complete tar.gz.
+    """
+    sizes: dict[str, int] = {}
+    digests: dict[str, str] = {}
+    kept: dict[str, bytes] = {}
+    try:
+        with gzip.GzipFile(fileobj=fh, mode="rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+            for member in tar:
+                if member.isreg():
+                    extracted = tar.extractfile(member)
+                    assert extracted is not None
+                    digest = hashlib.sha256()
+                    keep = wanted(member.name) and member.size <= COPY_CHUNK
+                    while chunk := extracted.read(COPY_CHUNK):
+                        digest.update(chunk)
+                        if keep:
+                            kept[member.name] = kept.get(member.name, b"") + chunk
+                    sizes[member.name], digests[member.name] = member.size, digest.hexdigest()
+                _forget_members(tar)
+            while raw.read(COPY_CHUNK):
+                pass
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
+        raise BackupError(f"not a complete tar.gz ({exc})") from None
+    return sizes, digests, kept
+
+
+# -- class C: Vault
+
+
+def scan_vault_snapshot(fh: IO[bytes]) -> dict[str, Any]:
+    """Check a raft snapshot: a complete gzip'd tar whose SHA256SUMS match its members."""
+    sizes, digests, kept = read_tar_gz_files(fh, lambda name: name == "SHA256SUMS")
+    if "SHA256SUMS" not in kept:
+        raise BackupError("snapshot has no SHA256SUMS member")
+    listed = 0
+    for line in kept["SHA256SUMS"].decode("utf-8", "replace").splitlines():
+        parts = line.split()
+        if len(parts) != 2:
+            continue
+        digest, name = parts
+        listed += 1
+        if digests.get(name) != digest:
+            raise BackupError(f"snapshot member {name} does not match its SHA256SUMS entry")
+    if not listed:
+        raise BackupError("snapshot SHA256SUMS lists no member")
+    return {"gzip_complete": True, "tar_readable": True, "sha256sums": f"{listed} members match", "members": len(sizes)}
+
+
+def procedure_vault_raft_snapshot(job: BackupJob, dir_fd: int) -> BackupResult:
+    """Class C: `vault operator raft snapshot save` in the container, copied out as <module>-<ts>.snap.
+
+    Falls back to the mounted data archive, loudly, without a token or when the snapshot
+    fails (sealed, not raft, permission).
+    """
+    hint = "a live copy of Vault's storage is consistent only with Vault stopped or paused (--pause)"
+    options = job.cls.options
+    token = job.env.get(options["token_env"])
+    if not token:
+        return fall_back(job, dir_fd, f"no {options['token_env']} in the environment", hint)
+    require_running(job, "a raft snapshot")
+    addr = options["vault_addr"] or container_env(job.resolution.container).get("VAULT_ADDR") or "http://127.0.0.1:8200"
+    secrets = {"VAULT_TOKEN": token, "VAULT_ADDR": addr}
+    tmp = f"/tmp/bba-{job.basename}.snap"
+    try:
+        try:
+            run(exec_argv(job.container, ["vault", "operator", "raft", "snapshot", "save", tmp], secrets=secrets),
+                timeout=job.settings.pause_timeout, secrets=secrets)
+        except CommandError as exc:
+            return fall_back(job, dir_fd, f"vault operator raft snapshot save failed: {' | '.join(exc.stderr_tail[-2:]) or exc}", hint)
+
+        def inspect(verification: dict[str, Any]) -> None:
+            proc = run(exec_argv(job.container, ["vault", "operator", "raft", "snapshot", "inspect", tmp], secrets=secrets),
+                       timeout=job.settings.pause_timeout, secrets=secrets, check=False)
+            if proc.returncode == 127:
+                verification["vault_inspect"] = "not available in the container's vault CLI"
+            elif proc.returncode != 0:
+                raise BackupError(f"vault operator raft snapshot inspect failed: {CommandError([], proc.returncode, proc.stderr)}")
+            else:
+                verification["vault_inspect"] = "ok"
+
+        result = copy_out_file(job, dir_fd, tmp, ".snap", scan_vault_snapshot, before_commit=inspect)
+    finally:
+        with signals_deferred():
+            run(exec_argv(job.container, ["rm", "-f", tmp]), timeout=job.settings.docker_timeout, check=False)
+    result.contents["vault_addr"] = addr
+    return result
+
+
+# -- class F: search engines (Meilisearch, SearXNG)
+
+MEILI_TERMINAL = ("succeeded", "failed", "canceled")
+
+
+def search_engine_kind(job: BackupJob) -> str:
+    """Return "meilisearch", "searxng" or "unknown" from the module id, image and environment."""
+    image = str(job.resolution.container.get("Config", {}).get("Image", "")).lower()
+    env = container_env(job.resolution.container)
+    if "meilisearch" in job.module.id or "meilisearch" in image or "MEILI_MASTER_KEY" in env:
+        return "meilisearch"
+    if "searxng" in job.module.id or "searxng" in image or "SEARXNG_SECRET" in env:
+        return "searxng"
+    return "unknown"
+
+
+def meili_request(job: BackupJob, method: str, route: str, key: str) -> tuple[int, Any]:
+    """Call the Meilisearch API from inside its container with curl; return (status, JSON body).
+
+    The master key goes to curl in a config read from stdin (`curl -K -`), so it is in no
+    process's argv, on this host or in the container.
+    """
+    url = job.cls.options["meilisearch_url"].rstrip("/") + route
+    config = f'url = "{url}"\nrequest = "{method}"\nsilent\nshow-error\nwrite-out = "\\n%{{http_code}}"\n'
+    if key:
+        quoted = key.replace("\\", "\\\\").replace('"', '\\"')
+        config += f'header = "Authorization: Bearer {quoted}"\n'
+    proc = run(exec_argv(job.container, ["curl", "-K", "-"], stdin=True), input=config.encode(), timeout=job.settings.docker_timeout)
+    body, _, status = proc.stdout.decode("utf-8", "replace").rpartition("\n")
+    if not status.strip().isdigit():
+        raise BackupError(f"Meilisearch {method} {route}: no HTTP status in curl's output")
+    try:
+        return int(status), json.loads(body) if body.strip() else None
+    except json.JSONDecodeError:
+        raise BackupError(f"Meilisearch {method} {route}: HTTP {status}, body is not JSON") from None
+
+
+def meilisearch_dump(job: BackupJob, dir_fd: int) -> BackupResult:
+    """POST /dumps, wait for the task, copy <dumpUid>.dump out as <module>-<ts>.dump, verified."""
+    env = container_env(job.resolution.container)
+    key = env.get("MEILI_MASTER_KEY", "")
+    status, task = meili_request(job, "POST", "/dumps", key)
+    if status != 202 or not isinstance(task, dict) or "taskUid" not in task:
+        message = task.get("message") if isinstance(task, dict) else task
+        raise BackupError(f"Meilisearch refused the dump: HTTP {status}: {message}")
+    uid = task["taskUid"]
+    LOG.info("Meilisearch dump task %s enqueued", uid)
+    started = time.monotonic()
+    while True:
+        status, task = meili_request(job, "GET", f"/tasks/{uid}", key)
+        if status != 200 or not isinstance(task, dict):
+            raise BackupError(f"Meilisearch GET /tasks/{uid}: HTTP {status}")
+        if task.get("status") in MEILI_TERMINAL:
+            break
+        if time.monotonic() - started > job.settings.snapshot_timeout:
+            raise BackupError(f"Meilisearch dump task {uid} still {task.get('status')} after {job.settings.snapshot_timeout:g}s (snapshot_timeout)")
+        time.sleep(0.3)
+    if task["status"] != "succeeded":
+        error = task.get("error") or {}
+        raise BackupError(f"Meilisearch dump task {uid} {task['status']}: {error.get('code', '')} {error.get('message', '')}".strip())
+    dump_uid = (task.get("details") or {}).get("dumpUid")
+    if not dump_uid or not re.fullmatch(r"[A-Za-z0-9_.-]+", dump_uid):
+        raise BackupError(f"Meilisearch dump task {uid} succeeded without a usable dumpUid ({dump_uid!r})")
+    workdir = job.resolution.container.get("Config", {}).get("WorkingDir") or "/meili_data"
+    dump_dir = env.get("MEILI_DUMP_DIR") or "dumps/"
+    path = posixpath.join(workdir, dump_dir, f"{dump_uid}.dump")
+    try:
+        result = copy_out_file(job, dir_fd, path, ".dump", scan_meilisearch_dump)
+    finally:
+        # The dump was made for this backup only; leave the engine's disk as it was.
+        with signals_deferred():
+            run(exec_argv(job.container, ["rm", "-f", path]), timeout=job.settings.docker_timeout, check=False)
+    result.contents.update({"engine": "meilisearch", "task_uid": uid, "dump_uid": dump_uid})
+    result.timings["dump_seconds"] = round(time.monotonic() - started, 3)
+    return result
+
+
+def scan_meilisearch_dump(fh: IO[bytes]) -> dict[str, Any]:
+    """Check a Meilisearch dump: a complete gzip'd tar with its metadata.json."""
+    sizes, _, kept = read_tar_gz_files(fh, lambda name: name.lstrip("./") == "metadata.json")
+    if not kept:
+        raise BackupError("dump has no metadata.json")
+    try:
+        metadata = json.loads(next(iter(kept.values())))
+    except ValueError:
+        raise BackupError("dump metadata.json is not JSON") from None
+    return {"gzip_complete": True, "tar_readable": True, "members": len(sizes), "dump_version": metadata.get("dumpVersion")}
+
+
+def searxng_config(job: BackupJob, dir_fd: int) -> BackupResult:
+    """SearXNG: its state is its configuration (settings.yml, limiter.toml); caches are skipped."""
+    config, skipped = [], []
+    for mount in job.mounts:
+        holds_config = mount.via == "host" and any(os.path.exists(os.path.join(mount.source, f)) for f in ("settings.yml", "limiter.toml"))
+        if mount.destination.rstrip("/") == "/etc/searxng" or holds_config:
+            config.append(mount)
+        else:
+            skipped.append((mount.destination, "not SearXNG configuration (cache or runtime data)"))
+    if not config:
+        raise BackupError(f"container {job.container} has no SearXNG configuration mount (/etc/searxng with settings.yml)")
+    LOG.info("SearXNG: backing up its configuration only (%s); skipped: %s", ", ".join(m.destination for m in config),
+             ", ".join(d for d, _ in skipped) or "nothing")
+    job.mounts, job.skipped = config, job.skipped + skipped
+    result = procedure_mounted_archive(job, dir_fd)
+    result.contents["engine"] = "searxng"
+    return result
+
+
+def procedure_search_engine(job: BackupJob, dir_fd: int) -> BackupResult:
+    """Class F: Meilisearch's dump API when enabled (else its mounted data), SearXNG's configuration."""
+    kind = search_engine_kind(job)
+    if kind == "searxng":
+        return searxng_config(job, dir_fd)
+    if kind == "meilisearch" and job.cls.options["meilisearch_dump"]:
+        require_running(job, "the dump API")
+        return meilisearch_dump(job, dir_fd)
+    if kind == "meilisearch":
+        LOG.warning("Meilisearch dump API not enabled (classes.%s.options.meilisearch_dump); taking the mounted data archive, "
+                    "as the origin table says until a dump is proven", job.cls.letter)
+    else:
+        LOG.warning("container %s is neither Meilisearch nor SearXNG; taking the mounted data archive", job.container)
+    result = procedure_mounted_archive(job, dir_fd)
+    result.contents["engine"] = kind
+    return result
 
 
 # -- class A: PostgreSQL
@@ -1969,7 +2249,7 @@ def redis_bgsave(target: RedisTarget, timeout: float, docker_timeout: float) -> 
         if info.get("rdb_bgsave_in_progress") == "0" and info.get("rdb_last_bgsave_status") == "err":
             raise BackupError(f"redis BGSAVE failed in {target.container} (rdb_last_bgsave_status:err; see the container's log)")
         if time.monotonic() - started > timeout:
-            raise BackupError(f"redis BGSAVE did not finish within {timeout:g}s (bgsave_timeout)")
+            raise BackupError(f"redis BGSAVE did not finish within {timeout:g}s (snapshot_timeout)")
         time.sleep(0.2)
     if info.get("rdb_last_bgsave_status") != "ok":
         raise BackupError(f"redis BGSAVE finished with rdb_last_bgsave_status:{info.get('rdb_last_bgsave_status')}")
@@ -2001,16 +2281,12 @@ def procedure_redis_bgsave(job: BackupJob, dir_fd: int) -> BackupResult:
     counts = redis_keyspace(target, timeout)
     LOG.info("Redis %s: %s", server["version"], ", ".join(f"{db} {n} keys" for db, n in counts.items()) or "no keys")
     try:
-        bgsave = redis_bgsave(target, job.settings.bgsave_timeout, timeout)
+        bgsave = redis_bgsave(target, job.settings.snapshot_timeout, timeout)
         config = redis_config(target, timeout)
     except RedisReplyError as exc:
         if job.cls.fallback != "mounted-archive":
             raise
-        reason = str(exc)
-        LOG.warning("BGSAVE NOT POSSIBLE (%s): FALLING BACK to a live copy of the mounted data; restore it with Redis stopped", reason)
-        result = procedure_mounted_archive(job, dir_fd)
-        result.fallback = {"procedure": "mounted-archive", "reason": reason}
-        result.warnings.insert(0, f"fallback to mounted-archive: {reason}")
+        result = fall_back(job, dir_fd, str(exc), "restore it with Redis stopped")
         result.server, result.counts = server, counts
         return result
     LOG.info("BGSAVE done in %.1fs (LASTSAVE %d -> %d)", bgsave["seconds"], bgsave["lastsave_before"], bgsave["lastsave_after"])
@@ -2047,13 +2323,20 @@ PROCEDURES = {
     "mounted-archive": procedure_mounted_archive,
     "pg-dumpall": procedure_pg_dumpall,
     "redis-bgsave": procedure_redis_bgsave,
+    "vault-raft-snapshot": procedure_vault_raft_snapshot,
+    "search-engine": procedure_search_engine,
+}
+# Backups that are one engine-made file, checked by its own structure.
+SINGLE_FILE_SCANS: dict[str, Callable[[IO[bytes]], dict[str, Any]]] = {
+    "snap": scan_vault_snapshot,
+    "dump": scan_meilisearch_dump,
 }
 
 
 # --------------------------------------------------------------------------- manifest and --verify
 
 MANIFEST_SUFFIX = ".manifest.json"
-BACKUP_SUFFIXES = (".tar.gz", ".sql.gz")
+BACKUP_SUFFIXES = (".tar.gz", ".sql.gz", ".snap", ".dump")
 
 
 def restore_notes(cls: BackupClass, values: dict[str, str]) -> str:
@@ -2174,10 +2457,15 @@ def verify_backup(path: Path) -> list[tuple[str, bool, str]]:
     checks.append(("sha256", digest.hexdigest() == doc.get("sha256"), f"{digest.hexdigest()[:16]}..., manifest {str(doc.get('sha256'))[:16]}..."))
     try:
         with open(backup, "rb") as fh:
+            recorded = doc.get("verification", {})
             if doc.get("format") == "sql.gz":
                 found = scan_sql_gz(fh)
-                expected = doc.get("verification", {}).get("sql_bytes")
+                expected = recorded.get("sql_bytes")
                 checks.append(("structure", found["sql_bytes"] == expected, f"complete gzip, dump trailer present, {found['sql_bytes']} bytes of SQL (manifest {expected})"))
+            elif doc.get("format") in SINGLE_FILE_SCANS:
+                found = SINGLE_FILE_SCANS[doc["format"]](fh)
+                same = found["members"] == recorded.get("members")
+                checks.append(("structure", same, f"complete gzip, tar readable, {found['members']} members (manifest {recorded.get('members')})"))
             else:
                 rdb = doc.get("contents", {}).get("rdb")
                 found = scan_tar(fh, rdb_member=rdb.lstrip("/") if rdb else None)
@@ -2198,6 +2486,7 @@ PG_HARMLESS_ERRORS = (
     re.compile(r'role "(?P<role>[^"]+)" already exists'),
 )
 DRILL_NEVER_STARTED = "/bba-drill-never-started"
+DRILL_LISTING_MAX = 40
 
 
 class DrillContainer:
@@ -2403,6 +2692,27 @@ def drill_redis(doc: dict[str, Any], backup: Path, box: DrillContainer, settings
     return differences
 
 
+DRILL_ENGINE_NOTES = {
+    "snap": "Vault is not started for a drill: structure, SHA256SUMS and contents listing only; "
+            "restore with `vault operator raft snapshot restore`",
+    "dump": "Meilisearch is not started for a drill: structure and contents listing only; "
+            "restore by starting Meilisearch with --import-dump",
+}
+
+
+def drill_listing(doc: dict[str, Any], backup: Path, lines: list[str]) -> int:
+    """Engine-made single files (C, F dumps): check structure and list the contents."""
+    fmt = doc["format"]
+    lines.append(DRILL_ENGINE_NOTES[fmt])
+    with open(backup, "rb") as fh:
+        sizes, _, _ = read_tar_gz_files(fh, lambda name: False)
+    for name in sorted(sizes)[:DRILL_LISTING_MAX]:
+        lines.append(f"  {sizes[name]:>12}  {name}")
+    if len(sizes) > DRILL_LISTING_MAX:
+        lines.append(f"  ... and {len(sizes) - DRILL_LISTING_MAX} more")
+    return int(not compare("members", doc.get("verification", {}).get("members"), len(sizes), lines))
+
+
 def drill_backup(path: Path, settings: Settings, env: dict[str, str], out: IO[str]) -> int:
     """Restore a backup into a throwaway container and compare it with its manifest.
 
@@ -2413,24 +2723,29 @@ def drill_backup(path: Path, settings: Settings, env: dict[str, str], out: IO[st
     for check, passed, detail in verify_backup(backup):
         if not passed:
             raise BackupError(f"drill refused: {backup.name} fails --verify ({check}: {detail})")
-    timeout = settings.docker_timeout
-    engine = engine_info(timeout)
-    live = live_container(doc, timeout)
     procedure = doc.get("procedure")
     lines = [f"drill of {backup.name} (class {doc.get('class')}, {procedure})"]
-    with DrillContainer(doc, live, settings) as box:
-        if procedure == "pg-dumpall":
-            differences = drill_postgres(doc, backup, box, lines)
-        elif procedure == "redis-bgsave":
-            differences = drill_redis(doc, backup, box, settings, env, lines)
-        else:
-            lines.append("(archive: restored into fresh volumes, then every entry's name, type, mode, owner and size compared)")
-            differences = drill_archive(doc, backup, box, engine, lines)
-        lines.insert(1, f"throwaway container {box.name} (removed afterwards), image {doc['container'].get('image')}")
+    if doc.get("format") in SINGLE_FILE_SCANS:
+        differences = drill_listing(doc, backup, lines)
+    else:
+        engine = engine_info(settings.docker_timeout)
+        live = live_container(doc, settings.docker_timeout)
+        with DrillContainer(doc, live, settings) as box:
+            if procedure == "pg-dumpall":
+                differences = drill_postgres(doc, backup, box, lines)
+            elif procedure == "redis-bgsave":
+                differences = drill_redis(doc, backup, box, settings, env, lines)
+            else:
+                lines.append("(archive: restored into fresh volumes, then every entry's name, type, mode, owner and size compared)")
+                differences = drill_archive(doc, backup, box, engine, lines)
+            lines.insert(1, f"throwaway container {box.name} (removed afterwards), image {doc['container'].get('image')}")
     out.write("\n".join(lines) + "\n")
     if differences:
         raise BackupError(f"drill failed: {differences} difference(s) between the restored data and the manifest")
-    out.write("drill passed: the restored data matches the manifest\n")
+    if doc.get("format") in SINGLE_FILE_SCANS:
+        out.write("drill passed: structure and contents match the manifest (the engine itself was not started)\n")
+    else:
+        out.write("drill passed: the restored data matches the manifest\n")
     return EXIT_OK
 
 
@@ -2789,7 +3104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pause-timeout", metavar="SECONDS", help="timeout of a streamed copy (env BBA_PAUSE_TIMEOUT)")
     parser.add_argument("--lock-timeout", metavar="SECONDS", help="wait this long for another run of the same module (env BBA_LOCK_TIMEOUT)")
     parser.add_argument("--compress-level", metavar="N", help="gzip level 1-9 (env BBA_COMPRESS_LEVEL)")
-    parser.add_argument("--bgsave-timeout", metavar="SECONDS", help="wait this long for a Redis BGSAVE (env BBA_BGSAVE_TIMEOUT)")
+    parser.add_argument("--snapshot-timeout", metavar="SECONDS", help="wait this long for a Redis BGSAVE or a Meilisearch dump (env BBA_SNAPSHOT_TIMEOUT)")
     parser.add_argument("--drill-timeout", metavar="SECONDS", help="wait this long for a drill container to answer (env BBA_DRILL_TIMEOUT)")
     parser.add_argument("--allow-ci", action="store_true", help="run even though a CI variable is set")
     parser.add_argument("--allow-non-root", action="store_true", help="run a backup without root")
