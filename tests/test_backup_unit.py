@@ -253,10 +253,10 @@ def test_main_stateless_module_refused(platform, tmp_path, capsys):
 
 
 def test_main_unimplemented_procedure_refused_not_replaced(platform, tmp_path, fake_docker, capsys):
-    write_module(platform, "vault")
-    fake = fake_docker(fake_container("vault"))
-    assert bba.main(["vault", "--platform-root", str(platform), "--backup-dir", str(tmp_path / "b")], env={}) == 3
-    assert "procedure 'vault-raft-snapshot', which version" in capsys.readouterr().err
+    write_module(platform, "minio")
+    fake = fake_docker(fake_container("minio"))
+    assert bba.main(["minio", "--platform-root", str(platform), "--backup-dir", str(tmp_path / "b")], env={}) == 3
+    assert "procedure 'mc-mirror', which version" in capsys.readouterr().err
     assert fake.calls == [] and not (tmp_path / "b").exists()
 
 
