@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +142,35 @@ def run_tool(*args: str, env: dict[str, str] | None = None, timeout: float = 300
         [sys.executable, str(TOOL), *args, "--allow-ci"],
         env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+class ArgvWatcher:
+    """Samples every process's argv (/proc/*/cmdline) while a run goes on, looking for a secret."""
+
+    def __init__(self, *secrets: str) -> None:
+        self.secrets = [s.encode() for s in secrets]
+        self.hits: list[str] = []
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            for entry in os.listdir("/proc"):
+                if entry.isdigit():
+                    try:
+                        with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                            cmdline = fh.read()
+                    except OSError:
+                        continue
+                    if any(s in cmdline for s in self.secrets):
+                        self.hits.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+            self.samples += 1
+
+    def __enter__(self) -> ArgvWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

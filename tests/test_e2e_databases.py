@@ -9,52 +9,18 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import TOOL, run_tool, write_module
+from conftest import TOOL, ArgvWatcher, run_tool, write_module
 
 PG_PASSWORD = "pg-Secret-4c1d"
 REDIS_PASSWORD = "redis-Secret-9f2e"
-
-
-class ArgvWatcher:
-    """Samples every process's argv (/proc/*/cmdline) while a run goes on, looking for a secret."""
-
-    def __init__(self, *secrets: str) -> None:
-        self.secrets = [s.encode() for s in secrets]
-        self.hits: list[str] = []
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            for entry in os.listdir("/proc"):
-                if entry.isdigit():
-                    try:
-                        with open(f"/proc/{entry}/cmdline", "rb") as fh:
-                            cmdline = fh.read()
-                    except OSError:
-                        continue
-                    if any(s in cmdline for s in self.secrets):
-                        self.hits.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
-            self.samples += 1
-
-    def __enter__(self) -> ArgvWatcher:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def psql(engine, container: str, database: str, *sql: str, user: str = "appadmin") -> str:

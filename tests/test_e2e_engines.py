@@ -1,0 +1,179 @@
+"""End to end, classes C and F: Vault and Meilisearch stand-ins and SearXNG in real containers.
+
+Vault and Meilisearch cannot be installed here; tests/standins/ holds small programs that
+follow their documented CLI and API. They run inside real containers on the private
+engine, so everything on the docker side (exec, secrets by name, copy out, cleanup) is real.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, ArgvWatcher, run_tool, write_module
+
+STANDINS = REPO / "tests" / "standins"
+STANDIN_PATH = "PATH=/opt/standins:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+VAULT_TOKEN = "s.VaultRoot-7d1c"
+MEILI_KEY = "meili-Master-55ab"
+
+
+def tool(engine, platform, module, backup_dir, *args, extra_env=None):
+    env = {**engine.env, **(extra_env or {})}
+    return run_tool(module, "--platform-root", str(platform), "--backup-dir", str(backup_dir), *args, env=env)
+
+
+@pytest.fixture
+def vault(docker_engine, tmp_path):
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "vault", container="vault")
+    engine.run_container("vault", "-v", "vault-data:/vault/data", "-v", f"{STANDINS}:/opt/standins:ro",
+                         "-e", STANDIN_PATH, "-e", "VAULT_ADDR=http://127.0.0.1:8200")
+    engine.docker("exec", "vault", "sh", "-c", f"echo {VAULT_TOKEN} > /vault/data/.standin-root-token; echo raft-data > /vault/data/raft.db")
+    return engine, platform
+
+
+def test_e2e_vault_snapshot_saved_copied_out_verified_and_cleaned(vault, tmp_path):
+    engine, platform = vault
+    with ArgvWatcher(VAULT_TOKEN) as watcher:
+        proc = tool(engine, platform, "vault", tmp_path / "b", "--debug", extra_env={"VAULT_TOKEN": VAULT_TOKEN})
+    assert proc.returncode == 0, proc.stderr
+    assert watcher.samples > 0 and watcher.hits == []
+    snap, manifest = map(Path, proc.stdout.split())
+    assert snap.name.endswith(".snap") and VAULT_TOKEN not in proc.stderr and VAULT_TOKEN not in manifest.read_text()
+    doc = json.loads(manifest.read_text())
+    assert doc["procedure"] == "vault-raft-snapshot" and doc["fallback_used"] is None and doc["format"] == "snap"
+    assert doc["verification"]["vault_inspect"] == "ok" and doc["verification"]["sha256sums"] == "2 members match"
+    assert engine.docker("exec", "vault", "ls", "/tmp").stdout.strip() == ""  # temporary snapshot removed
+    with tarfile.open(snap) as tar:
+        assert sorted(tar.getnames()) == ["SHA256SUMS", "meta.json", "state.bin"]
+    assert run_tool("--verify", str(snap), env=engine.env).returncode == 0
+    drill = run_tool("--drill", str(snap), env=engine.env)
+    assert drill.returncode == 0, drill.stderr
+    assert "structure, SHA256SUMS and contents listing only" in drill.stdout and "state.bin" in drill.stdout
+
+
+@pytest.mark.parametrize(
+    ("setup", "token", "reason"),
+    [
+        ("true", None, "no VAULT_TOKEN in the environment"),
+        ("true", "s.wrong", "permission denied"),
+        ("touch /vault/data/.standin-sealed", VAULT_TOKEN, "Vault is sealed"),
+        ("touch /vault/data/.standin-not-raft", VAULT_TOKEN, "raft storage is not in use"),
+    ],
+    ids=["no-token", "bad-token", "sealed", "not-raft"],
+)
+def test_e2e_vault_falls_back_loudly(vault, tmp_path, setup, token, reason):
+    engine, platform = vault
+    engine.docker("exec", "vault", "sh", "-c", setup)
+    proc = tool(engine, platform, "vault", tmp_path / "b", extra_env={"VAULT_TOKEN": token} if token else {})
+    assert proc.returncode == 0, proc.stderr
+    assert "VAULT-RAFT-SNAPSHOT NOT POSSIBLE" in proc.stderr and "--pause" in proc.stderr
+    archive, manifest = map(Path, proc.stdout.split())
+    doc = json.loads(manifest.read_text())
+    assert doc["procedure"] == "mounted-archive" and reason in doc["fallback_used"]["reason"]
+    with tarfile.open(archive) as tar:
+        assert "vault/data/raft.db" in tar.getnames()
+    assert engine.docker("exec", "vault", "ls", "/tmp").stdout.strip() == ""
+
+
+@pytest.fixture
+def meili(docker_engine, tmp_path):
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "karakeep-meilisearch")
+    engine.run_container("apps-meili-1", "--label", "com.docker.compose.service=karakeep-meilisearch",
+                         "-v", "meili-data:/meili_data", "-v", f"{STANDINS}:/opt/standins:ro", "-w", "/meili_data",
+                         "-e", f"MEILI_MASTER_KEY={MEILI_KEY}", command=("/opt/standins/meilisearch",))
+    engine.docker("exec", "apps-meili-1", "sh", "-c", "mkdir -p /meili_data/data.ms && printf '{\"id\":1}\\n{\"id\":2}\\n' > /meili_data/data.ms/bookmarks.jsonl")
+    engine.wait_for("apps-meili-1", ["curl", "-sf", "http://127.0.0.1:7700/health"])
+    classes = tmp_path / "classes.toml"
+    classes.write_text((REPO / "classes.toml").read_text().replace("meilisearch_dump = false", "meilisearch_dump = true"))
+    return engine, platform, classes
+
+
+def test_e2e_meilisearch_default_is_mounted_archive(meili, tmp_path):
+    engine, platform, _ = meili
+    proc = tool(engine, platform, "karakeep-meilisearch", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    assert "dump API not enabled" in proc.stderr
+    doc = json.loads(Path(proc.stdout.split()[1]).read_text())
+    assert doc["format"] == "tar.gz" and doc["contents"]["engine"] == "meilisearch"
+
+
+def test_e2e_meilisearch_dump_api(meili, tmp_path):
+    engine, platform, classes = meili
+    with ArgvWatcher(MEILI_KEY) as watcher:
+        proc = tool(engine, platform, "karakeep-meilisearch", tmp_path / "b", "--classes", str(classes), "--debug")
+    assert proc.returncode == 0, proc.stderr
+    assert watcher.samples > 0 and watcher.hits == []
+    dump, manifest = map(Path, proc.stdout.split())
+    assert dump.name.endswith(".dump") and MEILI_KEY not in proc.stderr and MEILI_KEY not in manifest.read_text()
+    doc = json.loads(manifest.read_text())
+    assert doc["procedure"] == "search-engine" and doc["contents"]["engine"] == "meilisearch"
+    assert doc["verification"]["dump_version"] == "V6" and doc["verification"]["members"] == 3
+    assert engine.docker("exec", "apps-meili-1", "ls", "/meili_data/dumps").stdout.strip() == ""  # its dump removed
+    with tarfile.open(dump) as tar:
+        assert tar.extractfile("indexes/bookmarks/documents.jsonl").read() == b'{"id":1}\n{"id":2}\n'
+    assert run_tool("--verify", str(dump), env=engine.env).returncode == 0
+    drill = run_tool("--drill", str(dump), env=engine.env)
+    assert drill.returncode == 0 and "contents listing only" in drill.stdout
+
+
+def test_e2e_meilisearch_failed_dump_task_exit_1(meili, tmp_path):
+    engine, platform, classes = meili
+    engine.docker("exec", "apps-meili-1", "touch", "/meili_data/.standin-dump-fails")
+    proc = tool(engine, platform, "karakeep-meilisearch", tmp_path / "b", "--classes", str(classes))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "backup-before-apply: error: Meilisearch dump task 0 failed: dump_process_failed "
+        "An internal error has occurred. `No space left on device (os error 28)`."
+    )
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".karakeep-meilisearch.lock"]
+
+
+def test_e2e_meilisearch_wrong_key_exit_1(meili, tmp_path):
+    engine, platform, classes = meili
+    engine.docker("stop", "apps-meili-1")
+    engine.docker("rm", "apps-meili-1")
+    engine.run_container("apps-meili-1", "--label", "com.docker.compose.service=karakeep-meilisearch",
+                         "-v", "meili-data:/meili_data", "-v", f"{STANDINS}:/opt/standins:ro", "-w", "/meili_data",
+                         "-e", "MEILI_MASTER_KEY=", command=("sh", "-c", "MEILI_MASTER_KEY=other exec /opt/standins/meilisearch"))
+    engine.wait_for("apps-meili-1", ["curl", "-sf", "http://127.0.0.1:7700/health"])
+    proc = tool(engine, platform, "karakeep-meilisearch", tmp_path / "b", "--classes", str(classes))
+    assert proc.returncode == 1
+    assert "Meilisearch refused the dump: HTTP 403: The provided API key is invalid." in proc.stderr
+
+
+def test_e2e_searxng_config_only(docker_engine, tmp_path):
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "searxng")
+    config = tmp_path / "searxng"
+    config.mkdir()
+    (config / "settings.yml").write_text("server:\n  secret_key: 'abc'\n")
+    (config / "limiter.toml").write_text("[botdetection]\n")
+    engine.run_container("searxng", "-v", f"{config}:/etc/searxng", "-v", "searxng-cache:/var/cache/searxng")
+    engine.docker("exec", "searxng", "sh", "-c", "head -c 50000 /dev/urandom > /var/cache/searxng/cache.db")
+    proc = tool(engine, platform, "searxng", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    assert "SearXNG: backing up its configuration only (/etc/searxng); skipped: /var/cache/searxng" in proc.stderr
+    archive, manifest = proc.stdout.split()
+    with tarfile.open(archive) as tar:
+        assert sorted(tar.getnames()) == ["etc/searxng", "etc/searxng/limiter.toml", "etc/searxng/settings.yml"]
+    doc = json.loads(Path(manifest).read_text())
+    assert {"destination": "/var/cache/searxng", "reason": "not SearXNG configuration (cache or runtime data)"} in doc["skipped_mounts"]
+    drill = run_tool("--drill", archive, env=engine.env)
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+
+
+def test_standins_say_what_they_stand_in_for():
+    for name in ("vault", "meilisearch"):
+        text = (STANDINS / name).read_text()
+        assert "Stand-in for" in text and "Never shipped with the tool." in text
+        assert os.access(STANDINS / name, os.X_OK)
