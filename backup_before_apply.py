@@ -537,13 +537,14 @@ def _is_glob(pattern: str) -> bool:
     return any(ch in pattern for ch in "*?[")
 
 
-def classify(module_id: str, config: Config) -> tuple[BackupClass, str]:
+def classify(module_id: str, config: Config, exclude: str | None = None) -> tuple[BackupClass, str]:
     """Return the class of a module and the pattern that decided it.
 
     An exact name beats any glob; among globs the one with the most literal characters
-    wins (`agaria-*` over `*`); no match gives the default class. Raise UsageError if two
-    classes tie.
+    wins (`agaria-*` over `*`); no match gives the default class. exclude leaves one
+    class out (what else is agaria-postgres? A). Raise UsageError if two classes tie.
     """
+    config = dataclasses.replace(config, classes={k: v for k, v in config.classes.items() if k != exclude})
     for cls in config.classes.values():
         if module_id in cls.patterns:
             return cls, module_id
@@ -1330,7 +1331,7 @@ def module_lock(dir_fd: int, module_id: str, timeout: float) -> Iterator[None]:
 
 def remove_stale_partials(dir_fd: int, module_id: str) -> None:
     """Remove <module>-*.partial left by a killed run; only called under the module lock."""
-    stale = re.compile(re.escape(module_id) + r"-[0-9]{8}T[0-9]{6}Z\.[a-z.]+\.partial")
+    stale = re.compile(re.escape(module_id) + r"-[0-9]{8}T[0-9]{6}Z\.[a-z.]+\.partial")  # incl. class G's .pgdump.sql.gz
     for name in os.listdir(dir_fd):
         if stale.fullmatch(name):
             LOG.warning("removing %s left by an interrupted run", name)
@@ -1393,6 +1394,11 @@ class PartialFile:
     def flush(self) -> None:
         pass
 
+    def close(self) -> None:
+        """Flush and close the partial file without publishing it (it is removed on exit)."""
+        assert self._file is not None
+        self._file.close()
+
     def reopen_for_reading(self) -> IO[bytes]:
         """Return a new read handle on the partial file (for verification before commit)."""
         fd = os.open(self.partial, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)
@@ -1440,6 +1446,8 @@ class ArchiveItem:
     path: str
     host: str | None  # a readable host path, or None to stream it with docker cp
     group: str
+    prefix: str = ""  # put in the archive under prefix + path (class G keeps containers apart)
+    container: str | None = None  # the container to docker cp from, when not the job's
 
 
 def locate(path: str, mounts: list[MountPlan]) -> ArchiveItem:
@@ -1482,7 +1490,7 @@ class ArchiveStats:
             entry["bytes"] += member.size
         kind = "h" if member.islnk() else "f" if member.isreg() else "d" if member.isdir() else "l" if member.issym() else "o"
         line = "\0".join(
-            [member.name.rstrip("/"), kind, f"{member.mode:o}", str(member.uid), str(member.gid),
+            [member.name.rstrip("/"), kind, f"{member.mode & 0o7777:o}", str(member.uid), str(member.gid),
              str(member.size) if kind == "f" else "", member.linkname if kind == "l" else ""]
         )
         digest = int.from_bytes(hashlib.sha256(line.encode("utf-8", "surrogateescape")).digest(), "big")
@@ -1540,9 +1548,10 @@ def archive_from_host(tar: tarfile.TarFile, item: ArchiveItem, nested: list[str]
     assert item.host is not None
     stack = [(item.host, item.path.strip("/"))]
     while stack:
-        path, arcname = stack.pop()
-        if "/" + arcname != item.path and _inside("/" + arcname, nested):
+        path, rel = stack.pop()
+        if "/" + rel != item.path and _inside("/" + rel, nested):
             continue  # archived on its own, as a mount of its own
+        arcname = item.prefix + rel
         try:
             member = tar.gettarinfo(path, arcname)
             st = os.lstat(path)
@@ -1576,7 +1585,7 @@ def archive_from_host(tar: tarfile.TarFile, item: ArchiveItem, nested: list[str]
                 names = sorted(os.listdir(path), reverse=True)
             except FileNotFoundError:
                 continue
-            stack.extend((os.path.join(path, n), f"{arcname}/{n}") for n in names)
+            stack.extend((os.path.join(path, n), f"{rel}/{n}") for n in names)
 
 
 def archive_through_docker(tar: tarfile.TarFile, container: str, item: ArchiveItem, nested: list[str], stats: ArchiveStats, timeout: float) -> None:
@@ -1594,8 +1603,8 @@ def archive_through_docker(tar: tarfile.TarFile, container: str, item: ArchiveIt
                 if "/" + name != item.path and _inside("/" + name, nested):
                     continue
                 if member.islnk():
-                    member.linkname = posixpath.normpath(posixpath.join(parent, member.linkname)).lstrip("/")
-                member.name = name
+                    member.linkname = item.prefix + posixpath.normpath(posixpath.join(parent, member.linkname)).lstrip("/")
+                member.name = item.prefix + name
                 _numeric(member)
                 tar.addfile(member, source.extractfile(member) if member.isreg() else None)
                 _forget_members(tar)
@@ -1605,14 +1614,15 @@ def archive_through_docker(tar: tarfile.TarFile, container: str, item: ArchiveIt
 
 def archive_items(tar: tarfile.TarFile, container: str, items: list[ArchiveItem], skipped: list[str], stats: ArchiveStats, timeout: float) -> None:
     """Add every item to tar; a path that is its own item (or skipped) is not repeated."""
-    paths = [i.path for i in items] + skipped
     for item in items:
+        # Only paths of the same container (same prefix) can hide inside each other.
+        paths = [i.path for i in items if i.prefix == item.prefix] + (skipped if not item.prefix else [])
         nested = [p for p in paths if p != item.path and _inside(p, [item.path])]
         LOG.info("archiving %s via %s", item.path, "host path " + item.host if item.host else "docker cp")
         if item.host is not None:
             archive_from_host(tar, item, nested, stats)
         else:
-            archive_through_docker(tar, container, item, nested, stats, timeout)
+            archive_through_docker(tar, item.container or container, item, nested, stats, timeout)
 
 
 def scan_tar(fh: IO[bytes], *, rdb_member: str | None = None) -> dict[str, Any]:
@@ -1696,6 +1706,8 @@ class BackupJob:
     timestamp: str
     pause: bool
     env: dict[str, str]
+    containers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    secondary: str | None = None  # class G: the procedure the module's own kind also needs
 
     @property
     def basename(self) -> str:
@@ -2129,6 +2141,21 @@ def pg_census(target: PgTarget, timeout: float) -> tuple[dict[str, Any], dict[st
     return {"engine": "postgresql", "version": version, "user": target.user}, counts
 
 
+def dump_cluster(job: BackupJob, target: PgTarget, out: PartialFile) -> int:
+    """Stream pg_dumpall through gzip into out; return the SQL bytes. Raise BackupError if incomplete."""
+    argv = exec_argv(target.container, ["pg_dumpall", "-U", target.user, "--clean", "--if-exists"], secrets=target.secrets)
+    size, tail = 0, b""
+    LOG.info("dumping with pg_dumpall into %s.partial", out.path)
+    with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=job.settings.compress_level) as gz:
+        with stream_from(argv, timeout=job.settings.pause_timeout, secrets=target.secrets) as pipe:
+            while chunk := pipe.read(COPY_CHUNK):
+                gz.write(chunk)
+                size += len(chunk)
+                tail = (tail + chunk)[-PG_TAIL_BYTES:]
+    check_sql_dump(size, tail)
+    return size
+
+
 def procedure_pg_dumpall(job: BackupJob, dir_fd: int) -> BackupResult:
     """Class A: pg_dumpall of the whole cluster, streamed into <module>-<ts>.sql.gz, verified."""
     require_running(job, "pg_dumpall")
@@ -2138,17 +2165,8 @@ def procedure_pg_dumpall(job: BackupJob, dir_fd: int) -> BackupResult:
         "PostgreSQL %s, user %s: %s", server["version"], target.user,
         ", ".join(f"{db} ({c['tables']} tables, {c['rows']} rows)" for db, c in counts.items()) or "no databases",
     )
-    argv = exec_argv(job.container, ["pg_dumpall", "-U", target.user, "--clean", "--if-exists"], secrets=target.secrets)
-    size, tail = 0, b""
     with PartialFile(dir_fd, job.basename + ".sql.gz", job.backup_dir) as out:
-        LOG.info("dumping with pg_dumpall into %s.partial", out.path)
-        with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=job.settings.compress_level) as gz:
-            with stream_from(argv, timeout=job.settings.pause_timeout, secrets=target.secrets) as pipe:
-                while chunk := pipe.read(COPY_CHUNK):
-                    gz.write(chunk)
-                    size += len(chunk)
-                    tail = (tail + chunk)[-PG_TAIL_BYTES:]
-        check_sql_dump(size, tail)
+        size = dump_cluster(job, target, out)
         with out.reopen_for_reading() as fh:
             verification = scan_sql_gz(fh)
         if verification["sql_bytes"] != size:
@@ -2319,12 +2337,92 @@ def procedure_redis_bgsave(job: BackupJob, dir_fd: int) -> BackupResult:
     return result
 
 
+# -- class G: a module with its own compose root (Agaria)
+
+AGARIA_FOLLOW_UP = "Agaria-specific follow-up required"
+COMPOSE_DUMP_SUFFIX = ".pgdump.sql.gz"
+
+
+def compose_labels(container: dict[str, Any]) -> dict[str, str]:
+    return dict(container.get("Config", {}).get("Labels") or {})
+
+
+def procedure_compose_root_archive(job: BackupJob, dir_fd: int) -> BackupResult:
+    """Class G: the compose root and the mounted data of every container of its compose project.
+
+    One archive: compose-root/<path>, containers/<name>/<mount>/..., and for a module that
+    is also PostgreSQL (agaria-postgres) dumps/pg_dumpall.sql.gz; for one that is also
+    Redis (agaria-redis) a BGSAVE first. Falls back to the module's mounted data when the
+    compose root cannot be read from here.
+    """
+    LOG.warning("%s (origin table, class %s)", AGARIA_FOLLOW_UP, job.cls.letter)
+    labels = compose_labels(job.resolution.container)
+    root = job.cls.options["compose_root"] or labels.get("com.docker.compose.project.working_dir", "")
+    project = labels.get("com.docker.compose.project")
+    if not root:
+        reason = f"no compose root: no com.docker.compose.project.working_dir label and no classes.{job.cls.letter}.options.compose_root"
+    elif not job.engine.local or job.engine.rootless:
+        reason = f"compose root {root} is on the engine's host ({job.engine.endpoint}), not readable from here"
+    elif not os.path.isdir(root):
+        reason = f"compose root {root} does not exist on this host"
+    else:
+        reason = ""
+    if reason:
+        result = fall_back(job, dir_fd, reason)
+        result.warnings.append(AGARIA_FOLLOW_UP)
+        return result
+
+    members = [c for c in job.containers if project and compose_labels(c).get("com.docker.compose.project") == project]
+    if not any(c.get("Id") == job.resolution.container.get("Id") for c in members):
+        members.append(job.resolution.container)
+    items = [ArchiveItem(root, root, "compose-root/" + root.strip("/"), prefix="compose-root/")]
+    for config_file in labels.get("com.docker.compose.project.config_files", "").split(","):
+        if config_file and not _inside(config_file, [root]) and os.path.isfile(config_file):
+            items.append(ArchiveItem(config_file, config_file, "compose-root/" + config_file.strip("/"), prefix="compose-root/"))
+    names = []
+    for container in sorted(members, key=container_name):
+        name = container_name(container)
+        names.append(name)
+        for mount in plan_mounts(container, read_on_host=True)[0]:
+            prefix = f"containers/{name}/"
+            host = mount.source if mount.via == "host" else None
+            items.append(ArchiveItem(mount.destination, host, prefix + mount.destination.strip("/"), prefix=prefix, container=name))
+    LOG.info("compose project %s: root %s, containers %s", project or "(none)", root, ", ".join(names))
+
+    details: dict[str, Any] = {"compose_root": root, "compose_project": project, "containers": names, "follow_up": AGARIA_FOLLOW_UP,
+                               "also": job.secondary}
+    server: dict[str, Any] | None = None
+    counts: dict[str, Any] | None = None
+    with contextlib.ExitStack() as stack:
+        if job.secondary == "pg-dumpall":
+            require_running(job, "pg_dumpall")
+            target = pg_target(job.resolution.container)
+            server, counts = pg_census(target, job.settings.docker_timeout)
+            dump = stack.enter_context(PartialFile(dir_fd, job.basename + COMPOSE_DUMP_SUFFIX, job.backup_dir))
+            details["sql_bytes"] = dump_cluster(job, target, dump)
+            dump.close()
+            partial = str(job.backup_dir / dump.partial)
+            items.append(ArchiveItem("/pg_dumpall.sql.gz", partial, "dumps/pg_dumpall.sql.gz", prefix="dumps/"))
+        elif job.secondary == "redis-bgsave":
+            require_running(job, "BGSAVE")
+            target_redis = redis_target(job.resolution.container, job.settings, job.env)
+            counts = redis_keyspace(target_redis, job.settings.docker_timeout)
+            details["bgsave"] = redis_bgsave(target_redis, job.settings.snapshot_timeout, job.settings.docker_timeout)
+        result = write_archive(job, dir_fd, items)
+    result.contents.update(details)
+    result.contents["groups"] = result.contents.pop("per_mount")
+    result.server, result.counts = server, counts
+    result.warnings.append(AGARIA_FOLLOW_UP)
+    return result
+
+
 PROCEDURES = {
     "mounted-archive": procedure_mounted_archive,
     "pg-dumpall": procedure_pg_dumpall,
     "redis-bgsave": procedure_redis_bgsave,
     "vault-raft-snapshot": procedure_vault_raft_snapshot,
     "search-engine": procedure_search_engine,
+    "compose-root-archive": procedure_compose_root_archive,
 }
 # Backups that are one engine-made file, checked by its own structure.
 SINGLE_FILE_SCANS: dict[str, Callable[[IO[bytes]], dict[str, Any]]] = {
@@ -2713,6 +2811,32 @@ def drill_listing(doc: dict[str, Any], backup: Path, lines: list[str]) -> int:
     return int(not compare("members", doc.get("verification", {}).get("members"), len(sizes), lines))
 
 
+def drill_groups(doc: dict[str, Any], backup: Path, lines: list[str]) -> int:
+    """Archives of several sources (G's compose project): re-read and compare every group."""
+    groups = doc.get("contents", {}).get("groups") or {}
+    lines.append("structure and contents listing only: every group of the archive re-read and compared with the manifest")
+    if doc.get("contents", {}).get("follow_up"):
+        lines.append(doc["contents"]["follow_up"])
+    stats = ArchiveStats()
+    prefixes = sorted(groups, key=len, reverse=True)
+    try:
+        with open(backup, "rb") as fh, gzip.GzipFile(fileobj=fh, mode="rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+            for member in tar:
+                name = member.name.rstrip("/")
+                group = next((p for p in prefixes if name == p or name.startswith(p + "/")), "(outside every group)")
+                stats.count(group, member)
+                _forget_members(tar)
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
+        raise BackupError(f"drill: {backup.name} is not a complete tar.gz ({exc})") from None
+    found = stats.summary()
+    differences = 0
+    for group in sorted(set(groups) | set(found)):
+        lines.append(f"{group}:")
+        for key in ("members", "files", "bytes", "listing_sha256"):
+            differences += not compare(key, groups.get(group, {}).get(key), found.get(group, {}).get(key), lines)
+    return differences
+
+
 def drill_backup(path: Path, settings: Settings, env: dict[str, str], out: IO[str]) -> int:
     """Restore a backup into a throwaway container and compare it with its manifest.
 
@@ -2727,6 +2851,8 @@ def drill_backup(path: Path, settings: Settings, env: dict[str, str], out: IO[st
     lines = [f"drill of {backup.name} (class {doc.get('class')}, {procedure})"]
     if doc.get("format") in SINGLE_FILE_SCANS:
         differences = drill_listing(doc, backup, lines)
+    elif doc.get("contents", {}).get("groups"):
+        differences = drill_groups(doc, backup, lines)
     else:
         engine = engine_info(settings.docker_timeout)
         live = live_container(doc, settings.docker_timeout)
@@ -2742,8 +2868,8 @@ def drill_backup(path: Path, settings: Settings, env: dict[str, str], out: IO[st
     out.write("\n".join(lines) + "\n")
     if differences:
         raise BackupError(f"drill failed: {differences} difference(s) between the restored data and the manifest")
-    if doc.get("format") in SINGLE_FILE_SCANS:
-        out.write("drill passed: structure and contents match the manifest (the engine itself was not started)\n")
+    if doc.get("format") in SINGLE_FILE_SCANS or doc.get("contents", {}).get("groups"):
+        out.write("drill passed: structure and contents match the manifest (nothing was started)\n")
     else:
         out.write("drill passed: the restored data matches the manifest\n")
     return EXIT_OK
@@ -2869,7 +2995,8 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
         raise UsageError("--pause does not apply to pg-dumpall: the dump needs the server answering (it is consistent without a pause)")
 
     timeout = settings.docker_timeout
-    resolution = resolve_container(module, list_containers(timeout), args.container)
+    containers = list_containers(timeout)
+    resolution = resolve_container(module, containers, args.container)
     LOG.info("container %s (%s), resolved by %s", resolution.name, resolution.state, resolution.rule)
     state = resolution.container.get("State", {})
     if state.get("Paused"):
@@ -2888,7 +3015,10 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
         LOG.info("skipping mount %s: %s", dest, reason)
 
     backup_dir = Path(settings.backup_dir or platform_root / "backups").absolute()
-    job = BackupJob(module, cls, procedure, resolution, engine, settings, mounts, skipped, backup_dir, utc_timestamp(), pause, env)
+    job = BackupJob(module, cls, procedure, resolution, engine, settings, mounts, skipped, backup_dir, utc_timestamp(), pause, env, containers)
+    if procedure == "compose-root-archive":
+        also = classify(module.id, config, exclude=cls.letter)[0].procedure
+        job.secondary = also if also in ("pg-dumpall", "redis-bgsave") else None
     if args.dry_run:
         ensure_backup_dir(backup_dir, create=False)
         print_plan(job, out, args.json)
