@@ -177,3 +177,80 @@ def test_standins_say_what_they_stand_in_for():
         text = (STANDINS / name).read_text()
         assert "Stand-in for" in text and "Never shipped with the tool." in text
         assert os.access(STANDINS / name, os.X_OK)
+
+
+@pytest.fixture
+def agaria(docker_engine, tmp_path):
+    """A separate compose project: PostgreSQL and Redis, with a compose root on this host."""
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "agaria-postgres")
+    write_module(platform, "agaria-redis")
+    root = tmp_path / "agaria"
+    root.mkdir()
+    (root / "compose.yaml").write_text("services:\n  agaria-postgres: {image: postgres}\n  agaria-redis: {image: redis}\n")
+    (root / ".env").write_text("AGARIA_SECRET=in-the-compose-root\n")
+
+    def labels(service, working_dir=root):
+        return ["--label", "com.docker.compose.project=agaria", "--label", f"com.docker.compose.service={service}",
+                "--label", f"com.docker.compose.project.working_dir={working_dir}",
+                "--label", f"com.docker.compose.project.config_files={working_dir}/compose.yaml"]
+
+    engine.run_postgres("agaria-agaria-postgres-1", *labels("agaria-postgres"), user="agaria", password="agaria-pw")
+    engine.docker("exec", "agaria-agaria-postgres-1", "psql", "-q", "-U", "agaria", "-d", "postgres", "-c",
+                  "CREATE TABLE farms AS SELECT g AS id FROM generate_series(1, 99) g")
+    engine.run_redis("agaria-agaria-redis-1", *labels("agaria-redis"))
+    engine.docker("exec", "agaria-agaria-redis-1", "redis-cli", "SET", "crop", "wheat")
+    return engine, platform, root, labels
+
+
+def test_e2e_agaria_postgres_compose_root_project_and_dump(agaria, tmp_path):
+    engine, platform, root, _ = agaria
+    with ArgvWatcher("agaria-pw") as watcher:
+        proc = tool(engine, platform, "agaria-postgres", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    assert watcher.hits == []
+    assert "Agaria-specific follow-up required" in proc.stderr
+    archive, manifest = proc.stdout.split()
+    doc = json.loads(Path(manifest).read_text())
+    assert doc["procedure"] == "compose-root-archive" and doc["contents"]["also"] == "pg-dumpall"
+    assert doc["contents"]["compose_root"] == str(root) and doc["contents"]["compose_project"] == "agaria"
+    assert doc["contents"]["containers"] == ["agaria-agaria-postgres-1", "agaria-agaria-redis-1"]
+    assert "Agaria-specific follow-up required" in doc["warnings"]
+    assert doc["counts"]["postgres"]["row_counts"] == {"public.farms": 99}
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        dump = tar.extractfile("dumps/pg_dumpall.sql.gz").read()
+    assert f"compose-root{root}/compose.yaml" in names and f"compose-root{root}/.env" in names
+    assert "containers/agaria-agaria-postgres-1/var/lib/postgresql/data/PG_VERSION" in names
+    assert "containers/agaria-agaria-redis-1/data" in names
+    import gzip
+    assert b"-- PostgreSQL database cluster dump complete" in gzip.decompress(dump)[-200:]
+    assert not list((tmp_path / "b").glob("*.pgdump.sql.gz*"))  # the temporary dump is gone
+    assert run_tool("--verify", archive, env=engine.env).returncode == 0
+    drill = run_tool("--drill", archive, env=engine.env)
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert "Agaria-specific follow-up required" in drill.stdout and "dumps/pg_dumpall.sql.gz:" in drill.stdout
+
+
+def test_e2e_agaria_redis_bgsave_first(agaria, tmp_path):
+    engine, platform, _, _ = agaria
+    proc = tool(engine, platform, "agaria-redis", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(Path(proc.stdout.split()[1]).read_text())
+    assert doc["contents"]["also"] == "redis-bgsave" and doc["counts"] == {"db0": 1}
+    assert doc["contents"]["bgsave"]["lastsave_after"] > doc["contents"]["bgsave"]["lastsave_before"]
+    with tarfile.open(proc.stdout.split()[0]) as tar:
+        assert "containers/agaria-agaria-redis-1/data/dump.rdb" in tar.getnames()
+
+
+def test_e2e_agaria_compose_root_missing_falls_back(agaria, tmp_path):
+    engine, platform, root, labels = agaria
+    engine.docker("rm", "-f", "agaria-agaria-redis-1")
+    engine.run_container("agaria-agaria-redis-1", *labels("agaria-redis", working_dir=tmp_path / "gone"), "-v", "agaria-cache:/data")
+    proc = tool(engine, platform, "agaria-redis", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    assert "COMPOSE-ROOT-ARCHIVE NOT POSSIBLE" in proc.stderr
+    doc = json.loads(Path(proc.stdout.split()[1]).read_text())
+    assert doc["procedure"] == "mounted-archive" and f"compose root {tmp_path / 'gone'} does not exist" in doc["fallback_used"]["reason"]
+    assert "Agaria-specific follow-up required" in doc["warnings"]
