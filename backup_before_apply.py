@@ -30,6 +30,7 @@ import os
 import posixpath
 import re
 import shlex
+import shutil
 import signal
 import stat
 import subprocess
@@ -66,9 +67,7 @@ LIFECYCLES = ("active", "parked", "sunset", "non-canonical")
 STATEFULNESS = ("stateful", "stateless")
 UNDECLARED = "undeclared"
 
-# Every procedure name classes.toml may use; IMPLEMENTED (below) says which ones this
-# version can run. A class whose procedure is not implemented is refused, never silently
-# replaced by a live copy of its data directory.
+# Every procedure name classes.toml may use (PROCEDURES, below, maps each to its function).
 PROCEDURE_NAMES = (
     "mounted-archive",
     "pg-dumpall",
@@ -194,6 +193,7 @@ def run(
     timeout: float | None = None,
     input: bytes | None = None,
     secrets: dict[str, str] | None = None,
+    cwd: str | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run argv (never through a shell) and return the completed process.
 
@@ -202,7 +202,7 @@ def run(
     """
     LOG.debug("$ %s", mask_argv(argv))
     try:
-        proc = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False, env=_child_env(secrets))
+        proc = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False, env=_child_env(secrets), cwd=cwd)
     except FileNotFoundError:
         raise BackupError(f"{argv[0]}: command not found on PATH") from None
     except subprocess.TimeoutExpired as exc:
@@ -1956,6 +1956,128 @@ def procedure_vault_raft_snapshot(job: BackupJob, dir_fd: int) -> BackupResult:
     return result
 
 
+# -- class D: MinIO
+
+MINIO_HINT = "MinIO supports restoring backend files only onto the same release and drive layout, with the server stopped"
+
+
+def mc_json_lines(proc: subprocess.CompletedProcess[bytes], what: str) -> list[dict[str, Any]]:
+    """Return the JSON objects mc printed one per line. Raise BackupError on any error line.
+
+    mc mirror goes on after a per-object error, so every line is read, and the exit
+    status is checked too.
+    """
+    records, errors = [], []
+    for line in proc.stdout.decode("utf-8", "replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise BackupError(f"{what}: output is not mc's --json lines: {line[:120]!r}") from None
+        if record.get("status") == "error":
+            error = record.get("error") or {}
+            cause = (error.get("cause") or {}).get("message", "")
+            errors.append(f"{error.get('message', 'error')} {cause}".strip())
+        else:
+            records.append(record)
+    if errors:
+        raise BackupError(f"{what}: {len(errors)} error(s), first: {errors[0]}")
+    if proc.returncode != 0:
+        raise CommandError(proc.args if isinstance(proc.args, list) else [what], proc.returncode, proc.stderr)
+    return records
+
+
+def procedure_mc_mirror(job: BackupJob, dir_fd: int) -> BackupResult:
+    """Class D: `mc mirror --preserve` of every bucket of the alias, plus the bucket metadata export.
+
+    mc runs on this host when it is there, else inside the container; objects are staged
+    in a private directory inside the backup directory, archived into one tar.gz, and the
+    staging is removed whatever happens. Falls back to the mounted data archive, loudly,
+    without an alias or without mc.
+    """
+    alias_env = job.cls.options["alias_env"]
+    alias = job.env.get(alias_env, "")
+    if not alias:
+        return fall_back(job, dir_fd, f"no {alias_env} in the environment", MINIO_HINT)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", alias):
+        raise UsageError(f"{alias_env}={alias!r} is not an mc alias name")
+    host_key = f"MC_HOST_{alias}"
+    secrets = {host_key: job.env[host_key]} if job.env.get(host_key) else {}
+    inside = f"/tmp/bba-{job.basename}"
+    host_mc = shutil.which("mc")
+    if host_mc and b"Midnight" in run([host_mc, "--version"], check=False, timeout=job.settings.docker_timeout).stdout:
+        host_mc = None  # Debian's mc is Midnight Commander
+    if host_mc is None:
+        require_running(job, "mc inside the container")
+        probe = run(exec_argv(job.container, ["mc", "--version"]), check=False, timeout=job.settings.docker_timeout)
+        if probe.returncode != 0:
+            return fall_back(job, dir_fd, "mc is neither on this host nor in the container", MINIO_HINT)
+
+    def mc(args: list[str], cwd: str) -> subprocess.CompletedProcess[bytes]:
+        if host_mc:
+            return run([host_mc, *args], check=False, timeout=job.settings.pause_timeout, secrets=secrets, cwd=cwd)
+        return run(["docker", "exec", "-w", cwd, *exec_argv(job.container, ["mc", *args], secrets=secrets)[2:]],
+                   check=False, timeout=job.settings.pause_timeout, secrets=secrets)
+
+    staging_name = f".{job.basename}.mc-staging"
+    os.mkdir(staging_name, 0o700, dir_fd=dir_fd)
+    staging = job.backup_dir / staging_name
+    try:
+        work = str(staging) if host_mc else inside
+        if host_mc:
+            for sub in ("buckets", "metadata"):
+                os.mkdir(staging / sub, 0o700)
+        else:
+            run(exec_argv(job.container, ["mkdir", "-p", f"{inside}/buckets", f"{inside}/metadata"]), timeout=job.settings.docker_timeout)
+        listing = mc_json_lines(mc(["ls", "--json", alias], work), f"mc ls {alias}")
+        bucket_names = [r["key"].rstrip("/") for r in listing if r.get("type") == "folder"]
+        LOG.info("mc alias %s (mc %s): buckets %s", alias, "on this host" if host_mc else "in the container", ", ".join(bucket_names) or "none")
+        objects: dict[str, int] = {}
+        for bucket in bucket_names:
+            lines = mc_json_lines(mc(["mirror", "--preserve", "--json", f"{alias}/{bucket}", f"{work}/buckets/{bucket}"], work), f"mc mirror {alias}/{bucket}")
+            objects[bucket] = sum(1 for r in lines if r.get("target"))
+        export = mc(["admin", "cluster", "bucket", "export", alias, "--json"], f"{work}/metadata")
+        try:
+            mc_json_lines(export, "mc admin cluster bucket export")
+            bucket_export = "ok"
+        except BackupError as exc:
+            bucket_export = f"not available: {exc}"
+            LOG.warning("bucket metadata not exported (%s); objects only", exc)
+        if not host_mc:
+            with stream_from(["docker", "cp", f"{job.container}:{inside}/.", "-"], timeout=job.settings.pause_timeout) as pipe:
+                with tarfile.open(fileobj=pipe, mode="r|") as tar:
+                    for member in tar:
+                        _forget_members(tar)
+                        target = os.path.normpath(os.path.join(staging, member.name))
+                        if not _inside(target, [str(staging)]) or member.issym() or member.islnk():
+                            raise BackupError(f"mc staging copy: unexpected entry {member.name!r}")
+                        if member.isdir():
+                            os.makedirs(target, mode=0o700, exist_ok=True)
+                        elif member.isreg():
+                            source = tar.extractfile(member)
+                            assert source is not None
+                            with open(target, "xb") as fh:
+                                shutil.copyfileobj(source, fh, COPY_CHUNK)
+                            os.utime(target, (member.mtime, member.mtime))
+        items = [ArchiveItem(f"/{b}", str(staging / "buckets" / b), f"buckets/{b}", prefix="buckets/")
+                 for b in bucket_names if (staging / "buckets" / b).is_dir()]
+        items += [ArchiveItem(f"/{name}", str(staging / "metadata" / name), f"metadata/{name}", prefix="metadata/")
+                  for name in sorted(os.listdir(staging / "metadata"))]
+        if not items:
+            raise BackupError(f"mc alias {alias} has no buckets: nothing would be backed up")
+        result = write_archive(job, dir_fd, items)
+    finally:
+        with signals_deferred():
+            shutil.rmtree(staging, ignore_errors=True)
+            if not host_mc:
+                run(exec_argv(job.container, ["rm", "-rf", inside]), timeout=job.settings.docker_timeout, check=False)
+    result.contents["groups"] = result.contents.pop("per_mount")
+    result.contents.update({"alias": alias, "mc": "host" if host_mc else "container", "bucket_export": bucket_export})
+    result.counts = {"objects": objects}
+    return result
+
+
 # -- class F: search engines (Meilisearch, SearXNG)
 
 MEILI_TERMINAL = ("succeeded", "failed", "canceled")
@@ -2423,6 +2545,7 @@ PROCEDURES = {
     "vault-raft-snapshot": procedure_vault_raft_snapshot,
     "search-engine": procedure_search_engine,
     "compose-root-archive": procedure_compose_root_archive,
+    "mc-mirror": procedure_mc_mirror,
 }
 # Backups that are one engine-made file, checked by its own structure.
 SINGLE_FILE_SCANS: dict[str, Callable[[IO[bytes]], dict[str, Any]]] = {
@@ -2922,35 +3045,74 @@ def free_timestamp(dir_fd: int, module_id: str, suffixes: tuple[str, ...]) -> st
 
 
 def plan_steps(job: BackupJob) -> list[str]:
-    """Return every docker command and path a real run of job would use (--dry-run)."""
+    """Return every docker command and path a real run of job would use (--dry-run).
+
+    What depends on the engine's answers (Redis's data dir, the buckets, a Meilisearch
+    dump uid) is shown as <placeholders>.
+    """
     name = job.container
-    suffix = ".sql.gz" if job.procedure == "pg-dumpall" else ".tar.gz"
-    final = job.backup_dir / (job.basename + suffix)
+    tmp = f"/tmp/bba-{job.basename}"
+    fallback = f"fallback: {job.cls.fallback or 'none'}"
+    suffix, checks = ".tar.gz", "gzip complete, tar readable, entry count"
     steps: list[str] = []
+    archive_mounts = job.procedure == "mounted-archive"
     if job.procedure == "pg-dumpall":
+        suffix, checks = ".sql.gz", "gzip complete, trailer line present, size"
         pg = pg_target(job.resolution.container)
         psql = mask_argv(exec_argv(name, ["psql", "-X", "-A", "-t", "-q", "-U", pg.user, "-d", "<each database>", "-c", "<census query>"], secrets=pg.secrets))
         dump = mask_argv(exec_argv(name, ["pg_dumpall", "-U", pg.user, "--clean", "--if-exists"], secrets=pg.secrets))
-        steps += [f"run: {psql}", f"run: {dump} | gzip -{job.settings.compress_level} > {final}.partial (mode 0600)"]
-        checks = "gzip complete, trailer line present, size"
-    else:
-        if job.procedure == "redis-bgsave":
-            target = redis_target(job.resolution.container, job.settings, job.env)
-            for command in ("INFO keyspace", "LASTSAVE", "BGSAVE", "INFO persistence (until the save is done)", "CONFIG GET dir dbfilename appendonly appenddirname"):
-                steps.append(f"run: {mask_argv(exec_argv(name, ['redis-cli', '--no-auth-warning'], secrets=target.secrets))} {command}")
-            steps.append(f"archive: <dir>/<dbfilename> and, with appendonly, <dir>/<appenddirname> (fallback: {job.cls.fallback or 'none'})")
-        if job.pause:
-            steps.append(f"run: docker pause {name}")
-        if job.procedure == "mounted-archive":
-            for mount in job.mounts:
-                if mount.via == "host":
-                    steps.append(f"read: {mount.source} -> {mount.destination} ({mount.type})")
-                else:
-                    steps.append(f"run: docker cp {name}:{mount.destination} -")
-        if job.pause:
-            steps.append(f"run: docker unpause {name}")
-        steps.append(f"write: {final}.partial (mode 0600, gzip level {job.settings.compress_level})")
-        checks = "gzip complete, tar readable, entry count" + (", RDB magic, redis-check-rdb" if job.procedure == "redis-bgsave" else "")
+        steps += [f"run: {psql}", f"run: {dump} | gzip -{job.settings.compress_level} > <backup>.partial (mode 0600)"]
+    elif job.procedure == "redis-bgsave":
+        cli = mask_argv(exec_argv(name, ["redis-cli", "--no-auth-warning"], secrets=redis_target(job.resolution.container, job.settings, job.env).secrets))
+        for command in ("INFO keyspace", "LASTSAVE", "BGSAVE", "INFO persistence (until the save is done)", "CONFIG GET dir dbfilename appendonly appenddirname"):
+            steps.append(f"run: {cli} {command}")
+        steps.append(f"archive: <dir>/<dbfilename> and, with appendonly, <dir>/<appenddirname> ({fallback})")
+        checks += ", RDB magic, redis-check-rdb"
+    elif job.procedure == "vault-raft-snapshot":
+        suffix, checks = ".snap", "gzip'd tar, SHA256SUMS, vault operator raft snapshot inspect"
+        token_env = job.cls.options["token_env"]
+        if job.env.get(token_env):
+            vault = ["-e", "VAULT_ADDR", "-e", "VAULT_TOKEN", name, "vault", "operator", "raft", "snapshot"]
+            steps += [f"run: docker exec {shlex.join([*vault, 'save', tmp + '.snap'])}", f"run: docker exec {shlex.join([*vault, 'inspect', tmp + '.snap'])}",
+                      f"run: docker cp {name}:{tmp}.snap - > <backup>.partial", f"run: docker exec {name} rm -f {tmp}.snap"]
+        else:
+            steps.append(f"fall back: no {token_env} in the environment ({fallback})")
+            archive_mounts = True
+    elif job.procedure == "mc-mirror":
+        alias = job.env.get(job.cls.options["alias_env"])
+        if alias:
+            where = "mc (on this host if it is there, else docker exec -w <dir> " + name + " mc)"
+            steps += [f"run: {where} ls --json {alias}", f"run: {where} mirror --preserve --json {alias}/<bucket> <staging>/buckets/<bucket>",
+                      f"run: {where} admin cluster bucket export {alias} --json",
+                      f"stage in: {job.backup_dir}/.{job.basename}.mc-staging (0700, removed afterwards)"]
+        else:
+            steps.append(f"fall back: no {job.cls.options['alias_env']} in the environment ({fallback})")
+            archive_mounts = True
+    elif job.procedure == "search-engine":
+        kind = search_engine_kind(job)
+        if kind == "meilisearch" and job.cls.options["meilisearch_dump"]:
+            suffix, checks = ".dump", "gzip'd tar with metadata.json"
+            url = job.cls.options["meilisearch_url"]
+            steps += [f"run: docker exec -i {name} curl -K - (POST {url}/dumps; key on stdin)", f"run: ... GET {url}/tasks/<uid> until succeeded",
+                      f"run: docker cp {name}:<workdir>/dumps/<dumpUid>.dump - > <backup>.partial", f"run: docker exec {name} rm -f <that dump>"]
+        else:
+            steps.append(f"archive ({kind}): {'configuration mounts only (/etc/searxng)' if kind == 'searxng' else 'the mounted data'}")
+            archive_mounts = True
+    elif job.procedure == "compose-root-archive":
+        labels = compose_labels(job.resolution.container)
+        root = job.cls.options["compose_root"] or labels.get("com.docker.compose.project.working_dir", "<none: fallback>")
+        steps.append(f"read: compose root {root} -> compose-root/")
+        steps.append(f"read: the mounts of every container of compose project {labels.get('com.docker.compose.project', '<none>')} -> containers/<name>/")
+        if job.secondary:
+            steps.append(f"also take: {job.secondary} of {name} ({'dumps/pg_dumpall.sql.gz' if job.secondary == 'pg-dumpall' else 'BGSAVE first'})")
+    if archive_mounts:
+        for mount in job.mounts:
+            steps.append(f"read: {mount.source} -> {mount.destination} ({mount.type})" if mount.via == "host" else f"run: docker cp {name}:{mount.destination} -")
+    if job.pause and suffix == ".tar.gz":
+        steps = [f"run: docker pause {name}", *steps, f"run: docker unpause {name}"]
+    final = job.backup_dir / (job.basename + suffix)
+    steps = [step.replace("<backup>", str(final)) for step in steps]
+    steps.append(f"write: {final}.partial (mode 0600{', gzip level ' + str(job.settings.compress_level) if suffix.endswith('gz') else ''})")
     return [*steps, f"verify: {checks}", f"rename: {final}", f"write: {job.backup_dir / (job.basename + MANIFEST_SUFFIX)}"]
 
 
@@ -2986,11 +3148,6 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
     cls, pattern = classify(module.id, config)
     procedure = args.procedure or cls.procedure
     LOG.info("module %s: class %s (%s), matched by %s, procedure %s", module.id, cls.letter, cls.title, pattern, procedure)
-    if procedure not in PROCEDURES:
-        raise RefusedError(
-            f"class {cls.letter} ({cls.title}) uses procedure {procedure!r}, which version {__version__} does not implement; "
-            f"pass --procedure mounted-archive to take a live copy of its mounts knowingly"
-        )
     if args.pause and procedure == "pg-dumpall":
         raise UsageError("--pause does not apply to pg-dumpall: the dump needs the server answering (it is consistent without a pause)")
 
@@ -3120,7 +3277,7 @@ def audit_rows(modules: list[Module], config: Config, containers: list[dict[str,
                         row.data_bytes = sum(tree_size(m.source) for m in mounts)
         row.first_candidate = (
             module.statefulness == "stateful" and module.lifecycle == "active" and bool(row.running)
-            and cls is not None and cls.default and cls.procedure in PROCEDURES
+            and cls is not None and cls.default
         )
         rows.append(row)
     order = {letter: i for i, letter in enumerate(sorted(config.classes))}

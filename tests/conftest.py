@@ -79,7 +79,7 @@ class FakeDocker:
         self.calls: list[list[str]] = []
         self.fail_on: dict[str, str] = {}
 
-    def __call__(self, argv: list[str], *, check: bool = True, timeout: float | None = None, input: bytes | None = None, secrets=None):
+    def __call__(self, argv: list[str], *, check: bool = True, timeout: float | None = None, input: bytes | None = None, secrets=None, cwd=None):
         assert argv[0] == "docker", argv
         self.calls.append(argv)
         sub = argv[1]

@@ -252,12 +252,9 @@ def test_main_stateless_module_refused(platform, tmp_path, capsys):
     assert "is stateless" in capsys.readouterr().err
 
 
-def test_main_unimplemented_procedure_refused_not_replaced(platform, tmp_path, fake_docker, capsys):
-    write_module(platform, "minio")
-    fake = fake_docker(fake_container("minio"))
-    assert bba.main(["minio", "--platform-root", str(platform), "--backup-dir", str(tmp_path / "b")], env={}) == 3
-    assert "procedure 'mc-mirror', which version" in capsys.readouterr().err
-    assert fake.calls == [] and not (tmp_path / "b").exists()
+def test_every_procedure_name_is_implemented():
+    assert set(bba.PROCEDURE_NAMES) == set(bba.PROCEDURES)
+    assert set(bba.PROCEDURE_OPTIONS) <= set(bba.PROCEDURES)
 
 
 def test_main_usage_errors_exit_2(capsys):

@@ -173,7 +173,7 @@ def test_e2e_searxng_config_only(docker_engine, tmp_path):
 
 
 def test_standins_say_what_they_stand_in_for():
-    for name in ("vault", "meilisearch"):
+    for name in ("vault", "meilisearch", "mc"):
         text = (STANDINS / name).read_text()
         assert "Stand-in for" in text and "Never shipped with the tool." in text
         assert os.access(STANDINS / name, os.X_OK)
@@ -254,3 +254,97 @@ def test_e2e_agaria_compose_root_missing_falls_back(agaria, tmp_path):
     doc = json.loads(Path(proc.stdout.split()[1]).read_text())
     assert doc["procedure"] == "mounted-archive" and f"compose root {tmp_path / 'gone'} does not exist" in doc["fallback_used"]["reason"]
     assert "Agaria-specific follow-up required" in doc["warnings"]
+
+
+MINIO_SECRET = "minio-Secret-31f0"
+
+
+@pytest.fixture
+def minio(docker_engine, tmp_path):
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "minio")
+    engine.run_container("minio", "-v", "minio-data:/data", "-v", f"{STANDINS}:/opt/standins:ro", "-e", STANDIN_PATH,
+                         "-e", "MINIO_ROOT_USER=admin", "-e", f"MINIO_ROOT_PASSWORD={MINIO_SECRET}")
+    engine.docker("exec", "minio", "sh", "-c", "mkdir -p /data/photos/2024 /data/docs /data/.minio.sys && echo a > /data/photos/2024/a.jpg "
+                  "&& echo b > /data/docs/b.pdf && echo c > /data/docs/c.txt && echo fmt > /data/.minio.sys/format.json "
+                  "&& touch -d '2020-01-02 03:04:05' /data/docs/b.pdf")
+    alias = {"MINIO_MC_ALIAS": "local", "MC_HOST_local": f"http://admin:{MINIO_SECRET}@127.0.0.1:9000"}
+    return engine, platform, alias
+
+
+def test_e2e_minio_mirror_every_bucket_staging_removed(minio, tmp_path):
+    engine, platform, alias = minio
+    with ArgvWatcher(MINIO_SECRET) as watcher:
+        proc = tool(engine, platform, "minio", tmp_path / "b", "--debug", extra_env=alias)
+    assert proc.returncode == 0, proc.stderr
+    assert watcher.samples > 0 and watcher.hits == []
+    archive, manifest = proc.stdout.split()
+    assert MINIO_SECRET not in proc.stderr and MINIO_SECRET not in Path(manifest).read_text()
+    doc = json.loads(Path(manifest).read_text())
+    assert doc["procedure"] == "mc-mirror" and doc["counts"] == {"objects": {"docs": 2, "photos": 1}}
+    assert doc["contents"]["mc"] == "container" and doc["contents"]["bucket_export"] == "ok"
+    with tarfile.open(archive) as tar:
+        names = tar.getnames()
+        assert tar.getmember("buckets/docs/b.pdf").mtime == 1577934245  # --preserve kept the object's time
+    assert {"buckets/docs/b.pdf", "buckets/docs/c.txt", "buckets/photos/2024/a.jpg", "metadata/local-cluster-metadata.zip"} <= set(names)
+    assert not any(".minio.sys" in n for n in names)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted([".minio.lock", Path(archive).name, Path(manifest).name])
+    assert engine.docker("exec", "minio", "ls", "/tmp").stdout.strip() == ""
+    assert run_tool("--verify", archive, env=engine.env).returncode == 0
+    drill = run_tool("--drill", archive, env=engine.env)
+    assert drill.returncode == 0 and "buckets/docs:" in drill.stdout
+
+
+def test_e2e_minio_per_object_error_fails_and_cleans_up(minio, tmp_path):
+    engine, platform, alias = minio
+    engine.docker("exec", "minio", "sh", "-c", "echo docs/c.txt > /data/.standin-broken")
+    proc = tool(engine, platform, "minio", tmp_path / "b", extra_env=alias)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "backup-before-apply: error: mc mirror local/docs: 1 error(s), first: "
+        "Failed to copy `local/docs/c.txt`. We encountered an internal error, please try again."
+    )
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".minio.lock"]
+    assert engine.docker("exec", "minio", "ls", "/tmp").stdout.strip() == ""
+
+
+def test_e2e_minio_bad_credentials_exit_1(minio, tmp_path):
+    engine, platform, alias = minio
+    proc = tool(engine, platform, "minio", tmp_path / "b", extra_env={**alias, "MC_HOST_local": "http://admin:wrong@127.0.0.1:9000"})
+    assert proc.returncode == 1
+    assert "mc ls local: 1 error(s), first: Unable to list folder. The Access Key Id you provided does not exist" in proc.stderr
+
+
+def test_e2e_minio_without_alias_falls_back_loudly(minio, tmp_path):
+    engine, platform, _ = minio
+    proc = tool(engine, platform, "minio", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    assert "MC-MIRROR NOT POSSIBLE (no MINIO_MC_ALIAS in the environment)" in proc.stderr
+    assert "same release and drive layout" in proc.stderr
+    doc = json.loads(Path(proc.stdout.split()[1]).read_text())
+    assert doc["procedure"] == "mounted-archive" and doc["fallback_used"]["reason"] == "no MINIO_MC_ALIAS in the environment"
+
+
+def test_e2e_minio_mc_on_the_host(minio, tmp_path):
+    engine, platform, alias = minio
+    data = next(m["Source"] for m in engine.inspect("minio")["Mounts"] if m["Destination"] == "/data")
+    host_env = {**alias, "PATH": f"{STANDINS}:{os.environ['PATH']}", "STANDIN_MINIO_DATA": data,
+                "MINIO_ROOT_USER": "admin", "MINIO_ROOT_PASSWORD": MINIO_SECRET}
+    proc = tool(engine, platform, "minio", tmp_path / "b", extra_env=host_env)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(Path(proc.stdout.split()[1]).read_text())
+    assert doc["contents"]["mc"] == "host" and doc["counts"] == {"objects": {"docs": 2, "photos": 1}}
+    assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.name.startswith(".")) == [".minio.lock"]
+
+
+def test_e2e_dry_run_shows_engine_commands_and_touches_nothing(vault, tmp_path):
+    engine, platform = vault
+    proc = tool(engine, platform, "vault", tmp_path / "b", "--dry-run", extra_env={"VAULT_TOKEN": VAULT_TOKEN})
+    assert proc.returncode == 0, proc.stderr
+    assert "would run: docker exec -e VAULT_ADDR -e VAULT_TOKEN vault vault operator raft snapshot save /tmp/bba-vault-" in proc.stdout
+    assert VAULT_TOKEN not in proc.stdout + proc.stderr
+    assert not (tmp_path / "b").exists()
+    assert engine.docker("exec", "vault", "ls", "/tmp").stdout.strip() == ""
+    without = tool(engine, platform, "vault", tmp_path / "b", "--dry-run")
+    assert "would fall back: no VAULT_TOKEN in the environment (fallback: mounted-archive)" in without.stdout
