@@ -1267,37 +1267,62 @@ def human_size(size: int | None) -> str:
 # --------------------------------------------------------------------------- backup directory, lock, partial files
 
 
-def ensure_backup_dir(path: Path, *, create: bool) -> int | None:
-    """Return an O_DIRECTORY fd of the private backup directory (None if create is false).
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-    Create it 0700 (with any missing parents) when create is true. Raise RefusedError
-    if it is a symlink, is not owned by the running user, or is group/world writable.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        if not create:
-            LOG.info("would create %s (mode 0700)", path)
-            return None
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        raise RefusedError(f"backup directory {path} is a symlink; refusing to write through it")
-    if not stat.S_ISDIR(st.st_mode):
-        raise RefusedError(f"backup directory {path} exists and is not a directory")
+
+def _check_backup_dir(path: Path, st: os.stat_result) -> None:
     if st.st_uid != os.geteuid():
         raise RefusedError(f"backup directory {path} is owned by uid {st.st_uid}, not by the running user (uid {os.geteuid()})")
     if st.st_mode & 0o022:
         raise RefusedError(f"backup directory {path} is group/world writable (mode {stat.S_IMODE(st.st_mode):04o}); fix with chmod 0700")
+
+
+def ensure_backup_dir(path: Path, *, create: bool) -> int | None:
+    """Return an O_DIRECTORY fd of the private backup directory (None if create is false).
+
+    With create, missing directories are made 0700 one at a time, each opened with
+    O_NOFOLLOW relative to its parent's fd, so a directory the tool creates cannot be
+    swapped for a symlink on the way. Raise RefusedError if the backup directory is a
+    symlink or not a directory, is not owned by the running user, or is group/world
+    writable.
+    """
+    missing: list[str] = []
+    existing = path
+    while not os.path.lexists(existing):
+        missing.insert(0, existing.name)
+        existing = existing.parent
+    if not missing:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            raise RefusedError(f"backup directory {path} is a symlink; refusing to write through it")
+        if not stat.S_ISDIR(st.st_mode):
+            raise RefusedError(f"backup directory {path} exists and is not a directory")
+        _check_backup_dir(path, st)
     if not create:
+        if missing:
+            LOG.info("would create %s (mode 0700)", path)
         return None
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    st2 = os.fstat(fd)
-    if (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
+    try:
+        # Directories that already existed above the backup directory are the operator's
+        # (/opt may well be a symlink); from the first one the tool creates, none is followed.
+        fd = os.open(existing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if missing else os.open(path, _DIR_FLAGS)
+        for name in missing:
+            os.mkdir(name, 0o700, dir_fd=fd)
+            child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RefusedError(f"backup directory {path} became a symlink while it was being opened") from None
+        raise BackupError(f"cannot create or open backup directory {path}: {exc.strerror}") from None
+    st = os.fstat(fd)
+    try:
+        _check_backup_dir(path, st)
+    except RefusedError:
         os.close(fd)
-        raise RefusedError(f"backup directory {path} changed while it was being checked")
-    if stat.S_IMODE(st2.st_mode) & 0o077:
-        LOG.warning("backup directory %s was mode %04o; tightened to 0700", path, stat.S_IMODE(st2.st_mode))
+        raise
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        LOG.warning("backup directory %s was mode %04o; tightened to 0700", path, stat.S_IMODE(st.st_mode))
         os.fchmod(fd, 0o700)
     return fd
 
