@@ -381,6 +381,7 @@ class Settings:
     compress_level: int = 6
     snapshot_timeout: float = 600.0
     drill_timeout: float = 300.0
+    space_margin_mb: float = 256.0
     redis_password_env: str = "REDIS_PASSWORD"  # noqa: S105 (a variable name, not a password)
 
 
@@ -394,6 +395,7 @@ SETTING_SOURCES: dict[str, tuple[type, str, str]] = {
     "compress_level": (int, "BBA_COMPRESS_LEVEL", "--compress-level"),
     "snapshot_timeout": (float, "BBA_SNAPSHOT_TIMEOUT", "--snapshot-timeout"),
     "drill_timeout": (float, "BBA_DRILL_TIMEOUT", "--drill-timeout"),
+    "space_margin_mb": (float, "BBA_SPACE_MARGIN_MB", "--space-margin-mb"),
     "redis_password_env": (str, "BBA_REDIS_PASSWORD_ENV", ""),
 }
 SETTING_LIMITS: dict[str, tuple[float, float]] = {
@@ -403,6 +405,7 @@ SETTING_LIMITS: dict[str, tuple[float, float]] = {
     "compress_level": (1, 9),
     "snapshot_timeout": (1, 86400),
     "drill_timeout": (1, 86400),
+    "space_margin_mb": (0, 1 << 30),
 }
 
 
@@ -1223,7 +1226,10 @@ def plan_mounts(container: dict[str, Any], *, read_on_host: bool) -> tuple[list[
         if reason:
             skipped.append((dest, reason))
             continue
-        via = "host" if read_on_host and os.path.isdir(source) and os.access(source, os.R_OK | os.X_OK) else "docker"
+        # A local source that is gone is read "on the host" so that it fails loudly: through
+        # docker cp the container would still show the deleted directory, empty.
+        readable = os.path.isdir(source) and os.access(source, os.R_OK | os.X_OK)
+        via = "host" if read_on_host and (readable or not os.path.lexists(source)) else "docker"
         included.append(MountPlan(dest, kind, source, mount.get("Name"), via))
     return included, skipped
 
@@ -1569,8 +1575,14 @@ def _inside(path: str, parents: list[str]) -> bool:
 
 
 def archive_from_host(tar: tarfile.TarFile, item: ArchiveItem, nested: list[str], stats: ArchiveStats) -> None:
-    """Add the host path of an item to tar under its path in the container."""
+    """Add the host path of an item to tar under its path in the container.
+
+    Raise BackupError if the item's own path is gone: a backup without a whole mount
+    must not look finished.
+    """
     assert item.host is not None
+    if not os.path.lexists(item.host):
+        raise BackupError(f"source of {item.path} vanished: {item.host} does not exist")
     stack = [(item.host, item.path.strip("/"))]
     while stack:
         path, rel = stack.pop()
@@ -3162,6 +3174,48 @@ def print_plan(job: BackupJob, out: IO[str], as_json: bool) -> None:
             out.write(f"would {step}\n")
 
 
+def estimate_size(job: BackupJob) -> tuple[int | None, str]:
+    """Return (bytes, how) the backup may need before compression, or (None, why not).
+
+    Uncompressed sizes: a deliberate over-estimate, so that a nearly full disk is found
+    before anything is touched rather than halfway through.
+    """
+    if job.procedure == "pg-dumpall" and job.resolution.container.get("State", {}).get("Running"):
+        target = pg_target(job.resolution.container)
+        size = pg_json(target, "postgres", "SELECT to_json(coalesce(sum(pg_database_size(datname)), 0)) FROM pg_database", job.settings.docker_timeout)
+        return int(size), "pg_database_size of every database"
+    if job.procedure == "redis-bgsave" and job.resolution.container.get("State", {}).get("Running"):
+        with contextlib.suppress(BackupError):
+            redis = redis_target(job.resolution.container, job.settings, job.env)
+            info = parse_info(redis_cli(redis, "INFO", "memory", timeout=job.settings.docker_timeout))
+            if info.get("used_memory_dataset", "").isdigit():
+                return int(info["used_memory_dataset"]), "Redis used_memory_dataset"
+    mounts = [m for m in job.mounts if m.via == "host"]
+    if job.mounts and len(mounts) == len(job.mounts):
+        return sum(tree_size(m.source) for m in mounts), "size of the mounted data"
+    return None, "the mounted data is not readable from this host"
+
+
+def check_free_space(job: BackupJob) -> None:
+    """Refuse (exit 3) before touching the container when the backup may not fit."""
+    needed, how = estimate_size(job)
+    if needed is None:
+        LOG.info("free space not checked: %s", how)
+        return
+    probe = job.backup_dir
+    while not probe.exists():
+        probe = probe.parent
+    fs = os.statvfs(probe)
+    free = fs.f_bavail * fs.f_frsize
+    margin = int(job.settings.space_margin_mb * (1 << 20))
+    LOG.info("estimated size %s (%s); %s free on the filesystem of %s", human_size(needed), how, human_size(free), job.backup_dir)
+    if free < needed + margin:
+        raise RefusedError(
+            f"not enough space for {job.module.id}: about {human_size(needed)} ({how}) plus a {human_size(margin)} margin "
+            f"needed, {human_size(free)} free on the filesystem of {job.backup_dir} (override: --no-space-check)"
+        )
+
+
 def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out: IO[str], env: dict[str, str]) -> int:
     """Back up one module; print the written paths (or the manifest with --json)."""
     platform_root = Path(settings.platform_root)
@@ -3205,6 +3259,8 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
         ensure_backup_dir(backup_dir, create=False)
         print_plan(job, out, args.json)
         return EXIT_OK
+    if not args.no_space_check:
+        check_free_space(job)
 
     dir_fd = ensure_backup_dir(backup_dir, create=True)
     assert dir_fd is not None
@@ -3417,6 +3473,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lock-timeout", metavar="SECONDS", help="wait this long for another run of the same module (env BBA_LOCK_TIMEOUT)")
     parser.add_argument("--compress-level", metavar="N", help="gzip level 1-9 (env BBA_COMPRESS_LEVEL)")
     parser.add_argument("--snapshot-timeout", metavar="SECONDS", help="wait this long for a Redis BGSAVE or a Meilisearch dump (env BBA_SNAPSHOT_TIMEOUT)")
+    parser.add_argument("--space-margin-mb", metavar="MB", help="free space to keep beyond the estimated backup size (env BBA_SPACE_MARGIN_MB)")
+    parser.add_argument("--no-space-check", action="store_true", help="skip the free-space estimate before a backup")
     parser.add_argument("--drill-timeout", metavar="SECONDS", help="wait this long for a drill container to answer (env BBA_DRILL_TIMEOUT)")
     parser.add_argument("--allow-ci", action="store_true", help="run even though a CI variable is set")
     parser.add_argument("--allow-non-root", action="store_true", help="run a backup without root")

@@ -145,7 +145,7 @@ def tiny_filesystem(path: Path, size: str = "64k"):
 def test_backup_disk_full_removes_partial_unpauses_and_exits_1(platform, tmp_path, data, kuma, capsys):
     (data["volume"] / "big").write_bytes(os.urandom(512 * 1024))  # incompressible, > 64k
     with tiny_filesystem(tmp_path / "full") as backup_dir:
-        assert backup(platform, backup_dir, "--pause") == 1
+        assert backup(platform, backup_dir, "--pause", "--no-space-check") == 1
         assert [p.name for p in backup_dir.iterdir()] == [".kuma.lock"]
     err = capsys.readouterr().err
     assert f"no space left on the filesystem of {backup_dir}" in err
@@ -457,7 +457,7 @@ def test_backup_manifest_write_failure_removes_the_backup(platform, tmp_path, ku
         filler = backup_dir / "filler"
         free = os.statvfs(backup_dir).f_bavail * block
         filler.write_bytes(b"\0" * (free - room))
-        assert backup(platform, backup_dir) == 1
+        assert backup(platform, backup_dir, "--no-space-check") == 1
         assert sorted(p.name for p in backup_dir.iterdir()) == [".kuma.lock", "filler"]
     assert "no space left" in capsys.readouterr().err
 
@@ -468,3 +468,14 @@ def test_main_pause_with_pg_dumpall_is_usage_error(platform, tmp_path, fake_dock
     assert bba.main(["postgres", "--pause", "--platform-root", str(platform), "--backup-dir", str(tmp_path / "b")], env={}) == 2
     assert "--pause does not apply to pg-dumpall" in capsys.readouterr().err
     assert "pause" not in fake.subcommands()
+
+
+def test_backup_refused_before_touching_anything_when_space_is_short(platform, tmp_path, data, kuma, capsys):
+    (data["volume"] / "big").write_bytes(os.urandom(300 * 1024))
+    with tiny_filesystem(tmp_path / "small", size="1m") as backup_dir:
+        assert backup(platform, backup_dir, "--pause", "--space-margin-mb", "1") == 3
+        assert list(backup_dir.iterdir()) == []
+        err = capsys.readouterr().err
+        assert "refused: not enough space for kuma: about 305." in err and "KiB (size of the mounted data) plus a 1.0 MiB margin" in err
+        assert "pause" not in kuma.subcommands()
+        assert backup(platform, backup_dir, "--space-margin-mb", "0") == 0  # it fits without the margin

@@ -120,7 +120,7 @@ def test_e2e_pause_failure_midway_still_unpauses(kuma, tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(backup_dir)]).returncode:
         pytest.skip("cannot mount a tmpfs")
     try:
-        proc = backup(engine, platform, backup_dir, "--pause")
+        proc = backup(engine, platform, backup_dir, "--pause", "--no-space-check")
         assert proc.returncode == 1
         assert f"no space left on the filesystem of {backup_dir}" in proc.stderr.splitlines()[-1]
         assert sorted(p.name for p in backup_dir.iterdir()) == [".kuma.lock"]
@@ -241,3 +241,61 @@ def test_make_demo_backs_up_and_drills(engine):
     assert proc.stdout.count("drill passed: the restored data matches the manifest") == 3
     assert "low-blast first candidates: forgejo, uptime-kuma" in proc.stdout
     assert "demo: 5 backups in" in proc.stderr
+
+
+def test_e2e_mount_source_vanished_exit_1_no_file(kuma, tmp_path):
+    import shutil
+    engine, platform = kuma
+    conf = next(m["Source"] for m in engine.inspect("apps-kuma-1")["Mounts"] if m["Destination"] == "/app/conf")
+    shutil.rmtree(conf)
+    proc = backup(engine, platform, tmp_path / "b")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"backup-before-apply: error: source of /app/conf vanished: {conf} does not exist"
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".kuma.lock"]
+
+
+def test_e2e_docker_daemon_unreachable_exit_1_one_line(kuma, tmp_path):
+    engine, platform = kuma
+    env = {**engine.env, "DOCKER_HOST": f"unix://{tmp_path}/gone.sock"}
+    proc = run_tool("kuma", "--platform-root", str(platform), "--backup-dir", str(tmp_path / "b"), env=env)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("backup-before-apply: error: `docker ps --all --quiet --no-trunc` exited 1: ") and "gone.sock" in last
+    assert "Traceback" not in proc.stderr and not (tmp_path / "b").exists()
+
+
+def test_e2e_files_never_readable_by_others_while_written(kuma, tmp_path):
+    """Watch the backup directory during a large backup: no entry is ever group/other-accessible."""
+    import subprocess
+    import sys
+    import threading
+
+    from conftest import TOOL
+
+    engine, platform = kuma
+    conf = next(Path(m["Source"]) for m in engine.inspect("apps-kuma-1")["Mounts"] if m["Destination"] == "/app/conf")
+    (conf / "big.bin").write_bytes(os.urandom(48 << 20))
+    backup_dir = tmp_path / "b"
+    seen: dict[str, set[int]] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for path in [backup_dir, *(backup_dir.iterdir() if backup_dir.exists() else [])]:
+                try:
+                    seen.setdefault(path.name, set()).add(stat.S_IMODE(os.lstat(path).st_mode))
+                except FileNotFoundError:
+                    pass
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        proc = subprocess.run([sys.executable, str(TOOL), "kuma", "--platform-root", str(platform), "--backup-dir", str(backup_dir),
+                               "--allow-ci", "-q"], env=engine.env, capture_output=True, text=True, timeout=300)
+    finally:
+        done.set()
+        watcher.join()
+    assert proc.returncode == 0, proc.stderr
+    assert any(name.endswith(".tar.gz.partial") for name in seen), seen.keys()  # the watch did see the file being written
+    assert {mode & 0o077 for modes in seen.values() for mode in modes} == {0}, seen
