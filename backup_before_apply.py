@@ -1778,20 +1778,22 @@ class BackupResult:
 def paused(container: str, timeout: float) -> Iterator[float]:
     """Freeze the container for the duration of the block and always unpause it.
 
-    Yields the monotonic time the pause began. Raise BackupError loudly if the container
-    could not be unpaused, with the command to run by hand.
+    Yields the monotonic time the pause began. The unpause is attempted even if the pause
+    command itself was interrupted (the daemon may have paused the container anyway).
+    Raise BackupError loudly if the container could not be unpaused, with the command to
+    run by hand.
     """
-    docker(["pause", container], timeout=timeout)
-    LOG.warning("container %s is PAUSED for the archive", container)
     started = time.monotonic()
     try:
+        docker(["pause", container], timeout=timeout)
+        LOG.warning("container %s is PAUSED for the archive", container)
         yield started
     finally:
         with signals_deferred():
-            try:
-                docker(["unpause", container], timeout=timeout)
-            except BackupError as exc:
-                raise BackupError(f"container {container} is STILL PAUSED; run `docker unpause {container}` now ({exc})") from None
+            proc = docker(["unpause", container], timeout=timeout, check=False)
+            if proc.returncode != 0 and b"is not paused" not in proc.stderr:
+                detail = CommandError(["docker", "unpause", container], proc.returncode, proc.stderr)
+                raise BackupError(f"container {container} is STILL PAUSED; run `docker unpause {container}` now ({detail})")
             LOG.info("container %s unpaused after %.1fs", container, time.monotonic() - started)
 
 
@@ -2418,6 +2420,7 @@ def redis_bgsave(target: RedisTarget, timeout: float, docker_timeout: float) -> 
     reply = redis_cli(target, *command, timeout=docker_timeout)
     if not reply.startswith("Background saving"):
         raise RedisReplyError(f"redis {' '.join(command)}: unexpected reply {reply[:80]!r}")
+    LOG.info("%s: %s; waiting for it to finish", " ".join(command), reply)
     while True:
         info = parse_info(redis_cli(target, "INFO", "persistence", timeout=docker_timeout))
         after = redis_lastsave(target, docker_timeout)
@@ -3537,7 +3540,7 @@ def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) ->
     old_handlers = {}
     if _in_main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            old_handlers[signum] = signal.signal(signum, _raise_interrupted)
+            old_handlers[signum] = signal.signal(signum, _interrupt_once())
     try:
         needs_root = bool(args.drill) or bool(args.module and not args.dry_run)
         check_guards(env, os.geteuid(), allow_ci=args.allow_ci, allow_non_root=args.allow_non_root, needs_root=needs_root)
@@ -3573,8 +3576,22 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _raise_interrupted(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
+def _interrupt_once() -> Callable[[int, object], None]:
+    """Return a signal handler that raises Interrupted the first time only.
+
+    Later signals (a second Ctrl-C while cleanup runs) are reported, not raised, so they
+    cannot cut the unpause, the removal of the partial file or the lock release short.
+    """
+    stopping: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if stopping:
+            LOG.warning("%s received; still cleaning up after %s", signal.Signals(signum).name, signal.Signals(stopping[0]).name)
+            return
+        stopping.append(signum)
+        raise Interrupted(signum)
+
+    return handler
 
 
 if __name__ == "__main__":

@@ -84,7 +84,9 @@ class FakeDocker:
         self.calls.append(argv)
         sub = argv[1]
         if sub in self.fail_on:
-            raise bba.CommandError(argv, 1, self.fail_on[sub])
+            if check:
+                raise bba.CommandError(argv, 1, self.fail_on[sub])
+            return subprocess.CompletedProcess(argv, 1, b"", self.fail_on[sub].encode())
         if sub == "ps":
             out = "\n".join(c["Id"] for c in self.containers)
         elif sub == "inspect":

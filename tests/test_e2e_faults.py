@@ -1,0 +1,146 @@
+"""End to end, under faults: signals at every stage, a second Ctrl-C, concurrent runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TOOL, run_tool, write_module
+
+
+def start(engine, platform, module, backup_dir, *args):
+    return subprocess.Popen(
+        [sys.executable, str(TOOL), module, "--platform-root", str(platform), "--backup-dir", str(backup_dir), "--allow-ci", *args],
+        env=engine.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for_line(proc, needle: str) -> list[str]:
+    seen = []
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        seen.append(line)
+        if needle in line:
+            return seen
+    raise AssertionError(f"{needle!r} never appeared: {''.join(seen)}")
+
+
+def leftovers(backup_dir: Path) -> list[str]:
+    return sorted(p.name for p in backup_dir.iterdir() if not p.name.endswith(".lock"))
+
+
+@pytest.fixture
+def big_postgres(docker_engine, tmp_path):
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "postgres")
+    engine.run_postgres("postgres", user="postgres", password="pw")
+    engine.docker("exec", "postgres", "psql", "-q", "-U", "postgres", "-c",
+                  "CREATE TABLE big AS SELECT g, md5(g::text) || md5((g * 3)::text) AS pad FROM generate_series(1, 1500000) g")
+    return engine, platform
+
+
+def test_e2e_sigint_during_dump_stream(big_postgres, tmp_path):
+    engine, platform = big_postgres
+    backup_dir = tmp_path / "b"
+    proc = start(engine, platform, "postgres", backup_dir, "--compress-level", "9")
+    wait_for_line(proc, "dumping with pg_dumpall")
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "backup-before-apply: error: interrupted by SIGINT; cleaned up, no backup written"
+    assert leftovers(backup_dir) == []
+    assert engine.inspect("postgres")["State"]["Running"] is True
+    assert run_tool("postgres", "--platform-root", str(platform), "--backup-dir", str(backup_dir), env=engine.env).returncode == 0  # lock released
+
+
+def test_e2e_sigterm_during_bgsave_polling(docker_engine, tmp_path):
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "redis")
+    engine.run_redis("redis")
+    engine.docker("exec", "redis", "redis-cli", "EVAL", "for i=1,1500000 do redis.call('SET', 'key:' .. i, i) end", "0")
+    backup_dir = tmp_path / "b"
+    proc = start(engine, platform, "redis", backup_dir)
+    wait_for_line(proc, "waiting for it to finish")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "interrupted by SIGTERM" in err.strip().splitlines()[-1]
+    assert leftovers(backup_dir) == []
+    assert engine.inspect("redis")["State"]["Running"] is True
+
+
+def test_e2e_second_ctrl_c_does_not_skip_unpause(docker_engine, tmp_path):
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "kuma")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "big.bin").write_bytes(os.urandom(96 << 20))
+    engine.run_container("kuma", "-v", f"{data}:/data")
+    backup_dir = tmp_path / "b"
+    proc = start(engine, platform, "kuma", backup_dir, "--pause", "--compress-level", "9")
+    wait_for_line(proc, "archiving /data")
+    assert engine.inspect("kuma")["State"]["Paused"] is True
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    state = engine.inspect("kuma")["State"]
+    assert state["Running"] is True and state["Paused"] is False
+    assert leftovers(backup_dir) == []
+
+
+def test_e2e_concurrent_runs_same_module_wait_then_refuse_other_modules_proceed(docker_engine, tmp_path):
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "kuma")
+    write_module(platform, "other")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "big.bin").write_bytes(os.urandom(64 << 20))
+    engine.run_container("kuma", "-v", f"{data}:/data")
+    engine.run_container("other", "-v", "other:/data")
+    backup_dir = tmp_path / "b"
+    first = start(engine, platform, "kuma", backup_dir, "--compress-level", "9")
+    wait_for_line(first, "archiving /data")
+    started = time.monotonic()
+    second = run_tool("kuma", "--platform-root", str(platform), "--backup-dir", str(backup_dir), "--lock-timeout", "1", env=engine.env)
+    assert time.monotonic() - started >= 1  # it waited for the lock before giving up
+    assert second.returncode == 3
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"backup-before-apply: refused: another backup of 'kuma' is running (pid {first.pid}; lock .kuma.lock)"
+    )
+    parallel = run_tool("other", "--platform-root", str(platform), "--backup-dir", str(backup_dir), env=engine.env)
+    assert parallel.returncode == 0, parallel.stderr
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+
+
+def test_e2e_killed_run_leaves_no_stale_lock_or_partial(docker_engine, tmp_path):
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "kuma")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "big.bin").write_bytes(os.urandom(64 << 20))
+    engine.run_container("kuma", "-v", f"{data}:/data")
+    backup_dir = tmp_path / "b"
+    proc = start(engine, platform, "kuma", backup_dir, "--compress-level", "9")
+    wait_for_line(proc, "archiving /data")
+    proc.kill()
+    proc.wait()
+    assert any(n.endswith(".partial") for n in leftovers(backup_dir))  # SIGKILL: nothing could clean up
+    again = run_tool("kuma", "--platform-root", str(platform), "--backup-dir", str(backup_dir), env=engine.env)
+    assert again.returncode == 0, again.stderr
+    assert "removing kuma-" in again.stderr and "left by an interrupted run" in again.stderr
+    assert not any(n.endswith(".partial") for n in leftovers(backup_dir))
