@@ -59,7 +59,7 @@ EXIT_REFUSED = 3  # refused by a safety guard
 DEFAULT_PLATFORM_ROOT = "/opt/pdurlej-platform"
 DEFAULT_CLASSES = Path(__file__).resolve().with_name("classes.toml")
 
-MODULE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+MODULE_ID_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")  # fullmatch: "$" would let "x\n" through
 MODULE_ID_MAX = 128
 MODULE_YAML_MAX_BYTES = 1 << 20
 
@@ -947,7 +947,7 @@ class Module:
 
 def validate_module_id(module_id: str) -> str:
     """Return module_id. Raise UsageError unless it is a plain, safe module id."""
-    if len(module_id) > MODULE_ID_MAX or not MODULE_ID_RE.match(module_id):
+    if len(module_id) > MODULE_ID_MAX or not MODULE_ID_RE.fullmatch(module_id):
         raise UsageError(
             f"invalid module id {module_id!r}: expected lowercase letters, digits, '.', '_', '-' "
             f"(at most {MODULE_ID_MAX}, starting with a letter or digit)"

@@ -15,7 +15,7 @@ def test_validate_module_id_accepts_plain_ids(module_id):
 
 @pytest.mark.parametrize(
     "module_id",
-    ["../x", "/etc", "..", ".hidden", "a/b", "Upper", "with space", "-dash", "ünï", "a\nb", "", "a" * 129, "x/../../etc"],
+    ["../x", "/etc", "..", ".hidden", "a/b", "Upper", "with space", "-dash", "ünï", "a\nb", "x\n", "", "a" * 129, "x/../../etc"],
 )
 def test_validate_module_id_rejects_unsafe_ids(module_id):
     with pytest.raises(bba.UsageError, match="invalid module id"):
