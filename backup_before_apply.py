@@ -37,11 +37,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import tomllib
 import traceback
 import typing
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -161,6 +163,9 @@ class Interrupted(BaseException):
 
 # --------------------------------------------------------------------------- run() and docker
 
+# Programs run in this process, by name: `--debug` reports the docker calls of a run.
+RUN_COUNTS: Counter[str] = Counter()
+
 _SECRET_ARG_RE = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_]*=)(?P<value>.+)$")
 
 
@@ -201,6 +206,7 @@ def run(
     is missing, CommandError if it exits non-zero (with check) or runs past timeout.
     """
     LOG.debug("$ %s", mask_argv(argv))
+    RUN_COUNTS[os.path.basename(argv[0])] += 1
     try:
         proc = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False, env=_child_env(secrets), cwd=cwd)
     except FileNotFoundError:
@@ -221,13 +227,15 @@ class Stream:
 
 
 @contextlib.contextmanager
-def _streaming(argv: list[str], *, into: bool, timeout: float | None, secrets: dict[str, str] | None, check: bool) -> Iterator[Stream]:
+def _streaming(argv: list[str], *, into: bool, timeout: float | None, secrets: dict[str, str] | None, check: bool,
+               stdin: IO[bytes] | None = None) -> Iterator[Stream]:
     LOG.debug("$ %s", mask_argv(argv))
+    RUN_COUNTS[os.path.basename(argv[0])] += 1
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
         try:
             proc = subprocess.Popen(
                 argv,
-                stdin=subprocess.PIPE if into else subprocess.DEVNULL,
+                stdin=subprocess.PIPE if into else (stdin if stdin is not None else subprocess.DEVNULL),
                 stdout=out if into else subprocess.PIPE,
                 stderr=err,
                 env=_child_env(secrets),
@@ -378,7 +386,10 @@ class Settings:
     docker_timeout: float = 60.0
     pause_timeout: float = 1800.0
     lock_timeout: float = 0.0
+    compression: str = "gzip"
     compress_level: int = 6
+    zstd_level: int = 3
+    gzip_tool: str = "auto"
     snapshot_timeout: float = 600.0
     drill_timeout: float = 300.0
     space_margin_mb: float = 256.0
@@ -392,17 +403,22 @@ SETTING_SOURCES: dict[str, tuple[type, str, str]] = {
     "docker_timeout": (float, "BBA_DOCKER_TIMEOUT", "--docker-timeout"),
     "pause_timeout": (float, "BBA_PAUSE_TIMEOUT", "--pause-timeout"),
     "lock_timeout": (float, "BBA_LOCK_TIMEOUT", "--lock-timeout"),
+    "compression": (str, "BBA_COMPRESSION", "--compression"),
     "compress_level": (int, "BBA_COMPRESS_LEVEL", "--compress-level"),
+    "zstd_level": (int, "BBA_ZSTD_LEVEL", "--zstd-level"),
+    "gzip_tool": (str, "BBA_GZIP_TOOL", ""),
     "snapshot_timeout": (float, "BBA_SNAPSHOT_TIMEOUT", "--snapshot-timeout"),
     "drill_timeout": (float, "BBA_DRILL_TIMEOUT", "--drill-timeout"),
     "space_margin_mb": (float, "BBA_SPACE_MARGIN_MB", "--space-margin-mb"),
     "redis_password_env": (str, "BBA_REDIS_PASSWORD_ENV", ""),
 }
+SETTING_CHOICES: dict[str, tuple[str, ...]] = {"compression": ("gzip", "zstd"), "gzip_tool": ("auto", "pigz", "zlib")}
 SETTING_LIMITS: dict[str, tuple[float, float]] = {
     "docker_timeout": (1, 86400),
     "pause_timeout": (1, 86400),
     "lock_timeout": (0, 86400),
     "compress_level": (1, 9),
+    "zstd_level": (1, 19),
     "snapshot_timeout": (1, 86400),
     "drill_timeout": (1, 86400),
     "space_margin_mb": (0, 1 << 30),
@@ -443,6 +459,8 @@ def check_setting(name: str, value: Any, where: str) -> Any:
         converted = kind(value)
     except (TypeError, ValueError):
         raise UsageError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+    if name in SETTING_CHOICES and converted not in SETTING_CHOICES[name]:
+        raise UsageError(f"{where}: {value!r} is not one of {', '.join(SETTING_CHOICES[name])}")
     if name in SETTING_LIMITS:
         low, high = SETTING_LIMITS[name]
         if not low <= converted <= high:
@@ -1414,13 +1432,18 @@ class PartialFile:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         assert self._file is not None
+        view = memoryview(data).cast("B")
         try:
-            written = self._file.write(data)
+            while view:
+                # A raw write may be short (a nearly full disk): loop, so that the next
+                # write reports ENOSPC instead of bytes being dropped in silence.
+                written = self._file.write(view)
+                view = view[written or 0 :]
         except OSError as exc:
             raise _write_error(exc, self.dir_path) from None
         self.sha256.update(data)
         self.size += len(data)
-        return written if written is not None else len(data)
+        return len(data)
 
     def flush(self) -> None:
         pass
@@ -1465,6 +1488,119 @@ def _write_error(exc: OSError, dir_path: Path) -> BackupError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return BackupError(f"no space left on the filesystem of {dir_path} ({os.strerror(exc.errno)}); partial backup removed")
     return BackupError(f"writing to {dir_path} failed: {exc.strerror}")
+
+
+# --------------------------------------------------------------------------- compression
+
+COMPRESSION_SUFFIX = {"gzip": "gz", "zstd": "zst"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Compression:
+    """How backups are compressed: the format, its level, and the program doing it."""
+
+    format: str  # "gzip" or "zstd"
+    level: int
+    tool: str  # "zlib" (the standard library), "pigz" or "zstd"
+
+    @property
+    def suffix(self) -> str:
+        return COMPRESSION_SUFFIX[self.format]
+
+
+def choose_compression(settings: Settings) -> Compression:
+    """Return the compression the settings ask for. Raise UsageError if its program is missing.
+
+    gzip (the default, as the origin table asks) uses pigz when it is on PATH (same
+    format, every core) unless gzip_tool says otherwise; zstd is an opt-in through the
+    zstd binary.
+    """
+    if settings.compression == "zstd":
+        if not shutil.which("zstd"):
+            raise UsageError("compression = zstd needs the zstd program on PATH (apt-get install zstd)")
+        return Compression("zstd", settings.zstd_level, "zstd")
+    if settings.gzip_tool == "pigz" and not shutil.which("pigz"):
+        raise UsageError("gzip_tool = pigz but pigz is not on PATH (apt-get install pigz)")
+    use_pigz = settings.gzip_tool == "pigz" or (settings.gzip_tool == "auto" and shutil.which("pigz") is not None)
+    return Compression("gzip", settings.compress_level, "pigz" if use_pigz else "zlib")
+
+
+def compression_of(fmt: str) -> str:
+    """Return "gzip" or "zstd" for a backup format such as "tar.zst"."""
+    return "zstd" if fmt.endswith(".zst") else "gzip"
+
+
+class _Pump:
+    """Copies a child's stdout into a writer on a thread (so sha256 is taken as it is written)."""
+
+    def __init__(self, source: IO[bytes], sink: Any) -> None:
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(source, sink), daemon=True)
+        self.thread.start()
+
+    def _run(self, source: IO[bytes], sink: Any) -> None:
+        try:
+            while chunk := source.read(COPY_CHUNK):
+                sink.write(chunk)
+        except BaseException as exc:  # re-raised by the main thread
+            self.error = exc
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+@contextlib.contextmanager
+def compressing(out: Any, compression: Compression) -> Iterator[IO[bytes]]:
+    """Yield a writer whose bytes reach out compressed; check the compressor at the end."""
+    if compression.tool == "zlib":
+        with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=compression.level) as gz:
+            yield typing.cast(IO[bytes], gz)
+        return
+    level = f"-{compression.level}"
+    argv = ["pigz", level, "-c"] if compression.tool == "pigz" else ["zstd", level, "-T0", "-q", "-c"]
+    LOG.debug("$ %s", shlex.join(argv))
+    RUN_COUNTS[argv[0]] += 1
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        assert proc.stdin is not None and proc.stdout is not None
+        pump = _Pump(proc.stdout, out)
+        try:
+            yield proc.stdin
+            proc.stdin.close()
+            returncode = proc.wait()
+            pump.join()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            with contextlib.suppress(BaseException):
+                pump.join()
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            proc.stdout.close()
+        if returncode != 0:
+            err.seek(0)
+            raise CommandError(argv, returncode, err.read())
+
+
+@contextlib.contextmanager
+def decompressing(fh: IO[bytes], fmt: str) -> Iterator[IO[bytes]]:
+    """Yield the decompressed bytes of a backup file of format fmt (gzip or zstd).
+
+    Raise BackupError if the compressed stream is damaged or incomplete.
+    """
+    if compression_of(fmt) == "gzip":
+        with gzip.GzipFile(fileobj=fh, mode="rb") as gz:
+            yield typing.cast(IO[bytes], gz)
+        return
+    try:
+        with _streaming(["zstd", "-d", "-c", "-q"], into=False, timeout=None, secrets=None, check=True, stdin=fh) as stream:
+            yield stream.pipe
+    except CommandError as exc:
+        raise BackupError(f"not a complete zstd stream ({' | '.join(exc.stderr_tail) or exc})") from None
 
 
 # --------------------------------------------------------------------------- archive writers
@@ -1662,7 +1798,7 @@ def archive_items(tar: tarfile.TarFile, container: str, items: list[ArchiveItem]
             archive_through_docker(tar, item.container or container, item, nested, stats, timeout)
 
 
-def scan_tar(fh: IO[bytes], *, rdb_member: str | None = None) -> dict[str, Any]:
+def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb_member: str | None = None) -> dict[str, Any]:
     """Read a tar(.gz) to its end and return what it holds. Raise BackupError if it is not complete.
 
     The gzip stream must be complete (CRC and length trailer) and the tar readable to its
@@ -1671,7 +1807,7 @@ def scan_tar(fh: IO[bytes], *, rdb_member: str | None = None) -> dict[str, Any]:
     stats = ArchiveStats()
     rdb_magic = None
     try:
-        with gzip.GzipFile(fileobj=fh, mode="rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+        with decompressing(fh, fmt) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for member in tar:
                 stats.count("", member)
                 if member.isreg():
@@ -1686,8 +1822,8 @@ def scan_tar(fh: IO[bytes], *, rdb_member: str | None = None) -> dict[str, Any]:
             while raw.read(COPY_CHUNK):
                 pass
     except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
-        raise BackupError(f"archive is not a complete tar.gz ({exc})") from None
-    result: dict[str, Any] = {"gzip_complete": True, "tar_readable": True, "members": stats.members}
+        raise BackupError(f"archive is not a complete {fmt} ({exc})") from None
+    result: dict[str, Any] = {f"{compression_of(fmt)}_complete": True, "tar_readable": True, "members": stats.members}
     if rdb_member is not None:
         if rdb_magic is None:
             raise BackupError(f"archive has no {rdb_member}")
@@ -1697,22 +1833,22 @@ def scan_tar(fh: IO[bytes], *, rdb_member: str | None = None) -> dict[str, Any]:
     return result
 
 
-def scan_sql_gz(fh: IO[bytes]) -> dict[str, Any]:
-    """Read a gzipped pg_dumpall script to its end and return its checks.
+def scan_sql(fh: IO[bytes], fmt: str = "sql.gz") -> dict[str, Any]:
+    """Read a compressed pg_dumpall script to its end and return its checks.
 
-    Raise BackupError if the gzip stream is incomplete, the dump's trailer line is
+    Raise BackupError if the compressed stream is incomplete, the dump's trailer line is
     missing, or the dump is too small to be a cluster dump.
     """
     size = 0
     tail = b""
     try:
-        with gzip.GzipFile(fileobj=fh, mode="rb") as gz:
-            while chunk := gz.read(COPY_CHUNK):
+        with decompressing(fh, fmt) as raw:
+            while chunk := raw.read(COPY_CHUNK):
                 size += len(chunk)
                 tail = (tail + chunk)[-PG_TAIL_BYTES:]
     except (OSError, EOFError, zlib.error) as exc:
-        raise BackupError(f"dump is not a complete gzip stream ({exc})") from None
-    return check_sql_dump(size, tail)
+        raise BackupError(f"dump is not a complete {compression_of(fmt)} stream ({exc})") from None
+    return {**check_sql_dump(size, tail), f"{compression_of(fmt)}_complete": True}
 
 
 def check_sql_dump(size: int, tail: bytes) -> dict[str, Any]:
@@ -1721,7 +1857,7 @@ def check_sql_dump(size: int, tail: bytes) -> dict[str, Any]:
         raise BackupError(f"dump has no trailer line {PG_TRAILER.decode()!r}: pg_dumpall did not finish")
     if size < PG_MIN_DUMP_BYTES:
         raise BackupError(f"dump is only {size} bytes: too small to be a cluster dump")
-    return {"gzip_complete": True, "trailer": True, "sql_bytes": size}
+    return {"trailer": True, "sql_bytes": size}
 
 
 # --------------------------------------------------------------------------- class procedures
@@ -1744,7 +1880,8 @@ class BackupJob:
     pause: bool
     env: dict[str, str]
     containers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    secondary: str | None = None  # class G: the procedure the module's own kind also needs
+    secondary: str | None = None
+    compression: Compression = Compression("gzip", 6, "zlib")  # class G: the procedure the module's own kind also needs
 
     @property
     def basename(self) -> str:
@@ -1812,16 +1949,17 @@ def write_archive(
     stats = ArchiveStats()
     skipped = [d for d, _ in job.skipped]
     paused_seconds = None
-    with PartialFile(dir_fd, job.basename + ".tar.gz", job.backup_dir) as out:
+    fmt = "tar." + job.compression.suffix
+    with PartialFile(dir_fd, f"{job.basename}.{fmt}", job.backup_dir) as out:
         pause = paused(job.container, job.settings.docker_timeout) if job.pause else contextlib.nullcontext(None)
         with pause as pause_started:
-            with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=job.settings.compress_level) as gz:
-                with tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            with compressing(out, job.compression) as packed:
+                with tarfile.open(fileobj=packed, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                     archive_items(tar, job.container, items, skipped, stats, job.settings.pause_timeout)
             if pause_started is not None:
                 paused_seconds = round(time.monotonic() - pause_started, 3)
         with out.reopen_for_reading() as fh:
-            verification = scan_tar(fh, rdb_member=rdb_member)
+            verification = scan_tar(fh, fmt, rdb_member=rdb_member)
         if verification["members"] != stats.members:
             raise BackupError(f"verification failed: archive holds {verification['members']} entries, {stats.members} were written")
         if stats.files == 0:
@@ -1831,7 +1969,7 @@ def write_archive(
         path = out.commit()
     return BackupResult(
         path=path,
-        format="tar.gz",
+        format=fmt,
         size=out.size,
         sha256=out.sha256.hexdigest(),
         verification=verification,
@@ -2307,10 +2445,10 @@ def dump_cluster(job: BackupJob, target: PgTarget, out: PartialFile) -> int:
     argv = exec_argv(target.container, ["pg_dumpall", "-U", target.user, "--clean", "--if-exists"], secrets=target.secrets)
     size, tail = 0, b""
     LOG.info("dumping with pg_dumpall into %s.partial", out.path)
-    with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=job.settings.compress_level) as gz:
+    with compressing(out, job.compression) as packed:
         with stream_from(argv, timeout=job.settings.pause_timeout, secrets=target.secrets) as pipe:
             while chunk := pipe.read(COPY_CHUNK):
-                gz.write(chunk)
+                packed.write(chunk)
                 size += len(chunk)
                 tail = (tail + chunk)[-PG_TAIL_BYTES:]
     check_sql_dump(size, tail)
@@ -2326,15 +2464,16 @@ def procedure_pg_dumpall(job: BackupJob, dir_fd: int) -> BackupResult:
         "PostgreSQL %s, user %s: %s", server["version"], target.user,
         ", ".join(f"{db} ({c['tables']} tables, {c['rows']} rows)" for db, c in counts.items()) or "no databases",
     )
-    with PartialFile(dir_fd, job.basename + ".sql.gz", job.backup_dir) as out:
+    fmt = "sql." + job.compression.suffix
+    with PartialFile(dir_fd, f"{job.basename}.{fmt}", job.backup_dir) as out:
         size = dump_cluster(job, target, out)
         with out.reopen_for_reading() as fh:
-            verification = scan_sql_gz(fh)
+            verification = scan_sql(fh, fmt)
         if verification["sql_bytes"] != size:
             raise BackupError(f"verification failed: the file holds {verification['sql_bytes']} bytes of SQL, {size} were written")
         path = out.commit()
     return BackupResult(
-        path=path, format="sql.gz", size=out.size, sha256=out.sha256.hexdigest(), verification=verification,
+        path=path, format=fmt, size=out.size, sha256=out.sha256.hexdigest(), verification=verification,
         contents={"sql_bytes": size, "databases": len(counts)}, warnings=[], server=server, counts=counts,
     )
 
@@ -2502,7 +2641,7 @@ def procedure_redis_bgsave(job: BackupJob, dir_fd: int) -> BackupResult:
 # -- class G: a module with its own compose root (Agaria)
 
 AGARIA_FOLLOW_UP = "Agaria-specific follow-up required"
-COMPOSE_DUMP_SUFFIX = ".pgdump.sql.gz"
+COMPOSE_DUMP_SUFFIX = ".pgdump.sql"
 
 
 def compose_labels(container: dict[str, Any]) -> dict[str, str]:
@@ -2560,11 +2699,12 @@ def procedure_compose_root_archive(job: BackupJob, dir_fd: int) -> BackupResult:
             require_running(job, "pg_dumpall")
             target = pg_target(job.resolution.container)
             server, counts = pg_census(target, job.settings.docker_timeout)
-            dump = stack.enter_context(PartialFile(dir_fd, job.basename + COMPOSE_DUMP_SUFFIX, job.backup_dir))
+            inner = f"pg_dumpall.sql.{job.compression.suffix}"
+            dump = stack.enter_context(PartialFile(dir_fd, f"{job.basename}{COMPOSE_DUMP_SUFFIX}.{job.compression.suffix}", job.backup_dir))
             details["sql_bytes"] = dump_cluster(job, target, dump)
             dump.close()
             partial = str(job.backup_dir / dump.partial)
-            items.append(ArchiveItem("/pg_dumpall.sql.gz", partial, "dumps/pg_dumpall.sql.gz", prefix="dumps/"))
+            items.append(ArchiveItem("/" + inner, partial, "dumps/" + inner, prefix="dumps/"))
         elif job.secondary == "redis-bgsave":
             require_running(job, "BGSAVE")
             target_redis = redis_target(job.resolution.container, job.settings, job.env)
@@ -2597,7 +2737,7 @@ SINGLE_FILE_SCANS: dict[str, Callable[[IO[bytes]], dict[str, Any]]] = {
 # --------------------------------------------------------------------------- manifest and --verify
 
 MANIFEST_SUFFIX = ".manifest.json"
-BACKUP_SUFFIXES = (".tar.gz", ".sql.gz", ".snap", ".dump")
+BACKUP_SUFFIXES = (".tar.gz", ".sql.gz", ".tar.zst", ".sql.zst", ".snap", ".dump")
 
 
 def restore_notes(cls: BackupClass, values: dict[str, str]) -> str:
@@ -2655,7 +2795,7 @@ def build_manifest(job: BackupJob, result: BackupResult, started: datetime.datet
         "format": result.format,
         "bytes": result.size,
         "sha256": result.sha256,
-        "compression": {"format": "gzip", "level": job.settings.compress_level},
+        "compression": dataclasses.asdict(job.compression) if result.format.startswith(("tar.", "sql.")) else None,
         "verification": result.verification,
         "contents": {k: v for k, v in result.contents.items() if k != "per_mount"},
         "counts": result.counts,
@@ -2719,19 +2859,20 @@ def verify_backup(path: Path) -> list[tuple[str, bool, str]]:
     try:
         with open(backup, "rb") as fh:
             recorded = doc.get("verification", {})
-            if doc.get("format") == "sql.gz":
-                found = scan_sql_gz(fh)
+            if str(doc.get("format")).startswith("sql."):
+                found = scan_sql(fh, doc["format"])
                 expected = recorded.get("sql_bytes")
-                checks.append(("structure", found["sql_bytes"] == expected, f"complete gzip, dump trailer present, {found['sql_bytes']} bytes of SQL (manifest {expected})"))
+                checks.append(("structure", found["sql_bytes"] == expected, f"complete {compression_of(doc['format'])}, dump trailer present, {found['sql_bytes']} bytes of SQL (manifest {expected})"))
             elif doc.get("format") in SINGLE_FILE_SCANS:
                 found = SINGLE_FILE_SCANS[doc["format"]](fh)
                 same = found["members"] == recorded.get("members")
                 checks.append(("structure", same, f"complete gzip, tar readable, {found['members']} members (manifest {recorded.get('members')})"))
             else:
                 rdb = doc.get("contents", {}).get("rdb")
-                found = scan_tar(fh, rdb_member=rdb.lstrip("/") if rdb else None)
+                fmt = str(doc.get("format", "tar.gz"))
+                found = scan_tar(fh, fmt, rdb_member=rdb.lstrip("/") if rdb else None)
                 expected = doc.get("verification", {}).get("members")
-                detail = f"complete gzip, tar readable, {found['members']} entries (manifest {expected})" + (", RDB magic ok" if rdb else "")
+                detail = f"complete {compression_of(fmt)}, tar readable, {found['members']} entries (manifest {expected})" + (", RDB magic ok" if rdb else "")
                 checks.append(("structure", found["members"] == expected, detail))
     except BackupError as exc:
         checks.append(("structure", False, str(exc)))
@@ -2812,8 +2953,8 @@ class DrillContainer:
         LOG.info("drill: throwaway container %s from %s", self.name, image)
 
     def copy_in(self, backup: Path) -> None:
-        """Extract a .tar.gz backup into the container's volumes (docker cp keeps owners)."""
-        with open(backup, "rb") as fh, gzip.GzipFile(fileobj=fh, mode="rb") as gz:
+        """Extract a tar backup into the container's volumes (docker cp keeps owners)."""
+        with open(backup, "rb") as fh, decompressing(fh, self.doc["format"]) as gz:
             with stream_into(["docker", "cp", "-", f"{self.name}:/"], timeout=self.settings.drill_timeout) as stream:
                 while chunk := gz.read(COPY_CHUNK):
                     stream.pipe.write(chunk)
@@ -2908,7 +3049,7 @@ def drill_postgres(doc: dict[str, Any], backup: Path, box: DrillContainer, lines
     target = dataclasses.replace(pg_target(box.live), container=box.name)
     box.wait_until(lambda: pg_json(target, "postgres", "SELECT to_json(1)", box.settings.docker_timeout) == 1, "PostgreSQL accepted connections")
     argv = exec_argv(box.name, ["psql", "-X", "-q", "-U", target.user, "-d", "postgres"], secrets=target.secrets, stdin=True)
-    with open(backup, "rb") as fh, gzip.GzipFile(fileobj=fh, mode="rb") as gz:
+    with open(backup, "rb") as fh, decompressing(fh, doc["format"]) as gz:
         with stream_into(argv, timeout=box.settings.drill_timeout, secrets=target.secrets, check=False) as stream:
             while chunk := gz.read(COPY_CHUNK):
                 stream.pipe.write(chunk)
@@ -2983,14 +3124,14 @@ def drill_groups(doc: dict[str, Any], backup: Path, lines: list[str]) -> int:
     stats = ArchiveStats()
     prefixes = sorted(groups, key=len, reverse=True)
     try:
-        with open(backup, "rb") as fh, gzip.GzipFile(fileobj=fh, mode="rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+        with open(backup, "rb") as fh, decompressing(fh, doc["format"]) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for member in tar:
                 name = member.name.rstrip("/")
                 group = next((p for p in prefixes if name == p or name.startswith(p + "/")), "(outside every group)")
                 stats.count(group, member)
                 _forget_members(tar)
     except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
-        raise BackupError(f"drill: {backup.name} is not a complete tar.gz ({exc})") from None
+        raise BackupError(f"drill: {backup.name} is not a complete {doc['format']} ({exc})") from None
     found = stats.summary()
     differences = 0
     for group in sorted(set(groups) | set(found)):
@@ -3093,15 +3234,16 @@ def plan_steps(job: BackupJob) -> list[str]:
     name = job.container
     tmp = f"/tmp/bba-{job.basename}"
     fallback = f"fallback: {job.cls.fallback or 'none'}"
-    suffix, checks = ".tar.gz", "gzip complete, tar readable, entry count"
+    packed = job.compression.suffix
+    suffix, checks = f".tar.{packed}", f"{job.compression.format} complete, tar readable, entry count"
     steps: list[str] = []
     archive_mounts = job.procedure == "mounted-archive"
     if job.procedure == "pg-dumpall":
-        suffix, checks = ".sql.gz", "gzip complete, trailer line present, size"
+        suffix, checks = f".sql.{packed}", f"{job.compression.format} complete, trailer line present, size"
         pg = pg_target(job.resolution.container)
         psql = mask_argv(exec_argv(name, ["psql", "-X", "-A", "-t", "-q", "-U", pg.user, "-d", "<each database>", "-c", "<census query>"], secrets=pg.secrets))
         dump = mask_argv(exec_argv(name, ["pg_dumpall", "-U", pg.user, "--clean", "--if-exists"], secrets=pg.secrets))
-        steps += [f"run: {psql}", f"run: {dump} | gzip -{job.settings.compress_level} > <backup>.partial (mode 0600)"]
+        steps += [f"run: {psql}", f"run: {dump} | {job.compression.tool} -{job.compression.level} > <backup>.partial (mode 0600)"]
     elif job.procedure == "redis-bgsave":
         cli = mask_argv(exec_argv(name, ["redis-cli", "--no-auth-warning"], secrets=redis_target(job.resolution.container, job.settings, job.env).secrets))
         for command in ("INFO keyspace", "LASTSAVE", "BGSAVE", "INFO persistence (until the save is done)", "CONFIG GET dir dbfilename appendonly appenddirname"):
@@ -3148,11 +3290,12 @@ def plan_steps(job: BackupJob) -> list[str]:
     if archive_mounts:
         for mount in job.mounts:
             steps.append(f"read: {mount.source} -> {mount.destination} ({mount.type})" if mount.via == "host" else f"run: docker cp {name}:{mount.destination} -")
-    if job.pause and suffix == ".tar.gz":
+    if job.pause and suffix.startswith(".tar."):
         steps = [f"run: docker pause {name}", *steps, f"run: docker unpause {name}"]
     final = job.backup_dir / (job.basename + suffix)
     steps = [step.replace("<backup>", str(final)) for step in steps]
-    steps.append(f"write: {final}.partial (mode 0600{', gzip level ' + str(job.settings.compress_level) if suffix.endswith('gz') else ''})")
+    compressed = suffix.startswith((".tar.", ".sql."))
+    steps.append(f"write: {final}.partial (mode 0600{f', {job.compression.tool} level {job.compression.level}' if compressed else ''})")
     return [*steps, f"verify: {checks}", f"rename: {final}", f"write: {job.backup_dir / (job.basename + MANIFEST_SUFFIX)}"]
 
 
@@ -3255,6 +3398,7 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
 
     backup_dir = Path(settings.backup_dir or platform_root / "backups").absolute()
     job = BackupJob(module, cls, procedure, resolution, engine, settings, mounts, skipped, backup_dir, utc_timestamp(), pause, env, containers)
+    job.compression = choose_compression(settings)
     if procedure == "compose-root-archive":
         also = classify(module.id, config, exclude=cls.letter)[0].procedure
         job.secondary = also if also in ("pg-dumpall", "redis-bgsave") else None
@@ -3474,7 +3618,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--docker-timeout", metavar="SECONDS", help="timeout of each short docker call (env BBA_DOCKER_TIMEOUT)")
     parser.add_argument("--pause-timeout", metavar="SECONDS", help="timeout of a streamed copy (env BBA_PAUSE_TIMEOUT)")
     parser.add_argument("--lock-timeout", metavar="SECONDS", help="wait this long for another run of the same module (env BBA_LOCK_TIMEOUT)")
+    parser.add_argument("--compression", choices=("gzip", "zstd"), help="backup compression (env BBA_COMPRESSION; default gzip)")
     parser.add_argument("--compress-level", metavar="N", help="gzip level 1-9 (env BBA_COMPRESS_LEVEL)")
+    parser.add_argument("--zstd-level", metavar="N", help="zstd level 1-19 (env BBA_ZSTD_LEVEL)")
     parser.add_argument("--snapshot-timeout", metavar="SECONDS", help="wait this long for a Redis BGSAVE or a Meilisearch dump (env BBA_SNAPSHOT_TIMEOUT)")
     parser.add_argument("--space-margin-mb", metavar="MB", help="free space to keep beyond the estimated backup size (env BBA_SPACE_MARGIN_MB)")
     parser.add_argument("--no-space-check", action="store_true", help="skip the free-space estimate before a backup")
@@ -3537,6 +3683,7 @@ def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) ->
     old_propagate, LOG.propagate = LOG.propagate, False
     LOG.setLevel(logging.DEBUG if args.verbose or args.debug else logging.WARNING if args.quiet else logging.INFO)
     old_umask = os.umask(0o077)
+    RUN_COUNTS.clear()
     old_handlers = {}
     if _in_main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -3563,6 +3710,8 @@ def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) ->
         print(f"{PROG}: {kind}: {exc}", file=sys.stderr)
         return exc.exit_code
     finally:
+        if RUN_COUNTS:
+            LOG.debug("programs run: %s", ", ".join(f"{name} {count}x" for name, count in sorted(RUN_COUNTS.items())))
         for signum, old in old_handlers.items():
             signal.signal(signum, old)
         os.umask(old_umask)

@@ -400,15 +400,15 @@ def test_scan_tar_detects_truncation_and_checks_rdb_magic():
         bba.scan_tar(io.BytesIO(data[:-10]))
 
 
-def test_scan_sql_gz_requires_trailer_and_size():
+def test_scan_sql_requires_trailer_and_size():
     body = b"--\n-- PostgreSQL database cluster dump\n--\n" + b"SET x = 1;\n" * 40 + bba.PG_TRAILER + b"\n--\n\n"
-    assert bba.scan_sql_gz(io.BytesIO(gzip.compress(body)))["sql_bytes"] == len(body)
+    assert bba.scan_sql(io.BytesIO(gzip.compress(body)))["sql_bytes"] == len(body)
     with pytest.raises(bba.BackupError, match="no trailer line"):
-        bba.scan_sql_gz(io.BytesIO(gzip.compress(body[:-30])))
+        bba.scan_sql(io.BytesIO(gzip.compress(body[:-30])))
     with pytest.raises(bba.BackupError, match="too small"):
-        bba.scan_sql_gz(io.BytesIO(gzip.compress(bba.PG_TRAILER)))
+        bba.scan_sql(io.BytesIO(gzip.compress(bba.PG_TRAILER)))
     with pytest.raises(bba.BackupError, match="not a complete gzip stream"):
-        bba.scan_sql_gz(io.BytesIO(gzip.compress(body)[:-8]))
+        bba.scan_sql(io.BytesIO(gzip.compress(body)[:-8]))
 
 
 # ---------------------------------------------------------------- engine replies
@@ -479,3 +479,62 @@ def test_backup_refused_before_touching_anything_when_space_is_short(platform, t
         assert "refused: not enough space for kuma: about 305." in err and "KiB (size of the mounted data) plus a 1.0 MiB margin" in err
         assert "pause" not in kuma.subcommands()
         assert backup(platform, backup_dir, "--space-margin-mb", "0") == 0  # it fits without the margin
+
+
+# ---------------------------------------------------------------- compression
+
+
+@pytest.mark.parametrize(("fmt", "tool"), [("gzip", "zlib"), ("gzip", "pigz"), ("zstd", "zstd")])
+def test_compressing_round_trip_hashes_what_is_written(tmp_path, fmt, tool):
+    import hashlib
+    import shutil
+    if shutil.which(tool if tool != "zlib" else "true") is None:
+        pytest.fail(f"{tool} is not installed (.ci/deps installs it)")
+    fd = open_dir(tmp_path / "d")
+    payload = os.urandom(300_000) + b"text " * 100_000
+    compression = bba.Compression(fmt, 3, tool)
+    with bba.PartialFile(fd, "x", tmp_path / "d") as out:
+        with bba.compressing(out, compression) as packed:
+            for i in range(0, len(payload), 65536):
+                packed.write(payload[i:i + 65536])
+        path = out.commit()
+    assert out.sha256.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+    with open(path, "rb") as fh, bba.decompressing(fh, f"tar.{bba.COMPRESSION_SUFFIX[fmt]}") as raw:
+        assert raw.read() == payload
+
+
+def test_decompressing_damaged_zstd_is_a_backup_error(tmp_path):
+    path = tmp_path / "x.zst"
+    path.write_bytes(subprocess.run(["zstd", "-c", "-q"], input=b"data" * 1000, capture_output=True, check=True).stdout[:-6])
+    with pytest.raises(bba.BackupError, match="not a complete zstd stream"):
+        with open(path, "rb") as fh, bba.decompressing(fh, "sql.zst") as raw:
+            raw.read()
+
+
+def test_choose_compression_defaults_and_overrides(monkeypatch):
+    settings = bba.Settings()
+    assert bba.choose_compression(settings).format == "gzip" and bba.choose_compression(settings).level == 6
+    assert bba.choose_compression(bba.Settings(gzip_tool="zlib")).tool == "zlib"
+    assert bba.choose_compression(bba.Settings(compression="zstd")) == bba.Compression("zstd", 3, "zstd")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert bba.choose_compression(settings).tool == "zlib"  # no pigz on PATH: the standard library
+    with pytest.raises(bba.UsageError, match="needs the zstd program"):
+        bba.choose_compression(bba.Settings(compression="zstd"))
+
+
+def test_backup_zstd_archive_verifies(platform, tmp_path, kuma, capsys):
+    assert backup(platform, tmp_path / "b", "--compression", "zstd", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["backup_path"].endswith(".tar.zst") and doc["format"] == "tar.zst"
+    assert doc["compression"] == {"format": "zstd", "level": 3, "tool": "zstd"} and doc["verification"]["zstd_complete"] is True
+    assert bba.main(["--verify", doc["backup_path"]], env={}) == 0
+    listing = subprocess.run(["tar", "--zstd", "-tf", doc["backup_path"]], capture_output=True, text=True, check=True).stdout
+    assert "app/data/kuma.db" in listing
+
+
+def test_list_uses_few_docker_calls_and_reports_them(platform, fake_docker, capsys):
+    for i in range(50):
+        write_module(platform, f"mod{i:02d}")
+    fake = fake_docker(*[fake_container(f"mod{i:02d}") for i in range(50)])
+    assert bba.main(["--list", "--platform-root", str(platform), "--debug"], env={}) == 0
+    assert fake.subcommands().count("inspect") == 1 and len(fake.calls) <= 5

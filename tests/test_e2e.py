@@ -189,8 +189,10 @@ def test_e2e_list_against_running_containers(docker_engine, tmp_path):
     firsts = {m for m, r in rows.items() if r["first_candidate"]}
     assert firsts == {"kuma", "named", "declared", "from-runbook"}
 
-    text = run_tool(*common, env=engine.env)
+    text = run_tool(*common, "--debug", env=engine.env)
     assert text.returncode == 0
+    calls = int(re.search(r"programs run: docker (\d+)x", text.stderr).group(1))
+    assert calls <= 5  # one ps, one batched inspect, info, context: not one call per module
     assert "6 stateful modules" not in text.stdout
     assert "7 stateful modules, 6 resolved, 5 running, 97.7 KiB of data" in text.stdout
     assert "low-blast first candidates: declared, from-runbook, kuma, named" in text.stdout

@@ -235,3 +235,20 @@ def test_e2e_redis_restore_notes_followed_literally(redis, tmp_path):
     keyspace = engine.docker("exec", "-e", "REDISCLI_AUTH", "cache", "redis-cli", "INFO", "keyspace", env_extra=auth).stdout
     assert "db0:keys=1500," in keyspace and "db3:keys=25," in keyspace
     assert engine.docker("exec", "-e", "REDISCLI_AUTH", "cache", "redis-cli", "EXISTS", "after-backup", env_extra=auth).stdout.strip() == "0"
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip-zlib"])
+def test_e2e_postgres_other_compressions_verify_and_drill(postgres, tmp_path, compression):
+    engine, platform, _ = postgres
+    args = ["--compression", "zstd"] if compression == "zstd" else ["--compression", "gzip"]
+    env = {**engine.env, "BBA_GZIP_TOOL": "zlib"} if compression == "gzip-zlib" else engine.env
+    proc = run_tool("honcho-postgres", "--platform-root", str(platform), "--backup-dir", str(tmp_path / "b"), *args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    dump = proc.stdout.split()[0]
+    doc = json.loads(Path(proc.stdout.split()[1]).read_text())
+    assert dump.endswith(".sql.zst" if compression == "zstd" else ".sql.gz")
+    assert doc["compression"]["tool"] == ("zstd" if compression == "zstd" else "zlib")
+    assert run_tool("--verify", dump, env=engine.env).returncode == 0
+    drill = run_tool("--drill", dump, env=engine.env)
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert "  rows: 4321 = 4321" in drill.stdout
