@@ -1530,6 +1530,56 @@ def compression_of(fmt: str) -> str:
     return "zstd" if fmt.endswith(".zst") else "gzip"
 
 
+class Progress:
+    """One updating stderr line for a stage (bytes, rate, ETA); silent unless stderr is a terminal."""
+
+    def __init__(self, stage: str, total: int | None) -> None:
+        self.stage, self.total = stage, total
+        self.enabled = sys.stderr.isatty() and LOG.isEnabledFor(logging.INFO)
+        self.done = 0
+        self.started = self.last = time.monotonic()
+        self.shown = False
+
+    def add(self, count: int) -> None:
+        self.done += count
+        now = time.monotonic()
+        if self.enabled and now - self.last >= 0.5:
+            self.last = now
+            self.render(now)
+
+    def render(self, now: float) -> None:
+        rate = self.done / max(now - self.started, 1e-6)
+        line = f"{PROG}: {self.stage}: {human_size(self.done)}"
+        if self.total:
+            left = max(self.total - self.done, 0)
+            line += f" of ~{human_size(self.total)}, {rate / (1 << 20):.1f} MiB/s, ETA {left / rate if rate else 0:.0f}s"
+        else:
+            line += f", {rate / (1 << 20):.1f} MiB/s"
+        sys.stderr.write("\r\x1b[K" + line)
+        sys.stderr.flush()
+        self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.render(time.monotonic())
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class _Counting:
+    """A writer that reports what passes through it to a Progress."""
+
+    def __init__(self, inner: IO[bytes], progress: Progress) -> None:
+        self.inner, self.progress = inner, progress
+
+    def write(self, data: bytes) -> int:
+        self.progress.add(len(data))
+        return self.inner.write(data)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+
 class _Pump:
     """Copies a child's stdout into a writer on a thread (so sha256 is taken as it is written)."""
 
@@ -1552,8 +1602,20 @@ class _Pump:
 
 
 @contextlib.contextmanager
-def compressing(out: Any, compression: Compression) -> Iterator[IO[bytes]]:
+def compressing(out: Any, compression: Compression, progress: Progress | None = None) -> Iterator[IO[bytes]]:
     """Yield a writer whose bytes reach out compressed; check the compressor at the end."""
+    with _compressing(out, compression) as packed:
+        if progress is None:
+            yield packed
+            return
+        try:
+            yield typing.cast(IO[bytes], _Counting(packed, progress))
+        finally:
+            progress.close()
+
+
+@contextlib.contextmanager
+def _compressing(out: Any, compression: Compression) -> Iterator[IO[bytes]]:
     if compression.tool == "zlib":
         with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=compression.level) as gz:
             yield typing.cast(IO[bytes], gz)
@@ -1881,7 +1943,8 @@ class BackupJob:
     env: dict[str, str]
     containers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     secondary: str | None = None
-    compression: Compression = Compression("gzip", 6, "zlib")  # class G: the procedure the module's own kind also needs
+    compression: Compression = Compression("gzip", 6, "zlib")
+    estimated_bytes: int | None = None  # from the free-space check, for the progress ETA  # class G: the procedure the module's own kind also needs
 
     @property
     def basename(self) -> str:
@@ -1953,7 +2016,7 @@ def write_archive(
     with PartialFile(dir_fd, f"{job.basename}.{fmt}", job.backup_dir) as out:
         pause = paused(job.container, job.settings.docker_timeout) if job.pause else contextlib.nullcontext(None)
         with pause as pause_started:
-            with compressing(out, job.compression) as packed:
+            with compressing(out, job.compression, Progress("archive", job.estimated_bytes)) as packed:
                 with tarfile.open(fileobj=packed, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                     archive_items(tar, job.container, items, skipped, stats, job.settings.pause_timeout)
             if pause_started is not None:
@@ -2445,7 +2508,7 @@ def dump_cluster(job: BackupJob, target: PgTarget, out: PartialFile) -> int:
     argv = exec_argv(target.container, ["pg_dumpall", "-U", target.user, "--clean", "--if-exists"], secrets=target.secrets)
     size, tail = 0, b""
     LOG.info("dumping with pg_dumpall into %s.partial", out.path)
-    with compressing(out, job.compression) as packed:
+    with compressing(out, job.compression, Progress("pg_dumpall", job.estimated_bytes)) as packed:
         with stream_from(argv, timeout=job.settings.pause_timeout, secrets=target.secrets) as pipe:
             while chunk := pipe.read(COPY_CHUNK):
                 packed.write(chunk)
@@ -3345,6 +3408,7 @@ def estimate_size(job: BackupJob) -> tuple[int | None, str]:
 def check_free_space(job: BackupJob) -> None:
     """Refuse (exit 3) before touching the container when the backup may not fit."""
     needed, how = estimate_size(job)
+    job.estimated_bytes = needed
     if needed is None:
         LOG.info("free space not checked: %s", how)
         return

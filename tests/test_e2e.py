@@ -301,3 +301,36 @@ def test_e2e_files_never_readable_by_others_while_written(kuma, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert any(name.endswith(".tar.gz.partial") for name in seen), seen.keys()  # the watch did see the file being written
     assert {mode & 0o077 for modes in seen.values() for mode in modes} == {0}, seen
+
+
+def test_e2e_progress_line_only_on_a_terminal(kuma, tmp_path):
+    import pty
+    import subprocess
+    import sys
+
+    from conftest import TOOL
+
+    engine, platform = kuma
+    conf = next(Path(m["Source"]) for m in engine.inspect("apps-kuma-1")["Mounts"] if m["Destination"] == "/app/conf")
+    (conf / "big.bin").write_bytes(os.urandom(64 << 20))
+    argv = [sys.executable, str(TOOL), "kuma", "--platform-root", str(platform), "--backup-dir", str(tmp_path / "b"),
+            "--allow-ci", "--compress-level", "9"]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, env={**engine.env, "BBA_GZIP_TOOL": "zlib"}, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=300)
+    os.close(master)
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, terminal
+    assert "\r\x1b[Kbackup-before-apply: archive: " in terminal and "MiB/s, ETA " in terminal
+    plain = backup(engine, platform, tmp_path / "b")
+    assert plain.returncode == 0 and "\r" not in plain.stderr and "MiB/s" not in plain.stderr
