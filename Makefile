@@ -1,7 +1,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: test unit e2e lint demo deps
+.PHONY: test unit lint demo deps bench
 
 # Everything: unit tests, run() against real commands, end to end on a private dockerd.
 test: deps
@@ -13,7 +13,7 @@ unit: deps
 
 lint:
 	$(PYTHON) -m pip install -q ruff mypy
-	$(PYTHON) -m ruff check backup_before_apply.py tests
+	$(PYTHON) -m ruff check backup_before_apply.py tests bench
 	$(PYTHON) -m mypy --strict --ignore-missing-imports backup_before_apply.py
 
 # A private dockerd with example services from examples/platform: --list, then a real
@@ -23,3 +23,8 @@ demo: deps
 
 deps:
 	@sh .ci/deps
+
+# The tool against `tar -czf` and `pg_dumpall | gzip` in the same run (ratios, MB/s, RSS).
+# BENCH_MB (default 256), BENCH_PG_ROWS (default 2000000) and BENCH_RUNS (default 3) set the size.
+bench: deps
+	$(PYTHON) bench/bench.py

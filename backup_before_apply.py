@@ -1758,7 +1758,8 @@ def _numeric(member: tarfile.TarInfo) -> tarfile.TarInfo:
     # Owners are kept as numbers only: the names on this host mean nothing in the
     # container (tar --numeric-owner). Stale pax names would override the new ones.
     member.uname = member.gname = ""
-    member.pax_headers = {k: v for k, v in member.pax_headers.items() if k not in ("path", "linkpath", "uname", "gname")}
+    member.mtime = int(member.mtime)
+    member.pax_headers = {k: v for k, v in member.pax_headers.items() if k not in ("path", "linkpath", "uname", "gname", "mtime", "atime", "ctime")}
     return member
 
 
@@ -1772,6 +1773,38 @@ def _inside(path: str, parents: list[str]) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
 
 
+def tarinfo_for(path: str, arcname: str, st: os.stat_result, hard_links: dict[tuple[int, int], str]) -> tarfile.TarInfo | None:
+    """Return the tar header of path from one lstat, or None for a socket.
+
+    Like TarFile.gettarinfo, without its user/group name lookups (owners are numeric
+    here) and remembering inodes only for files with more than one link (constant memory).
+    """
+    mode = st.st_mode
+    member = tarfile.TarInfo(arcname)
+    member.mode, member.uid, member.gid = stat.S_IMODE(mode), st.st_uid, st.st_gid
+    member.mtime = int(st.st_mtime)  # whole seconds, as tar keeps them; a float would add a pax header to every entry
+    if stat.S_ISREG(mode):
+        key = (st.st_dev, st.st_ino)
+        if st.st_nlink > 1 and key in hard_links:
+            member.type, member.linkname = tarfile.LNKTYPE, hard_links[key]
+        else:
+            member.type, member.size = tarfile.REGTYPE, st.st_size
+            if st.st_nlink > 1:
+                hard_links[key] = arcname
+    elif stat.S_ISDIR(mode):
+        member.type = tarfile.DIRTYPE
+    elif stat.S_ISLNK(mode):
+        member.type, member.linkname = tarfile.SYMTYPE, os.readlink(path)
+    elif stat.S_ISFIFO(mode):
+        member.type = tarfile.FIFOTYPE
+    elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        member.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+        member.devmajor, member.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    else:
+        return None
+    return member
+
+
 def archive_from_host(tar: tarfile.TarFile, item: ArchiveItem, nested: list[str], stats: ArchiveStats) -> None:
     """Add the host path of an item to tar under its path in the container.
 
@@ -1781,6 +1814,7 @@ def archive_from_host(tar: tarfile.TarFile, item: ArchiveItem, nested: list[str]
     assert item.host is not None
     if not os.path.lexists(item.host):
         raise BackupError(f"source of {item.path} vanished: {item.host} does not exist")
+    hard_links: dict[tuple[int, int], str] = {}
     stack = [(item.host, item.path.strip("/"))]
     while stack:
         path, rel = stack.pop()
@@ -1788,18 +1822,12 @@ def archive_from_host(tar: tarfile.TarFile, item: ArchiveItem, nested: list[str]
             continue  # archived on its own, as a mount of its own
         arcname = item.prefix + rel
         try:
-            member = tar.gettarinfo(path, arcname)
-            st = os.lstat(path)
+            member = tarinfo_for(path, arcname, os.lstat(path), hard_links)
         except FileNotFoundError:
             stats.warnings.append(f"vanished while archiving: /{arcname}")
             continue
         if member is None:
             continue  # sockets and other types tar cannot hold
-        if member.isreg() and st.st_nlink == 1:
-            # tarfile remembers every regular file's inode to spot hard links; only files
-            # with more than one link need it, and the others would grow memory per file.
-            tar.inodes.pop((st.st_ino, st.st_dev), None)  # type: ignore[attr-defined]
-        _numeric(member)
         if member.isreg():
 
             def short(name: str = arcname) -> None:
@@ -1866,12 +1894,12 @@ def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb_member: str | None = Non
     The gzip stream must be complete (CRC and length trailer) and the tar readable to its
     end-of-archive marker; with rdb_member, that member must start with the RDB magic.
     """
-    stats = ArchiveStats()
+    members = 0
     rdb_magic = None
     try:
         with decompressing(fh, fmt) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for member in tar:
-                stats.count("", member)
+                members += 1
                 if member.isreg():
                     extracted = tar.extractfile(member)
                     assert extracted is not None
@@ -1885,7 +1913,7 @@ def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb_member: str | None = Non
                 pass
     except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
         raise BackupError(f"archive is not a complete {fmt} ({exc})") from None
-    result: dict[str, Any] = {f"{compression_of(fmt)}_complete": True, "tar_readable": True, "members": stats.members}
+    result: dict[str, Any] = {f"{compression_of(fmt)}_complete": True, "tar_readable": True, "members": members}
     if rdb_member is not None:
         if rdb_magic is None:
             raise BackupError(f"archive has no {rdb_member}")
