@@ -1888,30 +1888,66 @@ def archive_items(tar: tarfile.TarFile, container: str, items: list[ArchiveItem]
             archive_through_docker(tar, item.container or container, item, nested, stats, timeout)
 
 
-def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb_member: str | None = None) -> dict[str, Any]:
-    """Read a tar(.gz) to its end and return what it holds. Raise BackupError if it is not complete.
+def _tar_number(field: bytes) -> int:
+    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256 for big numbers
+        value = int.from_bytes(field[1:], "big")
+        return -value if field[:1] == b"\xff" else value
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
 
-    The gzip stream must be complete (CRC and length trailer) and the tar readable to its
-    end-of-archive marker; with rdb_member, that member must start with the RDB magic.
+
+def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb_member: str | None = None) -> dict[str, Any]:
+    """Read a compressed tar to its end and return what it holds. Raise BackupError if it is not complete.
+
+    The compressed stream must be complete (gzip CRC and length trailer, zstd frame) and
+    the tar well-formed to its end-of-archive marker: every header's checksum, every
+    member's data present. Headers are walked directly (tarfile parses every field of
+    every header, which costs as much as writing the archive); with rdb_member, that
+    member must start with the RDB magic.
     """
     members = 0
     rdb_magic = None
+    long_name: bytes | None = None
     try:
-        with decompressing(fh, fmt) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-            for member in tar:
+        with decompressing(fh, fmt) as raw:
+            while True:
+                header = raw.read(512)
+                if len(header) < 512:
+                    raise BackupError("the tar stream ends before its end-of-archive marker")
+                if header == b"\0" * 512:
+                    break
+                stored = _tar_number(header[148:156])
+                if stored != sum(header[:148]) + 256 + sum(header[156:]):
+                    raise BackupError(f"tar header {members + 1} has a bad checksum")
+                size, kind = _tar_number(header[124:136]), header[156:157]
+                blocks = (size + 511) // 512 * 512
+                if kind in (b"L", b"K", b"x", b"g"):  # a long name or extended header, not a member
+                    data = raw.read(blocks)
+                    if len(data) < blocks:
+                        raise BackupError("the tar stream ends inside an extended header")
+                    long_name = data[:size].rstrip(b"\0") if kind == b"L" else long_name
+                    continue
                 members += 1
-                if member.isreg():
-                    extracted = tar.extractfile(member)
-                    assert extracted is not None
-                    head = extracted.read(COPY_CHUNK)
-                    if member.name == rdb_member:
-                        rdb_magic = head[:5] == REDIS_RDB_MAGIC
-                    while head:
-                        head = extracted.read(COPY_CHUNK)
-                _forget_members(tar)
+                name = long_name or (header[345:500].rstrip(b"\0") + b"/" if header[345:346] != b"\0" else b"") + header[:100].rstrip(b"\0")
+                long_name = None
+                if kind in (b"1", b"2", b"5", b"3", b"4", b"6"):
+                    blocks = 0  # links, directories, devices and fifos have no data
+                first = raw.read(min(blocks, 512)) if blocks else b""
+                if rdb_member is not None and name.decode("utf-8", "surrogateescape") == rdb_member:
+                    rdb_magic = first[:5] == REDIS_RDB_MAGIC
+                left = blocks - len(first)
+                while left > 0:
+                    chunk = raw.read(min(left, COPY_CHUNK))
+                    if not chunk:
+                        raise BackupError(f"the tar stream ends inside member {members}")
+                    left -= len(chunk)
+                if blocks and len(first) < min(blocks, 512):
+                    raise BackupError(f"the tar stream ends inside member {members}")
             while raw.read(COPY_CHUNK):
-                pass
-    except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
+                pass  # the rest of the record and the compressor's trailer
+    except BackupError as exc:
+        raise BackupError(f"archive is not a complete {fmt} ({exc})") from None
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise BackupError(f"archive is not a complete {fmt} ({exc})") from None
     result: dict[str, Any] = {f"{compression_of(fmt)}_complete": True, "tar_readable": True, "members": members}
     if rdb_member is not None:
@@ -2045,7 +2081,7 @@ def write_archive(
         pause = paused(job.container, job.settings.docker_timeout) if job.pause else contextlib.nullcontext(None)
         with pause as pause_started:
             with compressing(out, job.compression, Progress("archive", job.estimated_bytes)) as packed:
-                with tarfile.open(fileobj=packed, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                with tarfile.open(fileobj=packed, mode="w|", format=tarfile.GNU_FORMAT) as tar:
                     archive_items(tar, job.container, items, skipped, stats, job.settings.pause_timeout)
             if pause_started is not None:
                 paused_seconds = round(time.monotonic() - pause_started, 3)
