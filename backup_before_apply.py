@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import posixpath
+import queue
 import re
 import shlex
 import shutil
@@ -1415,6 +1416,7 @@ class PartialFile:
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.committed = False
+        self.tee: Callable[[bytes], None] | None = None  # also hands every byte written to a verifier
         self._file: IO[bytes] | None = None
 
     @property
@@ -1443,6 +1445,8 @@ class PartialFile:
             raise _write_error(exc, self.dir_path) from None
         self.sha256.update(data)
         self.size += len(data)
+        if self.tee is not None:
+            self.tee(bytes(data))
         return len(data)
 
     def flush(self) -> None:
@@ -1583,17 +1587,21 @@ class _Counting:
 class _Pump:
     """Copies a child's stdout into a writer on a thread (so sha256 is taken as it is written)."""
 
-    def __init__(self, source: IO[bytes], sink: Any) -> None:
+    def __init__(self, source: IO[bytes], sink: Any, *, close_sink: bool = False) -> None:
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(source, sink), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(source, sink, close_sink), daemon=True)
         self.thread.start()
 
-    def _run(self, source: IO[bytes], sink: Any) -> None:
+    def _run(self, source: IO[bytes], sink: Any, close_sink: bool) -> None:
         try:
             while chunk := source.read(COPY_CHUNK):
                 sink.write(chunk)
         except BaseException as exc:  # re-raised by the main thread
             self.error = exc
+        finally:
+            if close_sink:
+                with contextlib.suppress(OSError):
+                    sink.close()
 
     def join(self) -> None:
         self.thread.join()
@@ -1659,10 +1667,102 @@ def decompressing(fh: IO[bytes], fmt: str) -> Iterator[IO[bytes]]:
             yield typing.cast(IO[bytes], gz)
         return
     try:
-        with _streaming(["zstd", "-d", "-c", "-q"], into=False, timeout=None, secrets=None, check=True, stdin=fh) as stream:
-            yield stream.pipe
+        if _has_fd(fh):
+            with _streaming(["zstd", "-d", "-c", "-q"], into=False, timeout=None, secrets=None, check=True, stdin=fh) as stream:
+                yield stream.pipe
+            return
+        read_end, write_end = os.pipe()
+        with os.fdopen(read_end, "rb") as source, os.fdopen(write_end, "wb") as sink:
+            feeder = _Pump(fh, sink, close_sink=True)
+            try:
+                with _streaming(["zstd", "-d", "-c", "-q"], into=False, timeout=None, secrets=None, check=True, stdin=source) as stream:
+                    yield stream.pipe
+            finally:
+                with contextlib.suppress(OSError):
+                    source.close()
+                feeder.thread.join()
     except CommandError as exc:
         raise BackupError(f"not a complete zstd stream ({' | '.join(exc.stderr_tail) or exc})") from None
+
+
+def _has_fd(fh: Any) -> bool:
+    try:
+        fh.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
+
+
+class _QueueReader:
+    """A read-only file over chunks handed through a queue; None ends it."""
+
+    def __init__(self, chunks: queue.Queue[bytes | None]) -> None:
+        self.chunks, self.buffer, self.pos, self.ended = chunks, b"", 0, False
+
+    def read(self, size: int = -1) -> bytes:
+        while not self.ended and (size < 0 or len(self.buffer) - self.pos < size):
+            chunk = self.chunks.get()
+            if chunk is None:
+                self.ended = True
+            else:
+                self.buffer, self.pos = self.buffer[self.pos :] + chunk, 0
+        end = len(self.buffer) if size < 0 else min(self.pos + size, len(self.buffer))
+        data, self.pos = self.buffer[self.pos : end], end
+        return data
+
+
+class StreamVerifier:
+    """Checks a backup from the bytes as they are written, on a second core.
+
+    Reading the file back just after writing it reads the page cache, not the disk, so
+    this gives the same assurance without a second pass over the data.
+    """
+
+    def __init__(self, scan: Callable[[IO[bytes]], dict[str, Any]]) -> None:
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=16)  # bounded: constant memory
+        self.result: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self.finished = False
+        self.thread = threading.Thread(target=self._run, args=(scan,), daemon=True)
+        self.thread.start()
+
+    def _run(self, scan: Callable[[IO[bytes]], dict[str, Any]]) -> None:
+        reader = _QueueReader(self.chunks)
+        try:
+            self.result = scan(typing.cast(IO[bytes], reader))
+        except BaseException as exc:  # re-raised by finish()
+            self.error = exc
+        finally:
+            while not reader.ended:  # keep taking chunks, so that the writer never blocks
+                reader.ended = self.chunks.get() is None
+
+    def feed(self, data: bytes) -> None:
+        self.chunks.put(data)
+
+    def finish(self) -> dict[str, Any]:
+        self.stop()
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+    def stop(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.chunks.put(None)
+            self.thread.join()
+
+
+@contextlib.contextmanager
+def verifying(out: Any, scan: Callable[[IO[bytes]], dict[str, Any]]) -> Iterator[Callable[[], dict[str, Any]]]:
+    """Yield a function that returns scan's checks of everything written to out meanwhile."""
+    verifier = StreamVerifier(scan)
+    out.tee = verifier.feed
+    try:
+        yield verifier.finish
+    finally:
+        out.tee = None
+        verifier.stop()
 
 
 # --------------------------------------------------------------------------- archive writers
@@ -2077,7 +2177,8 @@ def write_archive(
     skipped = [d for d, _ in job.skipped]
     paused_seconds = None
     fmt = "tar." + job.compression.suffix
-    with PartialFile(dir_fd, f"{job.basename}.{fmt}", job.backup_dir) as out:
+    with PartialFile(dir_fd, f"{job.basename}.{fmt}", job.backup_dir) as out, \
+            verifying(out, lambda fh: scan_tar(fh, fmt, rdb_member=rdb_member)) as verified:
         pause = paused(job.container, job.settings.docker_timeout) if job.pause else contextlib.nullcontext(None)
         with pause as pause_started:
             with compressing(out, job.compression, Progress("archive", job.estimated_bytes)) as packed:
@@ -2085,8 +2186,7 @@ def write_archive(
                     archive_items(tar, job.container, items, skipped, stats, job.settings.pause_timeout)
             if pause_started is not None:
                 paused_seconds = round(time.monotonic() - pause_started, 3)
-        with out.reopen_for_reading() as fh:
-            verification = scan_tar(fh, fmt, rdb_member=rdb_member)
+        verification = verified()
         if verification["members"] != stats.members:
             raise BackupError(f"verification failed: archive holds {verification['members']} entries, {stats.members} were written")
         if stats.files == 0:
@@ -2592,10 +2692,9 @@ def procedure_pg_dumpall(job: BackupJob, dir_fd: int) -> BackupResult:
         ", ".join(f"{db} ({c['tables']} tables, {c['rows']} rows)" for db, c in counts.items()) or "no databases",
     )
     fmt = "sql." + job.compression.suffix
-    with PartialFile(dir_fd, f"{job.basename}.{fmt}", job.backup_dir) as out:
+    with PartialFile(dir_fd, f"{job.basename}.{fmt}", job.backup_dir) as out, verifying(out, lambda fh: scan_sql(fh, fmt)) as verified:
         size = dump_cluster(job, target, out)
-        with out.reopen_for_reading() as fh:
-            verification = scan_sql(fh, fmt)
+        verification = verified()
         if verification["sql_bytes"] != size:
             raise BackupError(f"verification failed: the file holds {verification['sql_bytes']} bytes of SQL, {size} were written")
         path = out.commit()
