@@ -1434,6 +1434,8 @@ class PartialFile:
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         assert self._file is not None
+        if not data:
+            return 0  # GzipFile hands over every empty compressor output
         view = memoryview(data).cast("B")
         try:
             while view:
@@ -1445,7 +1447,7 @@ class PartialFile:
             raise _write_error(exc, self.dir_path) from None
         self.sha256.update(data)
         self.size += len(data)
-        if self.tee is not None:
+        if self.tee is not None and data:
             self.tee(bytes(data))
         return len(data)
 
@@ -1723,6 +1725,7 @@ class StreamVerifier:
         self.result: dict[str, Any] | None = None
         self.error: BaseException | None = None
         self.finished = False
+        self.pending = bytearray()  # writes come in small pieces; hand them over 1 MiB at a time
         self.thread = threading.Thread(target=self._run, args=(scan,), daemon=True)
         self.thread.start()
 
@@ -1737,7 +1740,10 @@ class StreamVerifier:
                 reader.ended = self.chunks.get() is None
 
     def feed(self, data: bytes) -> None:
-        self.chunks.put(data)
+        self.pending += data
+        if len(self.pending) >= COPY_CHUNK:
+            self.chunks.put(bytes(self.pending))
+            self.pending.clear()
 
     def finish(self) -> dict[str, Any]:
         self.stop()
@@ -1749,6 +1755,8 @@ class StreamVerifier:
     def stop(self) -> None:
         if not self.finished:
             self.finished = True
+            if self.pending:
+                self.chunks.put(bytes(self.pending))
             self.chunks.put(None)
             self.thread.join()
 
@@ -2169,7 +2177,7 @@ def write_archive(
     rdb_member: str | None = None,
     before_commit: Callable[[dict[str, Any]], None] | None = None,
 ) -> BackupResult:
-    """Archive items into <module>-<ts>.tar.gz (paused with --pause), read it back, publish it.
+    """Archive items into <module>-<ts>.tar.gz (paused with --pause), verify it as written, publish it.
 
     before_commit may add to the verification results or raise to discard the archive.
     """

@@ -538,3 +538,19 @@ def test_list_uses_few_docker_calls_and_reports_them(platform, fake_docker, caps
     fake = fake_docker(*[fake_container(f"mod{i:02d}") for i in range(50)])
     assert bba.main(["--list", "--platform-root", str(platform), "--debug"], env={}) == 0
     assert fake.subcommands().count("inspect") == 1 and len(fake.calls) <= 5
+
+
+def test_backup_final_names_planted_as_symlinks_are_never_written_through(platform, tmp_path, kuma, capsys):
+    import datetime
+    backup_dir = tmp_path / "b"
+    backup_dir.mkdir(mode=0o700)
+    target = tmp_path / "precious"
+    target.write_text("do not touch")
+    now = datetime.datetime.now(datetime.UTC)
+    for second in range(0, 8):
+        stamp = bba.utc_timestamp(now + datetime.timedelta(seconds=second))
+        (backup_dir / f"kuma-{stamp}.tar.gz").symlink_to(target)
+    assert backup(platform, backup_dir) == 1
+    assert "keep existing; refusing to overwrite" in capsys.readouterr().err
+    assert target.read_text() == "do not touch"
+    assert all(p.is_symlink() for p in backup_dir.iterdir() if p.name.endswith(".tar.gz"))

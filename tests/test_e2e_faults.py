@@ -144,3 +144,22 @@ def test_e2e_killed_run_leaves_no_stale_lock_or_partial(docker_engine, tmp_path)
     assert again.returncode == 0, again.stderr
     assert "removing kuma-" in again.stderr and "left by an interrupted run" in again.stderr
     assert not any(n.endswith(".partial") for n in leftovers(backup_dir))
+
+
+def test_e2e_container_paused_by_someone_else(docker_engine, tmp_path):
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "kuma")
+    engine.run_container("kuma", "-v", "kuma:/data")
+    engine.docker("exec", "kuma", "sh", "-c", "echo x > /data/x")
+    engine.docker("pause", "kuma")
+    common = ("kuma", "--platform-root", str(platform), "--backup-dir", str(tmp_path / "b"))
+    refused = run_tool(*common, "--pause", env=engine.env)
+    assert refused.returncode == 3
+    assert "already paused by someone else; refusing to pause/unpause it" in refused.stderr.strip().splitlines()[-1]
+    assert engine.inspect("kuma")["State"]["Paused"] is True  # never unpaused by us
+    plain = run_tool(*common, env=engine.env)
+    assert plain.returncode == 0, plain.stderr
+    assert "is paused by someone else; it stays paused" in plain.stderr
+    assert engine.inspect("kuma")["State"]["Paused"] is True
+    engine.docker("unpause", "kuma")
