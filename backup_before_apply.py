@@ -1762,8 +1762,21 @@ class StreamVerifier:
 
 
 @contextlib.contextmanager
-def verifying(out: Any, scan: Callable[[IO[bytes]], dict[str, Any]]) -> Iterator[Callable[[], dict[str, Any]]]:
-    """Yield a function that returns scan's checks of everything written to out meanwhile."""
+def verifying(out: Any, scan: Callable[[IO[bytes]], dict[str, Any]], *, concurrent: bool = True) -> Iterator[Callable[[], dict[str, Any]]]:
+    """Yield a function that returns scan's checks of everything written to out meanwhile.
+
+    concurrent=False reads the file back instead: when the writer is itself Python code
+    on the main thread (tarfile with the standard library's gzip), a verifier thread only
+    competes with it for the interpreter (`make bench`: 1.20 against 1.08 for a re-read).
+    """
+    if not concurrent:
+
+        def read_back() -> dict[str, Any]:
+            with out.reopen_for_reading() as fh:
+                return scan(fh)
+
+        yield read_back
+        return
     verifier = StreamVerifier(scan)
     out.tee = verifier.feed
     try:
@@ -2186,7 +2199,7 @@ def write_archive(
     paused_seconds = None
     fmt = "tar." + job.compression.suffix
     with PartialFile(dir_fd, f"{job.basename}.{fmt}", job.backup_dir) as out, \
-            verifying(out, lambda fh: scan_tar(fh, fmt, rdb_member=rdb_member)) as verified:
+            verifying(out, lambda fh: scan_tar(fh, fmt, rdb_member=rdb_member), concurrent=job.compression.tool != "zlib") as verified:
         pause = paused(job.container, job.settings.docker_timeout) if job.pause else contextlib.nullcontext(None)
         with pause as pause_started:
             with compressing(out, job.compression, Progress("archive", job.estimated_bytes)) as packed:
