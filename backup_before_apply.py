@@ -1721,7 +1721,7 @@ class StreamVerifier:
     """
 
     def __init__(self, scan: Callable[[IO[bytes]], dict[str, Any]]) -> None:
-        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=16)  # bounded: constant memory
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)  # bounded: constant memory
         self.result: dict[str, Any] | None = None
         self.error: BaseException | None = None
         self.finished = False
