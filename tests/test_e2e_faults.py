@@ -78,7 +78,9 @@ def test_e2e_sigterm_during_bgsave_polling(docker_engine, tmp_path):
     assert engine.inspect("redis")["State"]["Running"] is True
 
 
-def test_e2e_second_ctrl_c_does_not_skip_unpause(docker_engine, tmp_path):
+@pytest.fixture
+def busy_kuma(docker_engine, tmp_path):
+    """Module kuma with 96 MiB of incompressible data: an archive at level 9 takes seconds."""
     engine = docker_engine
     platform = tmp_path / "platform"
     write_module(platform, "kuma")
@@ -86,6 +88,11 @@ def test_e2e_second_ctrl_c_does_not_skip_unpause(docker_engine, tmp_path):
     data.mkdir()
     (data / "big.bin").write_bytes(os.urandom(96 << 20))
     engine.run_container("kuma", "-v", f"{data}:/data")
+    return engine, platform
+
+
+def test_e2e_second_ctrl_c_does_not_skip_unpause(busy_kuma, tmp_path):
+    engine, platform = busy_kuma
     backup_dir = tmp_path / "b"
     proc = start(engine, platform, "kuma", backup_dir, "--pause", "--compress-level", "9")
     wait_for_line(proc, "archiving /data")
@@ -100,15 +107,9 @@ def test_e2e_second_ctrl_c_does_not_skip_unpause(docker_engine, tmp_path):
     assert leftovers(backup_dir) == []
 
 
-def test_e2e_concurrent_runs_same_module_wait_then_refuse_other_modules_proceed(docker_engine, tmp_path):
-    engine = docker_engine
-    platform = tmp_path / "platform"
-    write_module(platform, "kuma")
+def test_e2e_concurrent_runs_same_module_wait_then_refuse_other_modules_proceed(busy_kuma, tmp_path):
+    engine, platform = busy_kuma
     write_module(platform, "other")
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "big.bin").write_bytes(os.urandom(64 << 20))
-    engine.run_container("kuma", "-v", f"{data}:/data")
     engine.run_container("other", "-v", "other:/data")
     backup_dir = tmp_path / "b"
     first = start(engine, platform, "kuma", backup_dir, "--compress-level", "9")
@@ -126,14 +127,8 @@ def test_e2e_concurrent_runs_same_module_wait_then_refuse_other_modules_proceed(
     assert first.returncode == 0, err
 
 
-def test_e2e_killed_run_leaves_no_stale_lock_or_partial(docker_engine, tmp_path):
-    engine = docker_engine
-    platform = tmp_path / "platform"
-    write_module(platform, "kuma")
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "big.bin").write_bytes(os.urandom(64 << 20))
-    engine.run_container("kuma", "-v", f"{data}:/data")
+def test_e2e_killed_run_leaves_no_stale_lock_or_partial(busy_kuma, tmp_path):
+    engine, platform = busy_kuma
     backup_dir = tmp_path / "b"
     proc = start(engine, platform, "kuma", backup_dir, "--compress-level", "9")
     wait_for_line(proc, "archiving /data")
