@@ -1212,10 +1212,6 @@ class MountPlan:
     name: str | None
     via: str  # "host": read the host path; "docker": stream with docker cp
 
-    def describe(self) -> str:
-        what = f"volume {self.name}" if self.type == "volume" and self.name else f"{self.type} {self.source}"
-        return f"{self.destination} ({what})"
-
 
 def plan_mounts(container: dict[str, Any], *, read_on_host: bool) -> tuple[list[MountPlan], list[tuple[str, str]]]:
     """Return the mounts to archive and the (destination, reason) of every skipped one.
