@@ -176,3 +176,9 @@ class ArgvWatcher:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def run_backup(engine, platform: Path, module: str, backup_dir: Path, *args: str, extra_env: dict[str, str] | None = None):
+    """Back up module of platform on engine into backup_dir, as an operator would."""
+    env = {**engine.env, **(extra_env or {})}
+    return run_tool(module, "--platform-root", str(platform), "--backup-dir", str(backup_dir), *args, env=env)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_tool, write_module
+from conftest import run_backup, run_tool, write_module
 
 SEED = (
     "set -e; mkdir -p /app/data/sub /app/data/empty /app/conf; "
@@ -44,7 +44,7 @@ def kuma(docker_engine, tmp_path):
 
 
 def backup(engine, platform, backup_dir, *args):
-    return run_tool("kuma", "--platform-root", str(platform), "--backup-dir", str(backup_dir), *args, env=engine.env)
+    return run_backup(engine, platform, "kuma", backup_dir, *args)
 
 
 def listing(engine, container: str) -> str:

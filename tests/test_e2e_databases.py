@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TOOL, ArgvWatcher, run_tool, write_module
+from conftest import run_backup as backup
 
 PG_PASSWORD = "pg-Secret-4c1d"
 REDIS_PASSWORD = "redis-Secret-9f2e"
@@ -46,10 +47,6 @@ def postgres(docker_engine, tmp_path):
          "GRANT SELECT ON orders TO reporter")
     psql(engine, c, "crm", "CREATE SCHEMA sales", "CREATE TABLE sales.leads AS SELECT g AS id FROM generate_series(1, 17) g")
     return engine, platform, c
-
-
-def backup(engine, platform, module, backup_dir, *args):
-    return run_tool(module, "--platform-root", str(platform), "--backup-dir", str(backup_dir), *args, env=engine.env)
 
 
 def test_e2e_postgres_backup_verify_drill(postgres, tmp_path):

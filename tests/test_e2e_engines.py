@@ -15,16 +15,12 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, ArgvWatcher, run_tool, write_module
+from conftest import run_backup as tool
 
 STANDINS = REPO / "tests" / "standins"
 STANDIN_PATH = "PATH=/opt/standins:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 VAULT_TOKEN = "s.VaultRoot-7d1c"
 MEILI_KEY = "meili-Master-55ab"
-
-
-def tool(engine, platform, module, backup_dir, *args, extra_env=None):
-    env = {**engine.env, **(extra_env or {})}
-    return run_tool(module, "--platform-root", str(platform), "--backup-dir", str(backup_dir), *args, env=env)
 
 
 @pytest.fixture
