@@ -25,6 +25,7 @@ deps:
 	@sh .ci/deps
 
 # The tool against `tar -czf` and `pg_dumpall | gzip` in the same run (ratios, MB/s, RSS).
-# BENCH_MB (default 256), BENCH_PG_ROWS (default 2000000) and BENCH_RUNS (default 3) set the size.
+# BENCH_MB (default 2048), BENCH_PG_ROWS (default 2000000) and BENCH_RUNS (default 3) set the size;
+# about 15 minutes on 2 cores at the defaults.
 bench: deps
 	$(PYTHON) bench/bench.py

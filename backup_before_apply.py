@@ -30,6 +30,7 @@ import os
 import posixpath
 import queue
 import re
+import resource
 import shlex
 import shutil
 import signal
@@ -1412,7 +1413,7 @@ class PartialFile:
         self.sha256 = hashlib.sha256()
         self.size = 0
         self.committed = False
-        self.tee: Callable[[bytes], None] | None = None  # also hands every byte written to a verifier
+        self.tee: Callable[[bytes | bytearray | memoryview], None] | None = None  # also hands every byte written to a verifier
         self._file: IO[bytes] | None = None
 
     @property
@@ -1431,7 +1432,7 @@ class PartialFile:
     def write(self, data: bytes | bytearray | memoryview) -> int:
         assert self._file is not None
         if not data:
-            return 0  # GzipFile hands over every empty compressor output
+            return 0  # zlib often has no output yet for a chunk it was given
         view = memoryview(data).cast("B")
         try:
             while view:
@@ -1443,8 +1444,8 @@ class PartialFile:
             raise _write_error(exc, self.dir_path) from None
         self.sha256.update(data)
         self.size += len(data)
-        if self.tee is not None and data:
-            self.tee(bytes(data))
+        if self.tee is not None:
+            self.tee(data)
         return len(data)
 
     def flush(self) -> None:
@@ -1568,20 +1569,6 @@ class Progress:
             sys.stderr.flush()
 
 
-class _Counting:
-    """A writer that reports what passes through it to a Progress."""
-
-    def __init__(self, inner: IO[bytes], progress: Progress) -> None:
-        self.inner, self.progress = inner, progress
-
-    def write(self, data: bytes) -> int:
-        self.progress.add(len(data))
-        return self.inner.write(data)
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-
 class _Pump:
     """Copies a child's stdout into a writer on a thread (so sha256 is taken as it is written)."""
 
@@ -1607,24 +1594,99 @@ class _Pump:
             raise self.error
 
 
-@contextlib.contextmanager
-def compressing(out: Any, compression: Compression, progress: Progress | None = None) -> Iterator[IO[bytes]]:
-    """Yield a writer whose bytes reach out compressed; check the compressor at the end."""
-    with _compressing(out, compression) as packed:
-        if progress is None:
-            yield packed
-            return
+class StreamSink:
+    """Where a stream being backed up goes: write() hands bytes on.
+
+    fd, when it is not None, is a pipe the stream may also be written to directly, so
+    that the kernel can send file data into it (os.sendfile) without a copy through Python.
+    """
+
+    fd: int | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        raise NotImplementedError
+
+
+class _PipeWriter(StreamSink):
+    """Writes everything to a pipe's fd (a compressor's stdin)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        assert self.fd is not None
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(self.fd, view) :]
+        return len(data)
+
+
+class _GzipThread(StreamSink):
+    """gzip by the standard library, deflated on a second thread.
+
+    zlib releases the interpreter lock while it deflates, so the next megabyte of a stream
+    is read or built while this one is compressed, as `tar -czf` runs gzip as a second
+    process. The queue is bounded: memory stays constant.
+    """
+
+    def __init__(self, out: Any, level: int) -> None:
+        self.out = out
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.closed = False
+        compressor = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: a gzip header and trailer
+        self.thread = threading.Thread(target=self._run, args=(compressor,), daemon=True)
+        self.thread.start()
+
+    def _run(self, compressor: Any) -> None:
         try:
-            yield typing.cast(IO[bytes], _Counting(packed, progress))
-        finally:
-            progress.close()
+            while (chunk := self.chunks.get()) is not None:
+                self.out.write(compressor.compress(chunk))
+            self.out.write(compressor.flush())
+        except BaseException as exc:  # re-raised by write() or close()
+            self.error = exc
+            while self.chunks.get() is not None:
+                pass  # keep taking chunks, so that the writer never blocks
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        if self.error is not None:
+            raise self.error
+        if data:
+            self.chunks.put(bytes(data))  # a copy: callers reuse their buffers
+        return len(data)
+
+    def close(self) -> None:
+        """Compress what is left and write the gzip trailer. Raise what the thread met."""
+        if not self.closed:
+            self.closed = True
+            self.chunks.put(None)
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _grow_pipe(fd: int) -> None:
+    # A 64 KiB pipe makes the two ends take turns; 1 MiB (the default pipe-max-size)
+    # lets the producer run ahead while the consumer compresses.
+    with contextlib.suppress(OSError, AttributeError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, COPY_CHUNK)
 
 
 @contextlib.contextmanager
-def _compressing(out: Any, compression: Compression) -> Iterator[IO[bytes]]:
+def compressing(out: Any, compression: Compression) -> Iterator[StreamSink]:
+    """Yield a sink whose bytes reach out compressed; check the compressor at the end.
+
+    Raise CommandError if pigz or zstd exits non-zero, or what writing out raised.
+    """
     if compression.tool == "zlib":
-        with gzip.GzipFile(filename="", mode="wb", fileobj=out, compresslevel=compression.level) as gz:
-            yield typing.cast(IO[bytes], gz)
+        gz = _GzipThread(out, compression.level)
+        try:
+            yield gz
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                gz.close()
+            raise
+        gz.close()
         return
     level = f"-{compression.level}"
     argv = ["pigz", level, "-c"] if compression.tool == "pigz" else ["zstd", level, "-T0", "-q", "-c"]
@@ -1633,9 +1695,11 @@ def _compressing(out: Any, compression: Compression) -> Iterator[IO[bytes]]:
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
         assert proc.stdin is not None and proc.stdout is not None
+        _grow_pipe(proc.stdin.fileno())
+        _grow_pipe(proc.stdout.fileno())
         pump = _Pump(proc.stdout, out)
         try:
-            yield proc.stdin
+            yield _PipeWriter(proc.stdin.fileno())  # proc.stdin's own buffer stays empty
             proc.stdin.close()
             returncode = proc.wait()
             pump.join()
@@ -1735,7 +1799,10 @@ class StreamVerifier:
             while not reader.ended:  # keep taking chunks, so that the writer never blocks
                 reader.ended = self.chunks.get() is None
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.pending and len(data) >= COPY_CHUNK and isinstance(data, bytes):
+            self.chunks.put(data)  # already whole and immutable: no copy
+            return
         self.pending += data
         if len(self.pending) >= COPY_CHUNK:
             self.chunks.put(bytes(self.pending))
@@ -1758,21 +1825,8 @@ class StreamVerifier:
 
 
 @contextlib.contextmanager
-def verifying(out: Any, scan: Callable[[IO[bytes]], dict[str, Any]], *, concurrent: bool = True) -> Iterator[Callable[[], dict[str, Any]]]:
-    """Yield a function that returns scan's checks of everything written to out meanwhile.
-
-    concurrent=False reads the file back instead: when the writer is itself Python code
-    on the main thread (tarfile with the standard library's gzip), a verifier thread only
-    competes with it for the interpreter (`make bench`: 1.20 against 1.08 for a re-read).
-    """
-    if not concurrent:
-
-        def read_back() -> dict[str, Any]:
-            with out.reopen_for_reading() as fh:
-                return scan(fh)
-
-        yield read_back
-        return
+def verifying(out: Any, scan: Callable[[IO[bytes]], dict[str, Any]]) -> Iterator[Callable[[], dict[str, Any]]]:
+    """Yield a function that returns scan's checks of everything written to out meanwhile."""
     verifier = StreamVerifier(scan)
     out.tee = verifier.feed
     try:
@@ -1807,7 +1861,152 @@ def locate(path: str, mounts: list[MountPlan]) -> ArchiveItem:
     return ArchiveItem(path, host, mount.destination)
 
 
+@dataclasses.dataclass(slots=True)
+class TarEntry:
+    """One archive entry: what its tar header says (owners as numbers, whole-second mtime)."""
+
+    name: str  # in the archive, without a leading or trailing "/"
+    kind: bytes  # tarfile.REGTYPE, DIRTYPE, SYMTYPE, LNKTYPE, CHRTYPE, BLKTYPE or FIFOTYPE
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    size: int = 0  # regular files only
+    linkname: str = ""  # symlink target, or the first name of a hard-linked file
+    devmajor: int = 0
+    devminor: int = 0
+
+
+def _tar_field(value: int, digits: int) -> bytes:
+    # tarfile.itn for GNU_FORMAT: octal while it fits, else GNU base-256.
+    if 0 <= value < 1 << (3 * (digits - 1)):
+        return b"%0*o\0" % (digits - 1, value)
+    limit = 1 << (8 * (digits - 1))
+    if not -limit <= value < limit:
+        raise ValueError(f"{value} does not fit in a {digits}-byte tar field")
+    return (b"\x80" if value >= 0 else b"\xff") + (value % limit).to_bytes(digits - 1, "big")
+
+
+def _tar_block(name: bytes, kind: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, linkname: bytes, devices: bytes) -> bytes:
+    block = b"".join((
+        name[:100].ljust(100, b"\0"), _tar_field(mode & 0o7777, 8), _tar_field(uid, 8), _tar_field(gid, 8),
+        _tar_field(size, 12), _tar_field(mtime, 12), b"        ", kind, linkname[:100].ljust(100, b"\0"),
+        tarfile.GNU_MAGIC, b"\0" * 64, devices, b"\0" * 167,
+    ))
+    return block[:148] + b"%06o\0" % sum(block) + block[155:]
+
+
+def _tar_long_name(name: bytes, kind: bytes) -> bytes:
+    payload = name + b"\0"
+    return _tar_block(b"././@LongLink", kind, 0, 0, 0, len(payload), 0, b"", b"\0" * 16) + payload + b"\0" * (-len(payload) % 512)
+
+
+def tar_header(entry: TarEntry) -> bytes:
+    """Return the GNU tar header block(s) of entry: what tarfile writes for it in GNU_FORMAT.
+
+    Names longer than 100 bytes get GNU long-name blocks first. Raise ValueError if a
+    number does not fit even in base-256.
+    """
+    name = (entry.name + "/" if entry.kind == tarfile.DIRTYPE else entry.name).encode("utf-8", "surrogateescape")
+    linkname = entry.linkname.encode("utf-8", "surrogateescape")
+    devices = (_tar_field(entry.devmajor, 8) + _tar_field(entry.devminor, 8)) if entry.kind in (tarfile.CHRTYPE, tarfile.BLKTYPE) else b"\0" * 16
+    head = b""
+    if len(linkname) > 100:
+        head += _tar_long_name(linkname, tarfile.GNUTYPE_LONGLINK)
+    if len(name) > 100:
+        head += _tar_long_name(name, tarfile.GNUTYPE_LONGNAME)
+    return head + _tar_block(name, entry.kind, entry.mode, entry.uid, entry.gid, entry.size, entry.mtime, linkname, devices)
+
+
+SMALL_FILE = 256 << 10  # read into the write buffer; bigger files go to the sink in pieces, or by sendfile
+
+
+class TarWriter:
+    """Writes a GNU tar stream to a StreamSink in large writes.
+
+    Byte for byte what tarfile writes in GNU_FORMAT, without its per-member costs
+    (a TarInfo copy, a member list that grows with every file, a write per header). Small
+    files are gathered into one buffer; bigger ones are sent by the kernel when the sink is
+    a pipe, and read a megabyte at a time otherwise.
+    """
+
+    def __init__(self, sink: StreamSink, progress: Progress | None = None) -> None:
+        self.sink, self.progress = sink, progress
+        self.buffer = bytearray()
+        self.offset = 0  # bytes of the tar stream so far
+
+    def _emit(self, data: bytes | bytearray) -> None:
+        self.buffer += data
+        if len(self.buffer) >= COPY_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buffer:
+            self.sink.write(self.buffer)
+            self._done(len(self.buffer))
+            self.buffer = bytearray()
+
+    def _done(self, count: int) -> None:
+        self.offset += count
+        if self.progress is not None:
+            self.progress.add(count)
+
+    def add(self, entry: TarEntry) -> None:
+        """Write an entry that has no data (a directory, link, device or fifo)."""
+        self._emit(tar_header(entry))
+
+    def add_file(self, entry: TarEntry, fd: int) -> bool:
+        """Write a regular file from fd, exactly entry.size bytes.
+
+        Return False if the file was shorter than entry.size (it shrank while it was read):
+        the rest is zeros, as GNU tar does when a "file changed as we read it".
+        """
+        self._emit(tar_header(entry))
+        left = entry.size
+        if left <= SMALL_FILE:
+            while left:
+                data = os.read(fd, left)
+                if not data:
+                    break
+                self.buffer += data
+                left -= len(data)
+        else:
+            self.flush()
+            while left:
+                if self.sink.fd is not None:
+                    sent = os.sendfile(self.sink.fd, fd, None, min(left, 64 * COPY_CHUNK))
+                    self._done(sent)
+                else:
+                    data = os.read(fd, min(left, COPY_CHUNK))
+                    sent = len(data)
+                    if sent:
+                        self.sink.write(data)
+                        self._done(sent)
+                if not sent:
+                    break
+                left -= sent
+        self._emit(b"\0" * (left + (-entry.size % 512)))
+        return left == 0
+
+    def add_stream(self, entry: TarEntry, source: IO[bytes]) -> bool:
+        """Write a regular file read from source; like add_file, False if it was short."""
+        self._emit(tar_header(entry))
+        left = entry.size
+        while left and (data := source.read(min(left, COPY_CHUNK))):
+            self._emit(data)
+            left -= len(data)
+        self._emit(b"\0" * (left + (-entry.size % 512)))
+        return left == 0
+
+    def close(self) -> None:
+        """Write the end-of-archive marker, pad to a whole 10 KiB record, flush."""
+        self._emit(b"\0" * 1024)
+        self._emit(b"\0" * (-(self.offset + len(self.buffer)) % tarfile.RECORDSIZE))
+        self.flush()
+
+
 _LISTING_MODULUS = 1 << 256
+_LISTING_KIND = {tarfile.LNKTYPE: "h", tarfile.REGTYPE: "f", tarfile.DIRTYPE: "d", tarfile.SYMTYPE: "l"}
 
 
 @dataclasses.dataclass
@@ -1825,64 +2024,32 @@ class ArchiveStats:
     per_mount: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
 
-    def count(self, group: str, member: tarfile.TarInfo) -> None:
+    def count(self, group: str, entry: TarEntry) -> None:
         self.members += 1
-        entry = self.per_mount.setdefault(group, {"members": 0, "files": 0, "bytes": 0, "listing_sha256": 0})
-        entry["members"] += 1
-        if member.isreg():
+        tally = self.per_mount.get(group)
+        if tally is None:
+            tally = self.per_mount[group] = {"members": 0, "files": 0, "bytes": 0, "listing_sha256": 0}
+        tally["members"] += 1
+        kind = _LISTING_KIND.get(entry.kind, "o")
+        if kind == "f":
             self.files += 1
-            self.data_bytes += member.size
-            entry["files"] += 1
-            entry["bytes"] += member.size
-        kind = "h" if member.islnk() else "f" if member.isreg() else "d" if member.isdir() else "l" if member.issym() else "o"
-        line = "\0".join(
-            [member.name.rstrip("/"), kind, f"{member.mode & 0o7777:o}", str(member.uid), str(member.gid),
-             str(member.size) if kind == "f" else "", member.linkname if kind == "l" else ""]
-        )
+            self.data_bytes += entry.size
+            tally["files"] += 1
+            tally["bytes"] += entry.size
+        line = f"{entry.name}\0{kind}\0{entry.mode & 0o7777:o}\0{entry.uid}\0{entry.gid}\0{entry.size if kind == 'f' else ''}\0{entry.linkname if kind == 'l' else ''}"
         digest = int.from_bytes(hashlib.sha256(line.encode("utf-8", "surrogateescape")).digest(), "big")
-        entry["listing_sha256"] = (entry["listing_sha256"] + digest) % _LISTING_MODULUS
+        tally["listing_sha256"] = (tally["listing_sha256"] + digest) % _LISTING_MODULUS
 
     def summary(self) -> dict[str, dict[str, Any]]:
         return {
-            group: {**entry, "listing_sha256": f"{entry['listing_sha256']:064x}"}
-            for group, entry in self.per_mount.items()
+            group: {**tally, "listing_sha256": f"{tally['listing_sha256']:064x}"}
+            for group, tally in self.per_mount.items()
         }
 
 
-class _PaddedReader:
-    """Read exactly `size` bytes of a live file: short reads are padded with zeros.
-
-    A file that shrinks while it is archived must not abort the whole backup (GNU tar
-    warns "file changed as we read it" and goes on); the warning is recorded.
-    """
-
-    def __init__(self, fh: IO[bytes], size: int, on_short: Any) -> None:
-        self.fh, self.left, self.on_short = fh, size, on_short
-
-    def read(self, n: int = -1) -> bytes:
-        if self.left <= 0:
-            return b""
-        n = self.left if n < 0 else min(n, self.left)
-        data = self.fh.read(n)
-        if len(data) < n:
-            self.on_short()
-            data += b"\0" * (n - len(data))
-        self.left -= len(data)
-        return data
-
-
-def _numeric(member: tarfile.TarInfo) -> tarfile.TarInfo:
-    # Owners are kept as numbers only: the names on this host mean nothing in the
-    # container (tar --numeric-owner). Stale pax names would override the new ones.
-    member.uname = member.gname = ""
-    member.mtime = int(member.mtime)
-    member.pax_headers = {k: v for k, v in member.pax_headers.items() if k not in ("path", "linkpath", "uname", "gname", "mtime", "atime", "ctime")}
-    return member
-
-
 def _forget_members(tar: tarfile.TarFile) -> None:
-    # tarfile keeps every member it has read or written (~0.5 KiB each; not in the typed
-    # API); dropping them keeps memory constant whatever the number of files.
+    # tarfile keeps every member it has read (~0.5 KiB each; not in the typed API);
+    # dropping them keeps memory constant whatever the number of files.
     tar.members.clear()  # type: ignore[attr-defined]
 
 
@@ -1890,43 +2057,46 @@ def _inside(path: str, parents: list[str]) -> bool:
     return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
 
 
-def tarinfo_for(path: str, arcname: str, st: os.stat_result, hard_links: dict[tuple[int, int], str]) -> tarfile.TarInfo | None:
-    """Return the tar header of path from one lstat, or None for a socket.
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never follow a swapped-in symlink, never wait on a fifo
+
+
+def entry_for(path: str, name: str, st: os.stat_result, hard_links: dict[tuple[int, int], str]) -> TarEntry | None:
+    """Return the archive entry of path from its stat, or None for a socket.
 
     Like TarFile.gettarinfo, without its user/group name lookups (owners are numeric
-    here) and remembering inodes only for files with more than one link (constant memory).
+    here), remembering inodes only for files with more than one link (constant memory).
     """
     mode = st.st_mode
-    member = tarfile.TarInfo(arcname)
-    member.mode, member.uid, member.gid = stat.S_IMODE(mode), st.st_uid, st.st_gid
-    member.mtime = int(st.st_mtime)  # whole seconds, as tar keeps them; a float would add a pax header to every entry
+    entry = TarEntry(name, tarfile.REGTYPE, stat.S_IMODE(mode), st.st_uid, st.st_gid, int(st.st_mtime))
     if stat.S_ISREG(mode):
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in hard_links:
-            member.type, member.linkname = tarfile.LNKTYPE, hard_links[key]
+            entry.kind, entry.linkname = tarfile.LNKTYPE, hard_links[key]
         else:
-            member.type, member.size = tarfile.REGTYPE, st.st_size
+            entry.size = st.st_size
             if st.st_nlink > 1:
-                hard_links[key] = arcname
+                hard_links[key] = name
     elif stat.S_ISDIR(mode):
-        member.type = tarfile.DIRTYPE
+        entry.kind = tarfile.DIRTYPE
     elif stat.S_ISLNK(mode):
-        member.type, member.linkname = tarfile.SYMTYPE, os.readlink(path)
+        entry.kind, entry.linkname = tarfile.SYMTYPE, os.readlink(path)
     elif stat.S_ISFIFO(mode):
-        member.type = tarfile.FIFOTYPE
+        entry.kind = tarfile.FIFOTYPE
     elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        member.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
-        member.devmajor, member.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        entry.kind = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+        entry.devmajor, entry.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
     else:
         return None
-    return member
+    return entry
 
 
-def archive_from_host(tar: tarfile.TarFile, item: ArchiveItem, nested: list[str], stats: ArchiveStats) -> None:
+def archive_from_host(tar: TarWriter, item: ArchiveItem, nested: list[str], stats: ArchiveStats) -> None:
     """Add the host path of an item to tar under its path in the container.
 
-    Raise BackupError if the item's own path is gone: a backup without a whole mount
-    must not look finished.
+    Regular files are opened without following symlinks and described from the open
+    file, so that a file swapped for a link between the listing and the read cannot put
+    a host file into the backup. Raise BackupError if the item's own path is gone: a
+    backup without a whole mount must not look finished.
     """
     assert item.host is not None
     if not os.path.lexists(item.host):
@@ -1935,44 +2105,68 @@ def archive_from_host(tar: tarfile.TarFile, item: ArchiveItem, nested: list[str]
     stack = [(item.host, item.path.strip("/"))]
     while stack:
         path, rel = stack.pop()
-        if "/" + rel != item.path and _inside("/" + rel, nested):
+        if nested and "/" + rel != item.path and _inside("/" + rel, nested):
             continue  # archived on its own, as a mount of its own
-        arcname = item.prefix + rel
+        name = item.prefix + rel
         try:
-            member = tarinfo_for(path, arcname, os.lstat(path), hard_links)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                entry = entry_for(path, name, st, hard_links)
+                if entry is not None:
+                    tar.add(entry)
+            else:
+                entry = _add_host_file(tar, path, name, hard_links, stats)
         except FileNotFoundError:
-            stats.warnings.append(f"vanished while archiving: /{arcname}")
+            stats.warnings.append(f"vanished while archiving: /{name}")
             continue
-        if member is None:
+        if entry is None:
             continue  # sockets and other types tar cannot hold
-        if member.isreg():
-
-            def short(name: str = arcname) -> None:
-                stats.warnings.append(f"file changed as we read it: /{name}")
-
-            try:
-                with open(path, "rb") as fh:
-                    tar.addfile(member, _PaddedReader(fh, member.size, short))
-            except FileNotFoundError:
-                stats.warnings.append(f"vanished while archiving: /{arcname}")
-                continue
-        else:
-            tar.addfile(member)
-        _forget_members(tar)
-        stats.count(item.group, member)
-        if member.isdir():
+        stats.count(item.group, entry)
+        if entry.kind == tarfile.DIRTYPE:
             try:
                 names = sorted(os.listdir(path), reverse=True)
             except FileNotFoundError:
                 continue
-            stack.extend((os.path.join(path, n), f"{rel}/{n}") for n in names)
+            stack.extend((f"{path}/{n}", f"{rel}/{n}") for n in names)
 
 
-def archive_through_docker(tar: tarfile.TarFile, container: str, item: ArchiveItem, nested: list[str], stats: ArchiveStats, timeout: float) -> None:
+def _add_host_file(tar: TarWriter, path: str, name: str, hard_links: dict[tuple[int, int], str], stats: ArchiveStats) -> TarEntry | None:
+    try:
+        fd = os.open(path, _OPEN_FILE)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENXIO):
+            raise
+        stats.warnings.append(f"replaced by a link or socket while archiving, left out: /{name}")
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            stats.warnings.append(f"replaced by a non-regular file while archiving, left out: /{name}")
+            return None
+        entry = entry_for(path, name, st, hard_links)
+        assert entry is not None
+        if entry.kind == tarfile.LNKTYPE:
+            tar.add(entry)
+        elif not tar.add_file(entry, fd):
+            stats.warnings.append(f"file changed as we read it: /{name}")
+        return entry
+    finally:
+        os.close(fd)
+
+
+def entry_of(member: tarfile.TarInfo, name: str, linkname: str) -> TarEntry:
+    """Return the archive entry of a member read from a tar stream, under name and linkname."""
+    regular = member.isreg()
+    return TarEntry(name, tarfile.REGTYPE if regular else member.type, member.mode, member.uid, member.gid, int(member.mtime),
+                    member.size if regular else 0, linkname, member.devmajor, member.devminor)
+
+
+def archive_through_docker(tar: TarWriter, container: str, item: ArchiveItem, nested: list[str], stats: ArchiveStats, timeout: float) -> None:
     """Stream a container path out with `docker cp` and add it under the same path.
 
     Works with any engine the docker CLI reaches (remote DOCKER_HOST, rootless), and
-    keeps the owners as the container sees them.
+    keeps the owners as the container sees them (as numbers: names on this host mean
+    nothing in the container, like tar --numeric-owner).
     """
     # `docker cp C:/a/b -` names entries "b", "b/x": rebase them on "a".
     parent = posixpath.dirname(item.path.rstrip("/")).strip("/")
@@ -1982,17 +2176,22 @@ def archive_through_docker(tar: tarfile.TarFile, container: str, item: ArchiveIt
                 name = posixpath.normpath(posixpath.join(parent, member.name)).lstrip("/")
                 if "/" + name != item.path and _inside("/" + name, nested):
                     continue
+                linkname = member.linkname
                 if member.islnk():
-                    member.linkname = item.prefix + posixpath.normpath(posixpath.join(parent, member.linkname)).lstrip("/")
-                member.name = item.prefix + name
-                _numeric(member)
-                tar.addfile(member, source.extractfile(member) if member.isreg() else None)
-                _forget_members(tar)
+                    linkname = item.prefix + posixpath.normpath(posixpath.join(parent, linkname)).lstrip("/")
+                entry = entry_of(member, item.prefix + name, linkname)
+                if member.isreg():
+                    data = source.extractfile(member)
+                    assert data is not None
+                    if not tar.add_stream(entry, data):
+                        stats.warnings.append(f"file cut short in the docker cp stream: /{entry.name}")
+                else:
+                    tar.add(entry)
                 _forget_members(source)
-                stats.count(item.group, member)
+                stats.count(item.group, entry)
 
 
-def archive_items(tar: tarfile.TarFile, container: str, items: list[ArchiveItem], skipped: list[str], stats: ArchiveStats, timeout: float) -> None:
+def archive_items(tar: TarWriter, container: str, items: list[ArchiveItem], skipped: list[str], stats: ArchiveStats, timeout: float) -> None:
     """Add every item to tar; a path that is its own item (or skipped) is not repeated."""
     for item in items:
         # Only paths of the same container (same prefix) can hide inside each other.
@@ -2003,6 +2202,9 @@ def archive_items(tar: tarfile.TarFile, container: str, items: list[ArchiveItem]
             archive_from_host(tar, item, nested, stats)
         else:
             archive_through_docker(tar, item.container or container, item, nested, stats, timeout)
+
+
+_ZERO_BLOCK = bytes(512)
 
 
 def _tar_number(field: bytes) -> int:
@@ -2031,10 +2233,10 @@ def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb_member: str | None = Non
                 header = raw.read(512)
                 if len(header) < 512:
                     raise BackupError("the tar stream ends before its end-of-archive marker")
-                if header == b"\0" * 512:
+                if header == _ZERO_BLOCK:
                     break
-                stored = _tar_number(header[148:156])
-                if stored != sum(header[:148]) + 256 + sum(header[156:]):
+                chksum = header[148:156]
+                if _tar_number(chksum) != sum(header) - sum(chksum) + 256:
                     raise BackupError(f"tar header {members + 1} has a bad checksum")
                 size, kind = _tar_number(header[124:136]), header[156:157]
                 blocks = (size + 511) // 512 * 512
@@ -2045,21 +2247,23 @@ def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb_member: str | None = Non
                     long_name = data[:size].rstrip(b"\0") if kind == b"L" else long_name
                     continue
                 members += 1
-                name = long_name or (header[345:500].rstrip(b"\0") + b"/" if header[345:346] != b"\0" else b"") + header[:100].rstrip(b"\0")
-                long_name = None
                 if kind in (b"1", b"2", b"5", b"3", b"4", b"6"):
                     blocks = 0  # links, directories, devices and fifos have no data
-                first = raw.read(min(blocks, 512)) if blocks else b""
-                if rdb_member is not None and name.decode("utf-8", "surrogateescape") == rdb_member:
-                    rdb_magic = first[:5] == REDIS_RDB_MAGIC
-                left = blocks - len(first)
+                left = blocks
+                if rdb_member is not None:
+                    name = long_name or (header[345:500].rstrip(b"\0") + b"/" if header[345:346] != b"\0" else b"") + header[:100].rstrip(b"\0")
+                    if name.decode("utf-8", "surrogateescape") == rdb_member:
+                        first = raw.read(min(blocks, 512))
+                        if len(first) < min(blocks, 512):
+                            raise BackupError(f"the tar stream ends inside member {members}")
+                        rdb_magic = first[:5] == REDIS_RDB_MAGIC
+                        left -= len(first)
+                long_name = None
                 while left > 0:
                     chunk = raw.read(min(left, COPY_CHUNK))
                     if not chunk:
                         raise BackupError(f"the tar stream ends inside member {members}")
                     left -= len(chunk)
-                if blocks and len(first) < min(blocks, 512):
-                    raise BackupError(f"the tar stream ends inside member {members}")
             while raw.read(COPY_CHUNK):
                 pass  # the rest of the record and the compressor's trailer
     except BackupError as exc:
@@ -2195,12 +2399,14 @@ def write_archive(
     paused_seconds = None
     fmt = "tar." + job.compression.suffix
     with PartialFile(dir_fd, f"{job.basename}.{fmt}", job.backup_dir) as out, \
-            verifying(out, lambda fh: scan_tar(fh, fmt, rdb_member=rdb_member), concurrent=job.compression.tool != "zlib") as verified:
+            verifying(out, lambda fh: scan_tar(fh, fmt, rdb_member=rdb_member)) as verified, \
+            contextlib.closing(Progress("archive", job.estimated_bytes)) as progress:
         pause = paused(job.container, job.settings.docker_timeout) if job.pause else contextlib.nullcontext(None)
         with pause as pause_started:
-            with compressing(out, job.compression, Progress("archive", job.estimated_bytes)) as packed:
-                with tarfile.open(fileobj=packed, mode="w|", format=tarfile.GNU_FORMAT) as tar:
-                    archive_items(tar, job.container, items, skipped, stats, job.settings.pause_timeout)
+            with compressing(out, job.compression) as packed:
+                tar = TarWriter(packed, progress)
+                archive_items(tar, job.container, items, skipped, stats, job.settings.pause_timeout)
+                tar.close()
             if pause_started is not None:
                 paused_seconds = round(time.monotonic() - pause_started, 3)
         verification = verified()
@@ -2642,7 +2848,11 @@ SELECT json_build_object(
   ), '{}'::json),
   'large_objects', (SELECT count(*) FROM pg_largeobject_metadata))
 """
-PG_DATABASES_SQL = "SELECT coalesce(json_agg(datname ORDER BY datname), '[]'::json) FROM pg_database WHERE datallowconn AND NOT datistemplate"
+PG_SERVER_SQL = """
+SELECT json_build_object(
+  'version', current_setting('server_version'),
+  'databases', (SELECT coalesce(json_agg(datname ORDER BY datname), '[]'::json) FROM pg_database WHERE datallowconn AND NOT datistemplate))
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2670,9 +2880,10 @@ def pg_json(target: PgTarget, database: str, sql: str, timeout: float) -> Any:
 
 def pg_census(target: PgTarget, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return (server, counts): the server version and, per database, tables, rows and large objects."""
-    version = pg_json(target, "postgres", "SELECT to_json(current_setting('server_version'))", timeout)
+    server = pg_json(target, "postgres", PG_SERVER_SQL, timeout)
+    version = server["version"]
     counts: dict[str, Any] = {}
-    for database in pg_json(target, "postgres", PG_DATABASES_SQL, timeout):
+    for database in server["databases"]:
         found = pg_json(target, database, PG_CENSUS_SQL, timeout)
         tables = dict(sorted(found["tables"].items()))
         counts[database] = {
@@ -2689,10 +2900,12 @@ def dump_cluster(job: BackupJob, target: PgTarget, out: PartialFile) -> int:
     argv = exec_argv(target.container, ["pg_dumpall", "-U", target.user, "--clean", "--if-exists"], secrets=target.secrets)
     size, tail = 0, b""
     LOG.info("dumping with pg_dumpall into %s.partial", out.path)
-    with compressing(out, job.compression, Progress("pg_dumpall", job.estimated_bytes)) as packed:
+    with compressing(out, job.compression) as packed, contextlib.closing(Progress("pg_dumpall", job.estimated_bytes)) as progress:
         with stream_from(argv, timeout=job.settings.pause_timeout, secrets=target.secrets) as pipe:
+            _grow_pipe(pipe.fileno())
             while chunk := pipe.read(COPY_CHUNK):
                 packed.write(chunk)
+                progress.add(len(chunk))
                 size += len(chunk)
                 tail = (tail + chunk)[-PG_TAIL_BYTES:]
     check_sql_dump(size, tail)
@@ -3264,8 +3477,7 @@ def drill_archive(doc: dict[str, Any], backup: Path, box: DrillContainer, engine
         stats = ArchiveStats()
         item = ArchiveItem(restored.destination, restored.source if via_host else None, restored.destination)
         others = [m["destination"] for m in doc["mounts"] if m["destination"] != mount["destination"]]
-        with tarfile.open(fileobj=typing.cast(IO[bytes], _NullWriter()), mode="w|") as sink:
-            archive_items(sink, box.name, [item], others, stats, box.settings.drill_timeout)
+        archive_items(TarWriter(_NullWriter()), box.name, [item], others, stats, box.settings.drill_timeout)
         found = stats.summary().get(mount["destination"], {})
         lines.append(f"{mount['destination']} (restored, read via {'host path' if via_host else 'docker cp'}):")
         for key in ("members", "files", "bytes", "listing_sha256"):
@@ -3273,14 +3485,11 @@ def drill_archive(doc: dict[str, Any], backup: Path, box: DrillContainer, engine
     return differences
 
 
-class _NullWriter:
-    """A write-only sink (the drill re-reads restored trees and keeps only their digests)."""
+class _NullWriter(StreamSink):
+    """A sink that drops everything (the drill re-reads restored trees and keeps only their digests)."""
 
-    def write(self, data: bytes) -> int:
+    def write(self, data: bytes | bytearray | memoryview) -> int:
         return len(data)
-
-    def flush(self) -> None:
-        pass
 
 
 def drill_postgres(doc: dict[str, Any], backup: Path, box: DrillContainer, lines: list[str]) -> int:
@@ -3371,7 +3580,7 @@ def drill_groups(doc: dict[str, Any], backup: Path, lines: list[str]) -> int:
             for member in tar:
                 name = member.name.rstrip("/")
                 group = next((p for p in prefixes if name == p or name.startswith(p + "/")), "(outside every group)")
-                stats.count(group, member)
+                stats.count(group, entry_of(member, name, member.linkname))
                 _forget_members(tar)
     except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
         raise BackupError(f"drill: {backup.name} is not a complete {doc['format']} ({exc})") from None
@@ -3956,6 +4165,8 @@ def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) ->
     finally:
         if RUN_COUNTS:
             LOG.debug("programs run: %s", ", ".join(f"{name} {count}x" for name, count in sorted(RUN_COUNTS.items())))
+            LOG.debug("peak memory: this process %d MiB, largest program it ran %d MiB",
+                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss >> 10)
         for signum, old in old_handlers.items():
             signal.signal(signum, old)
         os.umask(old_umask)

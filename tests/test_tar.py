@@ -1,0 +1,190 @@
+"""The archive writer: byte for byte what tarfile writes, for every kind of entry, without its costs."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import backup_before_apply as bba
+
+KINDS = [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE]
+# Names as os.listdir returns them: any text, undecodable bytes as surrogates.
+NAMES = st.lists(st.binary(min_size=1, max_size=70).filter(lambda b: b"/" not in b and b"\0" not in b and b not in (b".", b"..")),
+                 min_size=1, max_size=4).map(lambda parts: b"/".join(parts).decode("utf-8", "surrogateescape"))
+
+
+def reference_header(entry: bba.TarEntry) -> bytes:
+    info = tarfile.TarInfo(entry.name)
+    info.type, info.mode, info.uid, info.gid, info.mtime = entry.kind, entry.mode, entry.uid, entry.gid, entry.mtime
+    info.size, info.linkname, info.devmajor, info.devminor = entry.size, entry.linkname, entry.devmajor, entry.devminor
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    name=NAMES, kind=st.sampled_from(KINDS), mode=st.integers(0, 0o177777),
+    uid=st.integers(0, 2**40), gid=st.integers(0, 2**40), mtime=st.integers(-(2**40), 2**40),
+    size=st.integers(0, 2**50), linkname=st.one_of(st.just(""), NAMES), dev=st.tuples(st.integers(0, 2**20), st.integers(0, 2**20)),
+)
+def test_tar_header_is_what_tarfile_writes_in_gnu_format(name, kind, mode, uid, gid, mtime, size, linkname, dev):
+    entry = bba.TarEntry(name, kind, mode, uid, gid, mtime, size if kind == tarfile.REGTYPE else 0, linkname, *dev)
+    assert bba.tar_header(entry) == reference_header(entry)
+
+
+def test_tar_header_number_beyond_base_256_is_refused():
+    with pytest.raises(ValueError, match="does not fit"):
+        bba.tar_header(bba.TarEntry("x", tarfile.REGTYPE, 0o644, 0, 0, 0, size=1 << 100))
+
+
+class Collect(bba.StreamSink):
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data):
+        self.data += data
+        return len(data)
+
+
+class PipeCollect(bba.StreamSink):
+    """A sink with a pipe fd, so that big files go through sendfile, drained on a thread."""
+
+    def __init__(self) -> None:
+        read_end, self.fd = os.pipe()
+        self.data = bytearray()
+        self.thread = threading.Thread(target=self._drain, args=(read_end,), daemon=True)
+        self.thread.start()
+
+    def _drain(self, fd: int) -> None:
+        while chunk := os.read(fd, 1 << 16):
+            self.data += chunk
+        os.close(fd)
+
+    def write(self, data):
+        return bba._PipeWriter(self.fd).write(data)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.thread.join()
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "vol"
+    (root / "sub" / ("deep" * 30)).mkdir(parents=True)
+    (root / "empty").write_bytes(b"")
+    (root / "block").write_bytes(b"b" * 512)
+    (root / "small.txt").write_bytes(b"hello\n" * 100)
+    (root / "big.bin").write_bytes(os.urandom(bba.SMALL_FILE + 12345))
+    (root / "sub" / ("deep" * 30) / ("long-name-" * 12)).write_bytes(b"deep")
+    (root / "sub" / "hard").write_bytes(b"linked")
+    os.link(root / "sub" / "hard", root / "hard2")
+    os.symlink("small.txt", root / "link")
+    os.symlink("x" * 150, root / "long-link")
+    os.mkfifo(root / "fifo")
+    os.mknod(root / "null", 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    (root / "caf\udce9".encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")).write_bytes(b"latin-1 name")
+    os.chown(root / "sub", 70000, 70001)
+    os.chmod(root / "sub", 0o2750)
+    return root
+
+
+def archive(tree: Path, sink: bba.StreamSink) -> bba.ArchiveStats:
+    stats = bba.ArchiveStats()
+    writer = bba.TarWriter(sink)
+    bba.archive_from_host(writer, bba.ArchiveItem("/data", str(tree), "/data"), [], stats)
+    writer.close()
+    if isinstance(sink, PipeCollect):
+        sink.close()
+    return stats
+
+
+def tarfile_stream(data: bytes) -> bytes:
+    """What tarfile writes for the same members, read back from data."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as source, tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT) as tar:
+        for member in source:
+            tar.addfile(member, source.extractfile(member) if member.isreg() else None)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("sink_kind", ["buffer", "pipe"])
+def test_tar_writer_stream_is_byte_for_byte_tarfile_and_holds_every_entry(tree, sink_kind):
+    sink = Collect() if sink_kind == "buffer" else PipeCollect()
+    stats = archive(tree, sink)
+    data = bytes(sink.data)
+    assert len(data) % tarfile.RECORDSIZE == 0
+    assert data == tarfile_stream(data)
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        got = {m.name: m for m in tar}
+        assert tar.extractfile("data/big.bin").read() == (tree / "big.bin").read_bytes()
+        long_file = "data/sub/" + "deep" * 30 + "/" + "long-name-" * 12
+        assert tar.extractfile(long_file).read() == b"deep"
+    assert got["data/hard2"].isreg() and got["data/sub/hard"].islnk() and got["data/sub/hard"].linkname == "data/hard2"
+    assert got["data/long-link"].linkname == "x" * 150 and got["data/link"].issym()
+    assert got["data/fifo"].isfifo() and got["data/null"].ischr() and (got["data/null"].devmajor, got["data/null"].devminor) == (1, 3)
+    assert (got["data/sub"].uid, got["data/sub"].gid, got["data/sub"].mode) == (70000, 70001, 0o2750)
+    assert "data/caf\udce9" in got and got["data/empty"].size == 0
+    assert stats.members == len(got) and stats.files == sum(m.isreg() for m in got.values())
+    assert stats.data_bytes == sum(m.size for m in got.values() if m.isreg())
+
+
+def test_tar_writer_listing_digest_is_the_same_whatever_the_sink(tree):
+    assert archive(tree, Collect()).summary() == archive(tree, PipeCollect()).summary()
+
+
+@pytest.mark.parametrize("size", [100, bba.SMALL_FILE + 1000])
+def test_tar_writer_file_shorter_than_its_header_is_padded_with_zeros(tmp_path, size):
+    path = tmp_path / "shrinking"
+    path.write_bytes(b"x" * 10)
+    sink = Collect()
+    writer = bba.TarWriter(sink)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert writer.add_file(bba.TarEntry("shrinking", tarfile.REGTYPE, 0o644, 0, 0, 0, size), fd) is False
+    finally:
+        os.close(fd)
+    writer.close()
+    with tarfile.open(fileobj=io.BytesIO(bytes(sink.data)), mode="r:") as tar:
+        assert tar.extractfile("shrinking").read() == b"x" * 10 + b"\0" * (size - 10)
+
+
+def test_archive_file_swapped_for_a_symlink_is_left_out_not_followed(tmp_path):
+    secret = tmp_path / "host-secret"
+    secret.write_text("root:x:0:0")
+    swapped = tmp_path / "vol" / "app.conf"
+    swapped.parent.mkdir()
+    swapped.symlink_to(secret)  # what lstat saw as a regular file is a link by the time it is opened
+    stats, sink = bba.ArchiveStats(), Collect()
+    writer = bba.TarWriter(sink)
+    assert bba._add_host_file(writer, str(swapped), "vol/app.conf", {}, stats) is None
+    writer.close()
+    assert b"root:x" not in sink.data
+    assert stats.warnings == ["replaced by a link or socket while archiving, left out: /vol/app.conf"]
+
+
+def test_archive_file_swapped_for_a_fifo_is_left_out_without_waiting(tmp_path):
+    fifo = tmp_path / "queue"
+    os.mkfifo(fifo)
+    stats = bba.ArchiveStats()
+    assert bba._add_host_file(bba.TarWriter(Collect()), str(fifo), "queue", {}, stats) is None
+    assert stats.warnings == ["replaced by a non-regular file while archiving, left out: /queue"]
+
+
+def test_gzip_thread_error_reaches_the_writer_and_never_blocks_it(tmp_path):
+    class Full:
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    gz = bba._GzipThread(Full(), 1)
+    with pytest.raises(OSError, match="No space left"):
+        for _ in range(64):  # far more than the queue holds: the writer must not block
+            gz.write(os.urandom(1 << 20))
+        gz.close()
