@@ -16,6 +16,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -24,6 +25,7 @@ import fcntl
 import fnmatch
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -35,6 +37,7 @@ import shlex
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -111,6 +114,7 @@ VIRTUAL_FS_ROOTS = ("/proc", "/sys", "/dev")
 
 TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 COPY_CHUNK = 1 << 20
+WRITEBACK_EVERY = 32 << 20
 STDERR_TAIL_LINES = 5
 
 RESTORE_PLACEHOLDERS = ("backup", "manifest", "module", "container", "image")
@@ -246,6 +250,7 @@ def _streaming(argv: list[str], *, into: bool, timeout: float | None, secrets: d
             raise BackupError(f"{argv[0]}: command not found on PATH") from None
         pipe = proc.stdin if into else proc.stdout
         assert pipe is not None
+        _grow_pipe(pipe.fileno())
         stream = Stream(pipe)
         try:
             try:
@@ -1412,6 +1417,7 @@ class PartialFile:
         self.dir_path = dir_path
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.advised = 0  # bytes written when writeback was last started
         self.committed = False
         self.tee: Callable[[bytes | bytearray | memoryview], None] | None = None  # also hands every byte written to a verifier
         self._file: IO[bytes] | None = None
@@ -1444,6 +1450,15 @@ class PartialFile:
             raise _write_error(exc, self.dir_path) from None
         self.sha256.update(data)
         self.size += len(data)
+        if self.size - self.advised >= WRITEBACK_EVERY:
+            # Start writing back what is written and drop it from the page cache: a backup
+            # must not push the services' own data out of memory, and on the machines
+            # measured, a write that lets dirty pages pile up costs 2-3x the time and CPU
+            # of one that hands them to the disk as it goes (the final fsync then waits
+            # for little).
+            self.advised = self.size
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         if self.tee is not None:
             self.tee(data)
         return len(data)
@@ -1621,48 +1636,91 @@ class _PipeWriter(StreamSink):
         return len(data)
 
 
-class _GzipThread(StreamSink):
-    """gzip by the standard library, deflated on a second thread.
+GZIP_BLOCK = 256 << 10  # pigz uses 128 KiB; bigger blocks hold more memory in flight, smaller ones cost more interpreter time
+GZIP_WINDOW = 32 << 10
 
-    zlib releases the interpreter lock while it deflates, so the next megabyte of a stream
-    is read or built while this one is compressed, as `tar -czf` runs gzip as a second
-    process. The queue is bounded: memory stays constant.
+
+def _deflate_block(block: bytes, window: bytes, level: int, last: bool) -> bytes:
+    # Raw deflate primed with the 32 KiB that precede the block (the decompressor has them
+    # in its window), ended on a byte boundary so that the next block can follow.
+    if window:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, zlib.Z_DEFAULT_STRATEGY, window)
+    else:
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL)
+    return compressor.compress(block) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
+
+
+class _GzipThreads(StreamSink):
+    """gzip by the standard library on every core, the way pigz does it.
+
+    Each 256 KiB block is deflated on a worker thread (zlib releases the interpreter lock
+    while it deflates), primed with the last 32 KiB before it, so the output is as small as
+    one stream's; a writer thread writes the blocks in order as one gzip member, whose
+    CRC-32 and length are taken as the blocks are handed in. gunzip, tar and Python read it
+    as any other .gz. Blocks in flight are bounded: memory stays constant.
     """
 
-    def __init__(self, out: Any, level: int) -> None:
-        self.out = out
-        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+    def __init__(self, out: Any, level: int, workers: int) -> None:
+        self.out, self.level = out, level
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gzip")
+        self.blocks: queue.Queue[concurrent.futures.Future[bytes] | None] = queue.Queue(maxsize=workers + 2)
+        self.pending = bytearray()
+        self.window = b""
+        self.crc, self.length = 0, 0
         self.error: BaseException | None = None
         self.closed = False
-        compressor = zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: a gzip header and trailer
-        self.thread = threading.Thread(target=self._run, args=(compressor,), daemon=True)
-        self.thread.start()
+        out.write(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03")  # gzip magic, deflate, no name, no mtime, Unix
+        self.writer = threading.Thread(target=self._write_in_order, daemon=True)
+        self.writer.start()
 
-    def _run(self, compressor: Any) -> None:
+    def _write_in_order(self) -> None:
         try:
-            while (chunk := self.chunks.get()) is not None:
-                self.out.write(compressor.compress(chunk))
-            self.out.write(compressor.flush())
+            while (block := self.blocks.get()) is not None:
+                self.out.write(block.result())
+            self.out.write(struct.pack("<II", self.crc, self.length & 0xFFFFFFFF))
         except BaseException as exc:  # re-raised by write() or close()
             self.error = exc
-            while self.chunks.get() is not None:
-                pass  # keep taking chunks, so that the writer never blocks
+            while self.blocks.get() is not None:
+                pass  # keep taking blocks, so that the writer never blocks
+
+    def _submit(self, block: bytes, last: bool) -> None:
+        self.crc = zlib.crc32(block, self.crc)
+        self.length += len(block)
+        self.blocks.put(self.pool.submit(_deflate_block, block, self.window, self.level, last))
+        self.window = block[-GZIP_WINDOW:] if len(block) >= GZIP_WINDOW else (self.window + block)[-GZIP_WINDOW:]
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         if self.error is not None:
             raise self.error
-        if data:
-            self.chunks.put(bytes(data))  # a copy: callers reuse their buffers
+        if not self.pending and len(data) == GZIP_BLOCK:
+            self._submit(bytes(data), last=False)  # a whole block: one copy
+            return len(data)
+        self.pending += data
+        while len(self.pending) >= GZIP_BLOCK:
+            with memoryview(self.pending) as view:
+                block = bytes(view[:GZIP_BLOCK])
+            del self.pending[:GZIP_BLOCK]
+            self._submit(block, last=False)
         return len(data)
 
     def close(self) -> None:
-        """Compress what is left and write the gzip trailer. Raise what the thread met."""
+        """Deflate what is left, write the gzip trailer. Raise what the writer thread met."""
         if not self.closed:
             self.closed = True
-            self.chunks.put(None)
-            self.thread.join()
+            try:
+                if self.error is None:
+                    self._submit(bytes(self.pending), last=True)
+            finally:
+                self.blocks.put(None)
+                self.writer.join()
+                self.pool.shutdown(cancel_futures=True)
         if self.error is not None:
             raise self.error
+
+
+def gzip_workers() -> int:
+    """Return how many threads deflate in parallel: the cores this process may run on, up to 8."""
+    return max(1, min(8, len(os.sched_getaffinity(0))))
 
 
 def _grow_pipe(fd: int) -> None:
@@ -1679,7 +1737,7 @@ def compressing(out: Any, compression: Compression) -> Iterator[StreamSink]:
     Raise CommandError if pigz or zstd exits non-zero, or what writing out raised.
     """
     if compression.tool == "zlib":
-        gz = _GzipThread(out, compression.level)
+        gz = _GzipThreads(out, compression.level, gzip_workers())
         try:
             yield gz
         except BaseException:
@@ -1734,6 +1792,7 @@ def decompressing(fh: IO[bytes], fmt: str) -> Iterator[IO[bytes]]:
                 yield stream.pipe
             return
         read_end, write_end = os.pipe()
+        _grow_pipe(write_end)
         with os.fdopen(read_end, "rb") as source, os.fdopen(write_end, "wb") as sink:
             feeder = _Pump(fh, sink, close_sink=True)
             try:
@@ -1781,7 +1840,7 @@ class StreamVerifier:
     """
 
     def __init__(self, scan: Callable[[IO[bytes]], dict[str, Any]]) -> None:
-        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)  # bounded: constant memory
+        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=2)  # bounded: constant memory
         self.result: dict[str, Any] | None = None
         self.error: BaseException | None = None
         self.finished = False
@@ -2215,6 +2274,54 @@ def _tar_number(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
+class _TarInput:
+    """The decompressed tar stream of a scan: exact reads for headers, skips for data.
+
+    From a pipe (the zstd -d child) data is skipped with splice(2) into /dev/null, so a
+    verification never copies the archive's contents into the process; from any other
+    stream it is read into one reused buffer.
+    """
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.fd: int | None = None
+        self.null: int | None = None
+        self.buffer = memoryview(bytearray(COPY_CHUNK))
+        if isinstance(raw, io.BufferedReader) and stat.S_ISFIFO(os.fstat(raw.fileno()).st_mode):
+            self.fd = raw.fileno()  # nothing was read through raw's own buffer yet
+            self.null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
+    def read(self, size: int) -> bytes:
+        if self.fd is None:
+            return self.raw.read(size)
+        data = os.read(self.fd, size)
+        while data and len(data) < size:  # a pipe hands over what it has
+            more = os.read(self.fd, size - len(data))
+            if not more:
+                break
+            data += more
+        return data
+
+    def skip(self, size: int) -> int:
+        """Skip up to size bytes (to the end of the stream if size < 0); return how many were there."""
+        done = 0
+        while size < 0 or done < size:
+            want = COPY_CHUNK if size < 0 else min(size - done, COPY_CHUNK)
+            if self.fd is not None and self.null is not None:
+                got = os.splice(self.fd, self.null, want)
+            else:
+                got = self.raw.readinto(self.buffer[:want])  # type: ignore[attr-defined]
+            if not got:
+                break
+            done += got
+        return done
+
+    def close(self) -> None:
+        if self.null is not None:
+            os.close(self.null)
+            self.null = None
+
+
 def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb_member: str | None = None) -> dict[str, Any]:
     """Read a compressed tar to its end and return what it holds. Raise BackupError if it is not complete.
 
@@ -2228,9 +2335,9 @@ def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb_member: str | None = Non
     rdb_magic = None
     long_name: bytes | None = None
     try:
-        with decompressing(fh, fmt) as raw:
+        with decompressing(fh, fmt) as raw, contextlib.closing(_TarInput(raw)) as tar:
             while True:
-                header = raw.read(512)
+                header = tar.read(512)
                 if len(header) < 512:
                     raise BackupError("the tar stream ends before its end-of-archive marker")
                 if header == _ZERO_BLOCK:
@@ -2241,7 +2348,7 @@ def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb_member: str | None = Non
                 size, kind = _tar_number(header[124:136]), header[156:157]
                 blocks = (size + 511) // 512 * 512
                 if kind in (b"L", b"K", b"x", b"g"):  # a long name or extended header, not a member
-                    data = raw.read(blocks)
+                    data = tar.read(blocks)
                     if len(data) < blocks:
                         raise BackupError("the tar stream ends inside an extended header")
                     long_name = data[:size].rstrip(b"\0") if kind == b"L" else long_name
@@ -2249,23 +2356,16 @@ def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb_member: str | None = Non
                 members += 1
                 if kind in (b"1", b"2", b"5", b"3", b"4", b"6"):
                     blocks = 0  # links, directories, devices and fifos have no data
-                left = blocks
+                first = b""
                 if rdb_member is not None:
                     name = long_name or (header[345:500].rstrip(b"\0") + b"/" if header[345:346] != b"\0" else b"") + header[:100].rstrip(b"\0")
                     if name.decode("utf-8", "surrogateescape") == rdb_member:
-                        first = raw.read(min(blocks, 512))
-                        if len(first) < min(blocks, 512):
-                            raise BackupError(f"the tar stream ends inside member {members}")
+                        first = tar.read(min(blocks, 512))
                         rdb_magic = first[:5] == REDIS_RDB_MAGIC
-                        left -= len(first)
                 long_name = None
-                while left > 0:
-                    chunk = raw.read(min(left, COPY_CHUNK))
-                    if not chunk:
-                        raise BackupError(f"the tar stream ends inside member {members}")
-                    left -= len(chunk)
-            while raw.read(COPY_CHUNK):
-                pass  # the rest of the record and the compressor's trailer
+                if len(first) + tar.skip(blocks - len(first)) < blocks:
+                    raise BackupError(f"the tar stream ends inside member {members}")
+            tar.skip(-1)  # the rest of the record and the compressor's trailer
     except BackupError as exc:
         raise BackupError(f"archive is not a complete {fmt} ({exc})") from None
     except (OSError, EOFError, ValueError, zlib.error) as exc:
@@ -2902,7 +3002,6 @@ def dump_cluster(job: BackupJob, target: PgTarget, out: PartialFile) -> int:
     LOG.info("dumping with pg_dumpall into %s.partial", out.path)
     with compressing(out, job.compression) as packed, contextlib.closing(Progress("pg_dumpall", job.estimated_bytes)) as progress:
         with stream_from(argv, timeout=job.settings.pause_timeout, secrets=target.secrets) as pipe:
-            _grow_pipe(pipe.fileno())
             while chunk := pipe.read(COPY_CHUNK):
                 packed.write(chunk)
                 progress.add(len(chunk))

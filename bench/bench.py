@@ -100,7 +100,8 @@ def table(title: str, baseline: str, medians: dict[str, dict[str, float]], data_
     lines = [f"### {title}", "", "| variant | wall ratio vs baseline | MB/s | peak RSS of the tool | output |", "|---|---|---|---|---|"]
     for name, m in medians.items():
         rss = f"{m['rss']:.0f} MiB" if m["rss"] >= 0 else "-"
-        lines.append(f"| {name} | {m['wall'] / base:.2f} | {data_bytes / MB / m['wall']:.1f} | {rss} | {m['size'] / MB:.1f} MiB |")
+        label = name.replace("|", "\\|")  # a shell pipe inside a table cell
+        lines.append(f"| {label} | {m['wall'] / base:.2f} | {data_bytes / MB / m['wall']:.1f} | {rss} | {m['size'] / MB:.1f} MiB |")
     return [*lines, ""]
 
 

@@ -178,13 +178,45 @@ def test_archive_file_swapped_for_a_fifo_is_left_out_without_waiting(tmp_path):
     assert stats.warnings == ["replaced by a non-regular file while archiving, left out: /queue"]
 
 
-def test_gzip_thread_error_reaches_the_writer_and_never_blocks_it(tmp_path):
+def test_gzip_threads_error_reaches_the_writer_and_never_blocks_it():
     class Full:
-        def write(self, data):
-            raise OSError(28, "No space left on device")
+        def __init__(self) -> None:
+            self.calls = 0
 
-    gz = bba._GzipThread(Full(), 1)
+        def write(self, data):
+            self.calls += 1
+            if self.calls > 1:  # the gzip header goes through, the first block does not
+                raise OSError(28, "No space left on device")
+
+    gz = bba._GzipThreads(Full(), 1, 2)
     with pytest.raises(OSError, match="No space left"):
-        for _ in range(64):  # far more than the queue holds: the writer must not block
+        for _ in range(64):  # far more than the blocks in flight: the writer must not block
             gz.write(os.urandom(1 << 20))
         gz.close()
+
+
+@pytest.mark.parametrize("pieces", [[], [b"x"], [b"a" * bba.GZIP_BLOCK], [os.urandom(3 * bba.GZIP_BLOCK + 17)],
+                                    [b"log line %d\n" % i for i in range(300_000)]])
+def test_gzip_threads_output_is_one_gzip_member_every_reader_takes(tmp_path, pieces):
+    import gzip
+    import subprocess
+    import zlib
+
+    class Keep:
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def write(self, data):
+            self.data += data
+
+    out = Keep()
+    gz = bba._GzipThreads(out, 6, 3)
+    for piece in pieces:
+        gz.write(piece)
+    gz.close()
+    payload = b"".join(pieces)
+    assert gzip.decompress(bytes(out.data)) == payload
+    (tmp_path / "x.gz").write_bytes(out.data)
+    assert subprocess.run(["gzip", "-dc", str(tmp_path / "x.gz")], capture_output=True, check=True).stdout == payload
+    if len(payload) > bba.GZIP_BLOCK:  # priming each block with the one before keeps the size of a single stream
+        assert len(out.data) <= len(zlib.compress(payload, 6)) * 1.01 + 64
