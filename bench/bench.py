@@ -106,7 +106,8 @@ def table(title: str, baseline: str, medians: dict[str, dict[str, float]], data_
 
 
 def verdict(what: str, value: float, target: str, met: bool) -> str:
-    return f"| {what} | {value:.2f} | {target} | {'met' if met else 'NOT MET'} |"
+    shown = f"{value:.0f}" if float(value).is_integer() else f"{value:.3f}"
+    return f"| {what} | {shown} | {target} | {'met' if met else 'NOT MET'} |"
 
 
 def main() -> int:
