@@ -220,3 +220,22 @@ def test_gzip_threads_output_is_one_gzip_member_every_reader_takes(tmp_path, pie
     assert subprocess.run(["gzip", "-dc", str(tmp_path / "x.gz")], capture_output=True, check=True).stdout == payload
     if len(payload) > bba.GZIP_BLOCK:  # priming each block with the one before keeps the size of a single stream
         assert len(out.data) <= len(zlib.compress(payload, 6)) * 1.01 + 64
+
+
+@pytest.mark.parametrize("fmt", ["tar.gz", "tar.zst"])
+def test_scan_tar_counts_members_and_refuses_every_truncation(tree, tmp_path, fmt):
+    import subprocess
+    stats, sink = bba.ArchiveStats(), Collect()
+    writer = bba.TarWriter(sink)
+    bba.archive_from_host(writer, bba.ArchiveItem("/data", str(tree), "/data"), [], stats)
+    writer.close()
+    compress = ["gzip", "-c"] if fmt == "tar.gz" else ["zstd", "-q", "-c"]
+    packed = subprocess.run(compress, input=bytes(sink.data), capture_output=True, check=True).stdout
+    path = tmp_path / f"x.{fmt}"
+    path.write_bytes(packed)
+    with open(path, "rb") as fh:  # zstd reads the file; its output comes back through a pipe (the splice path)
+        assert bba.scan_tar(fh, fmt)["members"] == stats.members
+    for cut in (len(packed) // 3, len(packed) - 40, len(packed) - 4):
+        path.write_bytes(packed[:cut])
+        with open(path, "rb") as fh, pytest.raises(bba.BackupError, match="archive is not a complete"):
+            bba.scan_tar(fh, fmt)
