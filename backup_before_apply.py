@@ -403,21 +403,23 @@ class Settings:
     redis_password_env: str = "REDIS_PASSWORD"  # noqa: S105 (a variable name, not a password)
 
 
-# setting -> (type, environment variable, command-line flag or "")
-SETTING_SOURCES: dict[str, tuple[type, str, str]] = {
-    "platform_root": (str, "PLATFORM_ROOT", "--platform-root"),
-    "backup_dir": (str, "BACKUP_DIR", "--backup-dir"),
-    "docker_timeout": (float, "BBA_DOCKER_TIMEOUT", "--docker-timeout"),
-    "pause_timeout": (float, "BBA_PAUSE_TIMEOUT", "--pause-timeout"),
-    "lock_timeout": (float, "BBA_LOCK_TIMEOUT", "--lock-timeout"),
-    "compression": (str, "BBA_COMPRESSION", "--compression"),
-    "compress_level": (int, "BBA_COMPRESS_LEVEL", "--compress-level"),
-    "zstd_level": (int, "BBA_ZSTD_LEVEL", "--zstd-level"),
-    "gzip_tool": (str, "BBA_GZIP_TOOL", ""),
-    "snapshot_timeout": (float, "BBA_SNAPSHOT_TIMEOUT", "--snapshot-timeout"),
-    "drill_timeout": (float, "BBA_DRILL_TIMEOUT", "--drill-timeout"),
-    "space_margin_mb": (float, "BBA_SPACE_MARGIN_MB", "--space-margin-mb"),
-    "redis_password_env": (str, "BBA_REDIS_PASSWORD_ENV", ""),
+DEFAULT_SETTINGS = Settings()
+
+# setting -> (environment variable, command-line flag or ""); its type is the default's in Settings
+SETTING_SOURCES: dict[str, tuple[str, str]] = {
+    "platform_root": ("PLATFORM_ROOT", "--platform-root"),
+    "backup_dir": ("BACKUP_DIR", "--backup-dir"),
+    "docker_timeout": ("BBA_DOCKER_TIMEOUT", "--docker-timeout"),
+    "pause_timeout": ("BBA_PAUSE_TIMEOUT", "--pause-timeout"),
+    "lock_timeout": ("BBA_LOCK_TIMEOUT", "--lock-timeout"),
+    "compression": ("BBA_COMPRESSION", "--compression"),
+    "compress_level": ("BBA_COMPRESS_LEVEL", "--compress-level"),
+    "zstd_level": ("BBA_ZSTD_LEVEL", "--zstd-level"),
+    "gzip_tool": ("BBA_GZIP_TOOL", ""),
+    "snapshot_timeout": ("BBA_SNAPSHOT_TIMEOUT", "--snapshot-timeout"),
+    "drill_timeout": ("BBA_DRILL_TIMEOUT", "--drill-timeout"),
+    "space_margin_mb": ("BBA_SPACE_MARGIN_MB", "--space-margin-mb"),
+    "redis_password_env": ("BBA_REDIS_PASSWORD_ENV", ""),
 }
 SETTING_CHOICES: dict[str, tuple[str, ...]] = {"compression": ("gzip", "zstd"), "gzip_tool": ("auto", "pigz", "zlib")}
 SETTING_LIMITS: dict[str, tuple[float, float]] = {
@@ -459,7 +461,7 @@ NO_FALLBACK = "none"
 
 def check_setting(name: str, value: Any, where: str) -> Any:
     """Return value converted to the setting's type. Raise UsageError naming where."""
-    kind = SETTING_SOURCES[name][0]
+    kind = type(getattr(DEFAULT_SETTINGS, name))
     try:
         if isinstance(value, bool) or (kind is str and not isinstance(value, str)):
             raise ValueError
@@ -2601,7 +2603,7 @@ def read_tar_gz_files(fh: IO[bytes], wanted: Callable[[str], bool]) -> tuple[dic
     digests: dict[str, str] = {}
     kept: dict[str, bytes] = {}
     try:
-        with gzip.GzipFile(fileobj=fh, mode="rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+        with decompressing(fh, "tar.gz") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for member in tar:
                 if member.isreg():
                     extracted = tar.extractfile(member)
@@ -4200,7 +4202,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def resolve_settings(config: Config, args: argparse.Namespace, env: dict[str, str]) -> Settings:
     """Return the settings: classes.toml, then environment, then command line."""
     values = dataclasses.asdict(config.settings)
-    for name, (_, env_name, flag) in SETTING_SOURCES.items():
+    for name, (env_name, flag) in SETTING_SOURCES.items():
         if env.get(env_name):
             values[name] = check_setting(name, env[env_name], f"environment {env_name}")
         flag_value = getattr(args, flag.lstrip("-").replace("-", "_")) if flag else None
