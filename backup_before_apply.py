@@ -1587,19 +1587,25 @@ class Progress:
 
 
 class _Pump:
-    """Copies a child's stdout into a writer on a thread (so sha256 is taken as it is written)."""
+    """Copies a child's stdout into a writer on a thread (so sha256 is taken as it is written).
 
-    def __init__(self, source: IO[bytes], sink: Any, *, close_sink: bool = False) -> None:
+    on_error runs when the copy fails (a full disk): it stops the child, so that whoever
+    feeds the child sees a broken pipe instead of waiting on it for ever.
+    """
+
+    def __init__(self, source: IO[bytes], sink: Any, *, close_sink: bool = False, on_error: Callable[[], None] | None = None) -> None:
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(source, sink, close_sink), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(source, sink, close_sink, on_error), daemon=True)
         self.thread.start()
 
-    def _run(self, source: IO[bytes], sink: Any, close_sink: bool) -> None:
+    def _run(self, source: IO[bytes], sink: Any, close_sink: bool, on_error: Callable[[], None] | None) -> None:
         try:
             while chunk := source.read(COPY_CHUNK):
                 sink.write(chunk)
         except BaseException as exc:  # re-raised by the main thread
             self.error = exc
+            if on_error is not None:
+                on_error()
         finally:
             if close_sink:
                 with contextlib.suppress(OSError):
@@ -1757,17 +1763,18 @@ def compressing(out: Any, compression: Compression) -> Iterator[StreamSink]:
         assert proc.stdin is not None and proc.stdout is not None
         _grow_pipe(proc.stdin.fileno())
         _grow_pipe(proc.stdout.fileno())
-        pump = _Pump(proc.stdout, out)
+        pump = _Pump(proc.stdout, out, on_error=proc.kill)
         try:
             yield _PipeWriter(proc.stdin.fileno())  # proc.stdin's own buffer stays empty
             proc.stdin.close()
             returncode = proc.wait()
             pump.join()
-        except BaseException:
+        except BaseException as exc:
             proc.kill()
             proc.wait()
-            with contextlib.suppress(BaseException):
-                pump.join()
+            pump.thread.join()
+            if pump.error is not None and isinstance(exc, OSError):
+                raise pump.error from None  # the broken pipe came from stopping the compressor for this
             raise
         finally:
             with contextlib.suppress(OSError):
@@ -1816,58 +1823,42 @@ def _has_fd(fh: Any) -> bool:
     return True
 
 
-class _QueueReader:
-    """A read-only file over chunks handed through a queue; None ends it."""
-
-    def __init__(self, chunks: queue.Queue[bytes | None]) -> None:
-        self.chunks, self.buffer, self.pos, self.ended = chunks, b"", 0, False
-
-    def read(self, size: int = -1) -> bytes:
-        while not self.ended and (size < 0 or len(self.buffer) - self.pos < size):
-            chunk = self.chunks.get()
-            if chunk is None:
-                self.ended = True
-            else:
-                self.buffer, self.pos = self.buffer[self.pos :] + chunk, 0
-        end = len(self.buffer) if size < 0 else min(self.pos + size, len(self.buffer))
-        data, self.pos = self.buffer[self.pos : end], end
-        return data
-
-
 class StreamVerifier:
     """Checks a backup from the bytes as they are written, on a second core.
 
-    Reading the file back just after writing it reads the page cache, not the disk, so
-    this gives the same assurance without a second pass over the data.
+    The bytes go into a pipe whose other end scan reads on a thread; for zstd that end is
+    the stdin of the `zstd -d` child itself, so the bytes never pass through Python again.
+    Reading the file back just after writing it would read the page cache, not the disk,
+    so this gives the same assurance without a second pass over the data.
     """
 
     def __init__(self, scan: Callable[[IO[bytes]], dict[str, Any]]) -> None:
-        self.chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=2)  # bounded: constant memory
+        read_end, self.fd = os.pipe()  # the pipe's size bounds what is in flight: constant memory
+        _grow_pipe(self.fd)
+        self.source = os.fdopen(read_end, "rb")
         self.result: dict[str, Any] | None = None
         self.error: BaseException | None = None
-        self.finished = False
-        self.pending = bytearray()  # writes come in small pieces; hand them over 1 MiB at a time
         self.thread = threading.Thread(target=self._run, args=(scan,), daemon=True)
         self.thread.start()
 
     def _run(self, scan: Callable[[IO[bytes]], dict[str, Any]]) -> None:
-        reader = _QueueReader(self.chunks)
         try:
-            self.result = scan(typing.cast(IO[bytes], reader))
+            self.result = scan(self.source)
         except BaseException as exc:  # re-raised by finish()
             self.error = exc
         finally:
-            while not reader.ended:  # keep taking chunks, so that the writer never blocks
-                reader.ended = self.chunks.get() is None
+            with contextlib.suppress(OSError, ValueError):
+                while os.read(self.source.fileno(), COPY_CHUNK):
+                    pass  # keep taking bytes until the writer is done, so that it never blocks
+            self.source.close()
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if not self.pending and len(data) >= COPY_CHUNK and isinstance(data, bytes):
-            self.chunks.put(data)  # already whole and immutable: no copy
-            return
-        self.pending += data
-        if len(self.pending) >= COPY_CHUNK:
-            self.chunks.put(bytes(self.pending))
-            self.pending.clear()
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except BrokenPipeError:
+            pass  # the scan has failed already; finish() reports why
 
     def finish(self) -> dict[str, Any]:
         self.stop()
@@ -1877,11 +1868,9 @@ class StreamVerifier:
         return self.result
 
     def stop(self) -> None:
-        if not self.finished:
-            self.finished = True
-            if self.pending:
-                self.chunks.put(bytes(self.pending))
-            self.chunks.put(None)
+        if self.fd >= 0:
+            os.close(self.fd)  # the scan sees the end of the stream
+            self.fd = -1
             self.thread.join()
 
 

@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import signal
 import stat
 import subprocess
 import tarfile
@@ -151,6 +152,28 @@ def test_backup_disk_full_removes_partial_unpauses_and_exits_1(platform, tmp_pat
     assert f"no space left on the filesystem of {backup_dir}" in err
     assert err.strip().splitlines()[-1].startswith("backup-before-apply: error: ")
     assert kuma.subcommands().count("unpause") == 1
+
+
+@pytest.mark.parametrize(("compression", "tool"), [("gzip", "zlib"), ("gzip", "pigz"), ("zstd", "zstd")])
+def test_backup_disk_full_with_more_than_the_pipes_hold_fails_fast(platform, tmp_path, data, kuma, capsys, compression, tool):
+    """The compressor's output outgrows its pipes after the disk is full: the archiver must not wait on it for ever."""
+    (data["volume"] / "big").write_bytes(os.urandom(16 << 20))  # incompressible: far more than the 1 MiB pipes
+
+    def hung(signum, frame):
+        raise AssertionError("the backup hung after the disk filled up")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        with tiny_filesystem(tmp_path / "full") as backup_dir:
+            env = {"BBA_COMPRESSION": compression, "BBA_GZIP_TOOL": tool if compression == "gzip" else "auto"}
+            assert backup(platform, backup_dir, "--no-space-check", env=env) == 1
+            assert [p.name for p in backup_dir.iterdir()] == [".kuma.lock"]
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"backup-before-apply: error: no space left on the filesystem of {backup_dir} (No space left on device); partial backup removed")
 
 
 def test_backup_unpause_failure_is_loud(platform, tmp_path, kuma, capsys):
