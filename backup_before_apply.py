@@ -1771,10 +1771,13 @@ def compressing(out: Any, compression: Compression) -> Iterator[StreamSink]:
             pump.join()
         except BaseException as exc:
             proc.kill()
-            proc.wait()
+            returncode = proc.wait()
             pump.thread.join()
             if pump.error is not None and isinstance(exc, OSError):
                 raise pump.error from None  # the broken pipe came from stopping the compressor for this
+            if isinstance(exc, BrokenPipeError):
+                err.seek(0)
+                raise CommandError(argv, returncode, err.read()) from None  # the compressor stopped reading: say why
             raise
         finally:
             with contextlib.suppress(OSError):
@@ -4252,6 +4255,18 @@ def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) ->
         kind = "refused" if isinstance(exc, RefusedError) else "error"
         print(f"{PROG}: {kind}: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        # One nobody anticipated (an I/O error reading a volume, say): still one line that
+        # names the file; the partial backup is already gone.
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: internal error, a bug (run with --debug for the traceback): {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if RUN_COUNTS:
             LOG.debug("programs run: %s", ", ".join(f"{name} {count}x" for name, count in sorted(RUN_COUNTS.items())))

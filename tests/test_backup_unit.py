@@ -461,6 +461,35 @@ def test_redis_target_password_from_operator_env_then_container_env_never_in_arg
     assert "from-container" not in " ".join(argv)
 
 
+def test_backup_compressor_dying_midway_names_it(platform, tmp_path, data, kuma, capsys, monkeypatch):
+    (data["volume"] / "big").write_bytes(os.urandom(16 << 20))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "zstd").write_text("#!/bin/sh\nhead -c 4096 >/dev/null\necho 'zstd: simulated crash' >&2\nexit 3\n")
+    (bin_dir / "zstd").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    assert backup(platform, tmp_path / "b", "--compression", "zstd") == 1
+    assert [p.name for p in (tmp_path / "b").iterdir()] == [".kuma.lock"]
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "backup-before-apply: error: `zstd -3 -T0 -q -c` exited 3: zstd: simulated crash")
+
+
+@pytest.mark.parametrize(("error", "line"), [
+    (OSError(5, "Input/output error", "/var/lib/docker/volumes/kuma/_data/kuma.db"),
+     "error: /var/lib/docker/volumes/kuma/_data/kuma.db: Input/output error"),
+    (KeyError("boom"), "error: internal error, a bug (run with --debug for the traceback): KeyError: 'boom'"),
+])
+def test_backup_unexpected_error_is_one_line_and_leaves_nothing(platform, tmp_path, kuma, capsys, monkeypatch, error, line):
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(bba, "archive_items", failing)
+    assert backup(platform, tmp_path / "b") == 1
+    assert [p.name for p in (tmp_path / "b").iterdir()] == [".kuma.lock"]
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"backup-before-apply: {line}" and "Traceback" not in err
+
+
 def test_pg_target_uses_container_user_and_password_by_name():
     container = fake_container("db")
     container["Config"]["Env"] = ["POSTGRES_USER=appadmin", "POSTGRES_PASSWORD=pw"]
