@@ -395,7 +395,7 @@ class Settings:
     lock_timeout: float = 0.0
     compression: str = "gzip"
     compress_level: int = 6
-    zstd_level: int = 3
+    zstd_level: int = 2
     gzip_tool: str = "auto"
     snapshot_timeout: float = 600.0
     drill_timeout: float = 300.0

@@ -471,7 +471,7 @@ def test_backup_compressor_dying_midway_names_it(platform, tmp_path, data, kuma,
     assert backup(platform, tmp_path / "b", "--compression", "zstd") == 1
     assert [p.name for p in (tmp_path / "b").iterdir()] == [".kuma.lock"]
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "backup-before-apply: error: `zstd -3 -T0 -q -c` exited 3: zstd: simulated crash")
+        "backup-before-apply: error: `zstd -2 -T0 -q -c` exited 3: zstd: simulated crash")
 
 
 @pytest.mark.parametrize(("error", "line"), [
@@ -567,7 +567,7 @@ def test_choose_compression_defaults_and_overrides(monkeypatch):
     settings = bba.Settings()
     assert bba.choose_compression(settings).format == "gzip" and bba.choose_compression(settings).level == 6
     assert bba.choose_compression(bba.Settings(gzip_tool="zlib")).tool == "zlib"
-    assert bba.choose_compression(bba.Settings(compression="zstd")) == bba.Compression("zstd", 3, "zstd")
+    assert bba.choose_compression(bba.Settings(compression="zstd")) == bba.Compression("zstd", 2, "zstd")
     monkeypatch.setenv("PATH", "/nonexistent")
     assert bba.choose_compression(settings).tool == "zlib"  # no pigz on PATH: the standard library
     with pytest.raises(bba.UsageError, match="needs the zstd program"):
@@ -578,7 +578,7 @@ def test_backup_zstd_archive_verifies(platform, tmp_path, kuma, capsys):
     assert backup(platform, tmp_path / "b", "--compression", "zstd", "--json") == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["backup_path"].endswith(".tar.zst") and doc["format"] == "tar.zst"
-    assert doc["compression"] == {"format": "zstd", "level": 3, "tool": "zstd"} and doc["verification"]["zstd_complete"] is True
+    assert doc["compression"] == {"format": "zstd", "level": 2, "tool": "zstd"} and doc["verification"]["zstd_complete"] is True
     assert bba.main(["--verify", doc["backup_path"]], env={}) == 0
     listing = subprocess.run(["tar", "--zstd", "-tf", doc["backup_path"]], capture_output=True, text=True, check=True).stdout
     assert "app/data/kuma.db" in listing
