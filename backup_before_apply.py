@@ -4260,7 +4260,8 @@ def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) ->
         # names the file; the partial backup is already gone.
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG}: error: {exc.filename + ': ' if exc.filename else ''}{exc.strerror or exc}", file=sys.stderr)
+        where = f"{os.fsdecode(exc.filename)}: " if isinstance(exc.filename, (str, bytes)) else ""
+        print(f"{PROG}: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:
         if args.debug:

@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -490,6 +491,26 @@ def test_backup_unexpected_error_is_one_line_and_leaves_nothing(platform, tmp_pa
     assert err.strip().splitlines()[-1] == f"backup-before-apply: {line}" and "Traceback" not in err
 
 
+@pytest.mark.parametrize("compressor", ["zstd", "pigz", "zlib"])
+def test_backup_verification_sees_what_the_compressor_wrote(platform, tmp_path, data, kuma, capsys, monkeypatch, compressor):
+    """A compressor that writes a cut-short stream: the in-flight verification refuses it, nothing is published."""
+    (data["volume"] / "big").write_bytes(os.urandom(1 << 20))
+    if compressor == "zlib":
+        real = bba._deflate_block
+        monkeypatch.setattr(bba, "_deflate_block", lambda block, window, level, last: real(block, window, level, last)[:-100] if last else real(block, window, level, last))
+    else:
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (bin_dir / compressor).write_text(f"#!/bin/sh\n{shutil.which(compressor)} \"$@\" | head -c 300000\n")
+        (bin_dir / compressor).chmod(0o755)
+        monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    env = {"BBA_COMPRESSION": "zstd" if compressor == "zstd" else "gzip", "BBA_GZIP_TOOL": compressor if compressor != "zstd" else "auto"}
+    assert backup(platform, tmp_path / "b", env=env) == 1
+    assert [p.name for p in (tmp_path / "b").iterdir()] == [".kuma.lock"]
+    fmt = "tar.zst" if compressor == "zstd" else "tar.gz"
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"backup-before-apply: error: archive is not a complete {fmt} (")
+
+
 def test_pg_target_uses_container_user_and_password_by_name():
     container = fake_container("db")
     container["Config"]["Env"] = ["POSTGRES_USER=appadmin", "POSTGRES_PASSWORD=pw"]
@@ -539,7 +560,6 @@ def test_backup_refused_before_touching_anything_when_space_is_short(platform, t
 @pytest.mark.parametrize(("fmt", "tool"), [("gzip", "zlib"), ("gzip", "pigz"), ("zstd", "zstd")])
 def test_compressing_round_trip_hashes_what_is_written(tmp_path, fmt, tool):
     import hashlib
-    import shutil
     if shutil.which(tool if tool != "zlib" else "true") is None:
         pytest.fail(f"{tool} is not installed (.ci/deps installs it)")
     fd = open_dir(tmp_path / "d")
