@@ -25,6 +25,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -173,7 +174,8 @@ def main() -> int:
 
         tree = f"-C {data} ."
         e_base, e_zlib, e_default = "shell: tar -czf (gzip -6)", "tool, gzip -6, standard library", "tool, default (gzip -6 via pigz)"
-        e_zstd, e_zstd3 = "tool, zstd (its default level, 2)", "tool, zstd -3, for reference"
+        level = tomllib.loads((REPO / "classes.toml").read_text())["settings"]["zstd_level"]  # the tool's default, as shipped
+        e_zstd, e_zstd3 = f"tool, zstd (its default level, {level})", "tool, zstd -3, for reference"
         variants_e = {
             e_base: shell(f"tar -czf {work / 'e-shell'}/kuma.tar.gz {tree}", work / "e-shell"),
             e_zlib: tool("kuma", work / "e-zlib", "--compress-level", "6", environment=no_pigz),
@@ -181,7 +183,7 @@ def main() -> int:
             e_zstd: tool("kuma", work / "e-zstd", "--compression", "zstd"),
             e_zstd3: tool("kuma", work / "e-zstd3", "--compression", "zstd", "--zstd-level", "3"),
             "shell, for reference: tar -cf - | pigz -6": shell(f"tar -cf - {tree} | pigz -6 > {work / 'e-shell-pigz'}/kuma.tar.gz", work / "e-shell-pigz"),
-            "shell, for reference: tar -cf - | zstd -2 -T0": shell(f"tar -cf - {tree} | zstd -2 -T0 -q > {work / 'e-shell-zstd'}/kuma.tar.zst", work / "e-shell-zstd"),
+            f"shell, for reference: tar -cf - | zstd -{level} -T0": shell(f"tar -cf - {tree} | zstd -{level} -T0 -q > {work / 'e-shell-zstd'}/kuma.tar.zst", work / "e-shell-zstd"),
             "shell, for reference: tar -cf - | zstd -3 -T0": shell(f"tar -cf - {tree} | zstd -3 -T0 -q > {work / 'e-shell-zstd3'}/kuma.tar.zst", work / "e-shell-zstd3"),
         }
         print("bench: class E", file=sys.stderr)
