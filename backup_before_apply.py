@@ -1856,6 +1856,10 @@ class StreamVerifier:
             self.source.close()
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Hand data to the scan. Raise what the scan met, if it has failed already: the backup
+        is lost, and stopping now spares the rest of a long archive."""
+        if self.error is not None:
+            raise self.error
         view = memoryview(data).cast("B")
         try:
             while view:

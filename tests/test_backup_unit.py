@@ -16,6 +16,7 @@ import signal
 import stat
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -509,6 +510,22 @@ def test_backup_verification_sees_what_the_compressor_wrote(platform, tmp_path, 
     assert [p.name for p in (tmp_path / "b").iterdir()] == [".kuma.lock"]
     fmt = "tar.zst" if compressor == "zstd" else "tar.gz"
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(f"backup-before-apply: error: archive is not a complete {fmt} (")
+
+
+def test_stream_verifier_stops_the_writer_once_the_scan_has_failed():
+    def scan(fh):
+        fh.read(10)
+        raise bba.BackupError("archive is not a complete tar.gz (bad)")
+
+    verifier = bba.StreamVerifier(scan)
+    verifier.feed(b"x" * 10)
+    deadline = time.monotonic() + 10
+    while verifier.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the scan fails on its thread, which then keeps draining the pipe
+    with pytest.raises(bba.BackupError, match="bad"):
+        verifier.feed(b"more")
+    with pytest.raises(bba.BackupError, match="bad"):
+        verifier.finish()
 
 
 def test_pg_target_uses_container_user_and_password_by_name():
