@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,12 @@ def test_resolve_settings_bad_env_value_names_variable(config):
 
 def test_default_classes_path_is_beside_the_script():
     assert bba.DEFAULT_CLASSES == REPO / "classes.toml"
+
+
+def test_readme_annotated_settings_match_the_shipped_classes_toml():
+    """The README's annotated [settings] block must not drift from the file it annotates."""
+    block = re.search(r"## classes\.toml, annotated\s+```toml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert block is not None, "README has no annotated classes.toml block"
+    annotated = tomllib.loads(block.group(1))["settings"]
+    shipped = tomllib.loads((REPO / "classes.toml").read_text())["settings"]
+    assert annotated == shipped
