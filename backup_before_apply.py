@@ -1441,13 +1441,8 @@ class PartialFile:
         assert self._file is not None
         if not data:
             return 0  # zlib often has no output yet for a chunk it was given
-        view = memoryview(data).cast("B")
         try:
-            while view:
-                # A raw write may be short (a nearly full disk): loop, so that the next
-                # write reports ENOSPC instead of bytes being dropped in silence.
-                written = self._file.write(view)
-                view = view[written or 0 :]
+            _write_all(self._file.fileno(), data)
         except OSError as exc:
             raise _write_error(exc, self.dir_path) from None
         self.sha256.update(data)
@@ -1502,6 +1497,14 @@ class PartialFile:
                 self._file.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.partial, dir_fd=self.dir_fd)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    # A write may be short (a nearly full disk, a pipe): loop, so that the next write
+    # reports ENOSPC or EPIPE instead of bytes being dropped in silence.
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _write_error(exc: OSError, dir_path: Path) -> BackupError:
@@ -1638,9 +1641,7 @@ class _PipeWriter(StreamSink):
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         assert self.fd is not None
-        view = memoryview(data).cast("B")
-        while view:
-            view = view[os.write(self.fd, view) :]
+        _write_all(self.fd, data)
         return len(data)
 
 
@@ -1860,10 +1861,8 @@ class StreamVerifier:
         is lost, and stopping now spares the rest of a long archive."""
         if self.error is not None:
             raise self.error
-        view = memoryview(data).cast("B")
         try:
-            while view:
-                view = view[os.write(self.fd, view) :]
+            _write_all(self.fd, data)
         except BrokenPipeError:
             pass  # the scan has failed already; finish() reports why
 
@@ -2042,8 +2041,7 @@ class TarWriter:
                 if not sent:
                     break
                 left -= sent
-        self._emit(b"\0" * (left + (-entry.size % 512)))
-        return left == 0
+        return self._end_member(entry, left)
 
     def add_stream(self, entry: TarEntry, source: IO[bytes]) -> bool:
         """Write a regular file read from source; like add_file, False if it was short."""
@@ -2052,6 +2050,10 @@ class TarWriter:
         while left and (data := source.read(min(left, COPY_CHUNK))):
             self._emit(data)
             left -= len(data)
+        return self._end_member(entry, left)
+
+    def _end_member(self, entry: TarEntry, left: int) -> bool:
+        # Zeros for the left bytes a short file did not give, then up to the next 512-byte block.
         self._emit(b"\0" * (left + (-entry.size % 512)))
         return left == 0
 
@@ -4253,25 +4255,11 @@ def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) ->
     except Interrupted as exc:
         LOG.error("%s; cleaned up, no backup written", exc)
         return 128 + exc.signum
-    except BackupError as exc:
-        if args.debug:
-            traceback.print_exc()
-        kind = "refused" if isinstance(exc, RefusedError) else "error"
-        print(f"{PROG}: {kind}: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except OSError as exc:
-        # One nobody anticipated (an I/O error reading a volume, say): still one line that
-        # names the file; the partial backup is already gone.
-        if args.debug:
-            traceback.print_exc()
-        where = f"{os.fsdecode(exc.filename)}: " if isinstance(exc.filename, (str, bytes)) else ""
-        print(f"{PROG}: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return EXIT_FAILED
     except Exception as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"{PROG}: error: internal error, a bug (run with --debug for the traceback): {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        print(f"{PROG}: {failure_line(exc)}", file=sys.stderr)
+        return exc.exit_code if isinstance(exc, BackupError) else EXIT_FAILED
     finally:
         if RUN_COUNTS:
             LOG.debug("programs run: %s", ", ".join(f"{name} {count}x" for name, count in sorted(RUN_COUNTS.items())))
@@ -4282,6 +4270,18 @@ def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) ->
         os.umask(old_umask)
         LOG.removeHandler(handler)
         LOG.propagate = old_propagate
+
+
+def failure_line(exc: Exception) -> str:
+    """Return the one stderr line (after the program name) that reports exc."""
+    if isinstance(exc, BackupError):
+        return f"{'refused' if isinstance(exc, RefusedError) else 'error'}: {exc}"
+    if isinstance(exc, OSError):
+        # One nobody anticipated (an I/O error reading a volume, say): still one line that
+        # names the file; the partial backup is already gone.
+        where = f"{os.fsdecode(exc.filename)}: " if isinstance(exc.filename, (str, bytes)) else ""
+        return f"error: {where}{exc.strerror or exc}"
+    return f"error: internal error, a bug (run with --debug for the traceback): {type(exc).__name__}: {exc}"
 
 
 def _in_main_thread() -> bool:

@@ -463,13 +463,18 @@ def test_redis_target_password_from_operator_env_then_container_env_never_in_arg
     assert "from-container" not in " ".join(argv)
 
 
+def fake_program(tmp_path: Path, monkeypatch, name: str, script: str) -> None:
+    """Put a shell script called name first on PATH."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / name).write_text(f"#!/bin/sh\n{script}\n")
+    (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
 def test_backup_compressor_dying_midway_names_it(platform, tmp_path, data, kuma, capsys, monkeypatch):
     (data["volume"] / "big").write_bytes(os.urandom(16 << 20))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "zstd").write_text("#!/bin/sh\nhead -c 4096 >/dev/null\necho 'zstd: simulated crash' >&2\nexit 3\n")
-    (bin_dir / "zstd").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    fake_program(tmp_path, monkeypatch, "zstd", "head -c 4096 >/dev/null\necho 'zstd: simulated crash' >&2\nexit 3")
     assert backup(platform, tmp_path / "b", "--compression", "zstd") == 1
     assert [p.name for p in (tmp_path / "b").iterdir()] == [".kuma.lock"]
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -500,11 +505,7 @@ def test_backup_verification_sees_what_the_compressor_wrote(platform, tmp_path, 
         real = bba._deflate_block
         monkeypatch.setattr(bba, "_deflate_block", lambda block, window, level, last: real(block, window, level, last)[:-100] if last else real(block, window, level, last))
     else:
-        bin_dir = tmp_path / "bin"
-        bin_dir.mkdir()
-        (bin_dir / compressor).write_text(f"#!/bin/sh\n{shutil.which(compressor)} \"$@\" | head -c 300000\n")
-        (bin_dir / compressor).chmod(0o755)
-        monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+        fake_program(tmp_path, monkeypatch, compressor, f"{shutil.which(compressor)} \"$@\" | head -c 300000")
     env = {"BBA_COMPRESSION": "zstd" if compressor == "zstd" else "gzip", "BBA_GZIP_TOOL": compressor if compressor != "zstd" else "auto"}
     assert backup(platform, tmp_path / "b", env=env) == 1
     assert [p.name for p in (tmp_path / "b").iterdir()] == [".kuma.lock"]
