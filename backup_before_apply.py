@@ -16,6 +16,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 import argparse
+import array
+import bisect
 import concurrent.futures
 import contextlib
 import dataclasses
@@ -28,6 +30,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import posixpath
 import queue
@@ -74,17 +77,6 @@ LIFECYCLES = ("active", "parked", "sunset", "non-canonical")
 STATEFULNESS = ("stateful", "stateless")
 UNDECLARED = "undeclared"
 
-# Every procedure name classes.toml may use (PROCEDURES, below, maps each to its function).
-PROCEDURE_NAMES = (
-    "mounted-archive",
-    "pg-dumpall",
-    "redis-bgsave",
-    "vault-raft-snapshot",
-    "mc-mirror",
-    "search-engine",
-    "compose-root-archive",
-)
-
 # Variables that CI runners set; the tool never runs automatically.
 CI_ENV_VARS = (
     "CI",
@@ -116,17 +108,26 @@ TIMESTAMP_FORMAT = "%Y%m%dT%H%M%SZ"
 COPY_CHUNK = 1 << 20
 WRITEBACK_EVERY = 32 << 20
 STDERR_TAIL_LINES = 5
+STDERR_DETAIL_LINES = 50  # printed before the error line when a child said more than its tail
 
-RESTORE_PLACEHOLDERS = ("backup", "manifest", "module", "container", "image")
+RESTORE_PLACEHOLDERS = ("backup", "manifest", "module", "container", "image", "decompress")
 
 
 # --------------------------------------------------------------------------- errors
 
 
 class BackupError(Exception):
-    """A failure the operator must see as one line; exit_code says which kind."""
+    """A failure the operator must see as one line; exit_code says which kind.
+
+    details are lines printed before that line (a child's whole stderr, every psql error),
+    so that the error line stays one line and the last one.
+    """
 
     exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, details: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.details = details or []
 
 
 class UsageError(BackupError):
@@ -151,9 +152,10 @@ class CommandError(BackupError):
         self.argv = argv
         self.returncode = returncode
         self.stderr_tail = lines[-STDERR_TAIL_LINES:]
-        status = "timed out" if returncode is None else f"exited {returncode}"
+        status = "timed out (killed)" if returncode is None else f"exited {returncode}"
         detail = " | ".join(self.stderr_tail) or "no output on stderr"
-        super().__init__(f"`{mask_argv(argv)}` {status}: {detail}")
+        shown = lines[-STDERR_DETAIL_LINES:] if len(lines) > len(self.stderr_tail) else []
+        super().__init__(f"`{mask_argv(argv)}` {status}: {detail}", [f"{argv[0]}: {line}" for line in shown])
 
 
 class Interrupted(BaseException):
@@ -197,6 +199,98 @@ def _child_env(secrets: dict[str, str] | None) -> dict[str, str] | None:
     return None if not secrets else {**os.environ, **secrets}
 
 
+# Every `docker exec` carries BBA_EXEC=<random token> in its environment. Killing the docker
+# client leaves what it started running inside the container (moby/moby#9098: a pg_dumpall
+# still queued on a lock, a redis-cli of a paused server); the token finds those processes
+# and their children, which inherit it, on this host or inside the container.
+EXEC_MARK = "BBA_EXEC"
+KILL_ROUNDS = 100  # of 0.1 s: how long the bottom-up kill waits for parents to reap
+
+# Killed bottom-up, and only while each process's own (marked) parent is alive to reap it.
+# A process orphaned first is adopted by the container's PID 1, and when PID 1 is the
+# postmaster (as in the official postgres image) any child of its dying by a signal is
+# taken for a crashed backend: every connection is dropped and the cluster goes through
+# crash recovery (postmaster.c, CleanupBackend). The exec'd process itself is reaped by
+# the engine, outside the container.
+_KILL_TREE_SH = """m="$1"; seen=""; i=0
+while [ $i -lt KILL_ROUNDS ]; do i=$((i+1)); mine=""
+  for d in /proc/[0-9]*; do grep -qs "$m" "$d/environ" && mine="$mine ${d#/proc/}"; done
+  z=""; for p in $seen; do [ -d "/proc/$p" ] && z=1; done
+  if [ -n "$z" ]; then sleep 0.1; continue; fi
+  [ -z "$mine" ] && exit 0; seen=""
+  for p in $mine; do leaf=1
+    for q in $mine; do [ "$(sed -n 's/^PPid:[[:space:]]*//p' "/proc/$q/status" 2>/dev/null)" = "$p" ] && leaf=0; done
+    [ $leaf = 1 ] && kill -9 "$p" 2>/dev/null && seen="$seen $p"
+  done; sleep 0.1
+done; exit 1""".replace("KILL_ROUNDS", str(KILL_ROUNDS))
+
+
+def exec_mark(argv: list[str]) -> str | None:
+    """Return the BBA_EXEC=<token> of a `docker exec` argv built by exec_argv, or None."""
+    if argv[:2] != ["docker", "exec"]:
+        return None
+    return next((arg for arg in argv if arg.startswith(EXEC_MARK + "=")), None)
+
+
+def _marked_here(token: bytes) -> dict[int, int]:
+    """Return {pid: parent pid} of the processes on this host whose environment holds token."""
+    found: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as fh:
+                    if token not in fh.read().split(b"\0"):
+                        continue
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    found[int(entry)] = int(fh.read().rpartition(b")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def _kill_tree_here(token: bytes) -> bool:
+    """Kill the marked processes of this host bottom-up; return False if none were found here."""
+    killed: set[int] = set()
+    for _ in range(KILL_ROUNDS):
+        if any(os.path.exists(f"/proc/{pid}") for pid in killed):
+            time.sleep(0.1)  # a parent has not reaped its killed child yet: its parent must wait
+            continue
+        marked = _marked_here(token)
+        if not marked:
+            return bool(killed)
+        parents = set(marked.values())
+        killed = {pid for pid in marked if pid not in parents}
+        for pid in killed:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    LOG.warning("processes started in the container (%s) did not go away; see `docker top`", token.decode())
+    return True
+
+
+def kill_exec(argv: list[str]) -> None:
+    """Kill what a `docker exec` argv started inside its container, wherever the engine runs.
+
+    A local engine's processes are found in this host's /proc by their token; for a remote
+    engine a short `docker exec ... sh` does the same inside the container. Either way
+    children go before their parents, so that no process is ever orphaned to the
+    container's PID 1.
+    """
+    mark = exec_mark(argv)
+    if mark is None or _kill_tree_here(mark.encode()):
+        return
+    with contextlib.suppress(BackupError):
+        run(["docker", "exec", exec_container(argv), "sh", "-c", _KILL_TREE_SH, "sh", mark], check=False, timeout=30)
+
+
+def exec_container(argv: list[str]) -> str:
+    """Return the container a `docker exec` argv (as exec_argv builds it) runs in."""
+    i = 2
+    while argv[i].startswith("-"):
+        i += 1 if argv[i] == "-i" else 2
+    return argv[i]
+
+
 def run(
     argv: list[str],
     *,
@@ -209,7 +303,8 @@ def run(
     """Run argv (never through a shell) and return the completed process.
 
     secrets are added to the child's environment only. Raise BackupError if the program
-    is missing, CommandError if it exits non-zero (with check) or runs past timeout.
+    is missing, CommandError if it exits non-zero (with check) or runs past timeout; a
+    `docker exec` that times out or is interrupted is also killed inside its container.
     """
     LOG.debug("$ %s", mask_argv(argv))
     RUN_COUNTS[os.path.basename(argv[0])] += 1
@@ -218,7 +313,12 @@ def run(
     except FileNotFoundError:
         raise BackupError(f"{argv[0]}: command not found on PATH") from None
     except subprocess.TimeoutExpired as exc:
+        kill_exec(argv)
         raise CommandError(argv, None, exc.stderr or b"") from None
+    except BaseException:
+        with signals_deferred():
+            kill_exec(argv)
+        raise
     if check and proc.returncode != 0:
         raise CommandError(argv, proc.returncode, proc.stderr)
     return proc
@@ -230,6 +330,85 @@ class Stream:
 
     pipe: IO[bytes]
     stderr: bytes = b""
+    returncode: int | None = None
+
+
+class _Watched(io.RawIOBase):
+    """A streaming child's pipe that notes when bytes last moved, for the idle watchdog.
+
+    Reads return what has arrived (like os.read), so a slow but steady child counts as
+    alive; tarfile and the copy loops read until they have what they need.
+    """
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self.pipe = pipe
+        self.fd = pipe.fileno()
+        self.last = time.monotonic()
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def readinto(self, buffer: Any) -> int:
+        count = os.readv(self.fd, [buffer])
+        self.last = time.monotonic()
+        return count
+
+    def read(self, size: int = -1) -> bytes:
+        if size >= 0:
+            data = os.read(self.fd, size)
+            self.last = time.monotonic()
+            return data
+        chunks = []
+        while chunk := self.read(COPY_CHUNK):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[os.write(self.fd, view):]
+            self.last = time.monotonic()
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.pipe.close()
+        super().close()
+
+
+class _Watchdog:
+    """Kills a streaming child (and what it started in a container) once its pipe has been idle too long."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], argv: list[str], pipe: _Watched, timeout: float | None) -> None:
+        self.proc, self.argv, self.pipe, self.timeout = proc, argv, pipe, timeout
+        self.fired = False
+        self.done = threading.Event()
+        self.thread: threading.Thread | None = None
+        if timeout is not None:
+            self.thread = threading.Thread(target=self._watch, daemon=True)
+            self.thread.start()
+
+    def _watch(self) -> None:
+        assert self.timeout is not None
+        while not self.done.wait(min(1.0, self.timeout / 4)):
+            if time.monotonic() - self.pipe.last > self.timeout:
+                self.fired = True
+                LOG.debug("no data for %gs: killing `%s`", self.timeout, mask_argv(self.argv))
+                with contextlib.suppress(OSError):
+                    self.proc.kill()
+                kill_exec(self.argv)
+                return
+
+    def stop(self) -> None:
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join()
 
 
 @contextlib.contextmanager
@@ -248,10 +427,14 @@ def _streaming(argv: list[str], *, into: bool, timeout: float | None, secrets: d
             )
         except FileNotFoundError:
             raise BackupError(f"{argv[0]}: command not found on PATH") from None
-        pipe = proc.stdin if into else proc.stdout
-        assert pipe is not None
-        _grow_pipe(pipe.fileno())
-        stream = Stream(pipe)
+        raw = proc.stdin if into else proc.stdout
+        assert raw is not None
+        _grow_pipe(raw.fileno())
+        watched = _Watched(raw)
+        watchdog = _Watchdog(proc, argv, watched, timeout)
+        # Without a timeout (zstd -d for a verification) the plain pipe keeps its splice(2) path.
+        pipe: Any = watched if timeout is not None else raw
+        stream = Stream(typing.cast(IO[bytes], pipe))
         try:
             try:
                 yield stream
@@ -265,14 +448,25 @@ def _streaming(argv: list[str], *, into: bool, timeout: float | None, secrets: d
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            kill_exec(argv)
             err.seek(0)
             raise CommandError(argv, None, err.read()) from None
-        except BaseException:
-            proc.kill()
-            proc.wait()
+        except BaseException as exc:
+            with signals_deferred():
+                proc.kill()
+                proc.wait()
+                watchdog.stop()
+                kill_exec(argv)
+            if watchdog.fired and isinstance(exc, (OSError, BackupError, tarfile.TarError, EOFError)):
+                err.seek(0)
+                raise CommandError(argv, None, err.read()) from None  # the pipe broke because the watchdog killed it
             raise
+        finally:
+            watchdog.stop()
         err.seek(0)
-        stream.stderr = err.read()
+        stream.stderr, stream.returncode = err.read(), returncode
+        if watchdog.fired:
+            raise CommandError(argv, None, stream.stderr)
         if check and returncode != 0:
             raise CommandError(argv, returncode, stream.stderr)
 
@@ -281,9 +475,11 @@ def _streaming(argv: list[str], *, into: bool, timeout: float | None, secrets: d
 def stream_from(argv: list[str], *, timeout: float | None = None, secrets: dict[str, str] | None = None) -> Iterator[IO[bytes]]:
     """Yield the stdout of argv as a binary stream; check its exit status at the end.
 
-    The sibling of run() for output too large to hold in memory. Like `set -o pipefail`,
-    a non-zero exit fails the whole step even if the stream looked complete. Raise
-    CommandError on failure; the child is killed if the consumer fails first.
+    The sibling of run() for output too large to hold in memory. timeout is an idle
+    timeout: a child that sends nothing for that long is hung, and it is killed (inside
+    its container too). Like `set -o pipefail`, a non-zero exit fails the whole step even
+    if the stream looked complete. Raise CommandError on failure or timeout; the child is
+    killed if the consumer fails first.
     """
     with _streaming(argv, into=False, timeout=timeout, secrets=secrets, check=True) as stream:
         yield stream.pipe
@@ -293,7 +489,8 @@ def stream_from(argv: list[str], *, timeout: float | None = None, secrets: dict[
 def stream_into(argv: list[str], *, timeout: float | None = None, secrets: dict[str, str] | None = None, check: bool = True) -> Iterator[Stream]:
     """Yield a Stream whose pipe is the stdin of argv; its stderr is kept for the caller.
 
-    Raise CommandError (with check) if the child exits non-zero once stdin is closed.
+    timeout is an idle timeout, as for stream_from. Raise CommandError (with check) if the
+    child exits non-zero once stdin is closed, or on timeout.
     """
     with _streaming(argv, into=True, timeout=timeout, secrets=secrets, check=check) as stream:
         yield stream
@@ -304,13 +501,16 @@ def docker(args: list[str], *, timeout: float, check: bool = True, secrets: dict
     return run(["docker", *args], timeout=timeout, check=check, secrets=secrets)
 
 
-def exec_argv(container: str, argv: list[str], *, secrets: dict[str, str] | None = None, stdin: bool = False) -> list[str]:
+def exec_argv(container: str, argv: list[str], *, secrets: dict[str, str] | None = None, stdin: bool = False,
+              workdir: str | None = None) -> list[str]:
     """Return `docker exec` argv for a command in container; secrets are passed by name.
 
-    Never `-t`: a TTY rewrites line endings and corrupts binary streams.
+    Never `-t`: a TTY rewrites line endings and corrupts binary streams. The BBA_EXEC
+    token lets run() and the streams kill what the command started if it hangs.
     """
     names = [flag for name in sorted(secrets or {}) for flag in ("-e", name)]
-    return ["docker", "exec", *(["-i"] if stdin else []), *names, container, *argv]
+    options = [*(["-i"] if stdin else []), *(["-w", workdir] if workdir else [])]
+    return ["docker", "exec", *options, "-e", f"{EXEC_MARK}={os.urandom(8).hex()}", *names, container, *argv]
 
 
 def parse_json(data: bytes, what: str) -> Any:
@@ -392,6 +592,7 @@ class Settings:
     backup_dir: str = ""  # empty: <platform_root>/backups
     docker_timeout: float = 60.0
     pause_timeout: float = 1800.0
+    stream_timeout: float = 600.0
     lock_timeout: float = 0.0
     compression: str = "gzip"
     compress_level: int = 6
@@ -401,6 +602,7 @@ class Settings:
     drill_timeout: float = 300.0
     space_margin_mb: float = 256.0
     redis_password_env: str = "REDIS_PASSWORD"  # noqa: S105 (a variable name, not a password)
+    redis_user_env: str = "REDIS_USERNAME"
 
 
 DEFAULT_SETTINGS = Settings()
@@ -411,6 +613,7 @@ SETTING_SOURCES: dict[str, tuple[str, str]] = {
     "backup_dir": ("BACKUP_DIR", "--backup-dir"),
     "docker_timeout": ("BBA_DOCKER_TIMEOUT", "--docker-timeout"),
     "pause_timeout": ("BBA_PAUSE_TIMEOUT", "--pause-timeout"),
+    "stream_timeout": ("BBA_STREAM_TIMEOUT", "--stream-timeout"),
     "lock_timeout": ("BBA_LOCK_TIMEOUT", "--lock-timeout"),
     "compression": ("BBA_COMPRESSION", "--compression"),
     "compress_level": ("BBA_COMPRESS_LEVEL", "--compress-level"),
@@ -420,11 +623,13 @@ SETTING_SOURCES: dict[str, tuple[str, str]] = {
     "drill_timeout": ("BBA_DRILL_TIMEOUT", "--drill-timeout"),
     "space_margin_mb": ("BBA_SPACE_MARGIN_MB", "--space-margin-mb"),
     "redis_password_env": ("BBA_REDIS_PASSWORD_ENV", ""),
+    "redis_user_env": ("BBA_REDIS_USER_ENV", ""),
 }
 SETTING_CHOICES: dict[str, tuple[str, ...]] = {"compression": ("gzip", "zstd"), "gzip_tool": ("auto", "pigz", "zlib")}
 SETTING_LIMITS: dict[str, tuple[float, float]] = {
     "docker_timeout": (1, 86400),
     "pause_timeout": (1, 86400),
+    "stream_timeout": (1, 86400),
     "lock_timeout": (0, 86400),
     "compress_level": (1, 9),
     "zstd_level": (1, 19),
@@ -448,26 +653,28 @@ class Config:
 
 
 CLASS_KEYS = {"title": str, "patterns": list, "procedure": str, "fallback": str, "restore": str, "default": bool, "options": dict}
-# Options a procedure takes from [classes.X.options]: name -> (type, default).
-PROCEDURE_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
-    "vault-raft-snapshot": {"token_env": (str, "VAULT_TOKEN"), "vault_addr": (str, "")},
-    "mc-mirror": {"alias_env": (str, "MINIO_MC_ALIAS")},
-    "search-engine": {"meilisearch_dump": (bool, False), "meilisearch_url": (str, "http://127.0.0.1:7700")},
-    "compose-root-archive": {"compose_root": (str, "")},
-}
 CLASS_REQUIRED = ("title", "patterns", "procedure", "fallback", "restore")
 NO_FALLBACK = "none"
 
 
 def check_setting(name: str, value: Any, where: str) -> Any:
-    """Return value converted to the setting's type. Raise UsageError naming where."""
+    """Return value converted to the setting's type. Raise UsageError naming where.
+
+    An integer setting takes an integer only (6, "6"; not 6.5, inf or nan); a number of
+    seconds takes any finite number.
+    """
     kind = type(getattr(DEFAULT_SETTINGS, name))
     try:
         if isinstance(value, bool) or (kind is str and not isinstance(value, str)):
             raise ValueError
-        converted = kind(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        converted = kind(int(value) if kind is int and isinstance(value, float) else value)
+        if kind is float and not math.isfinite(converted):
+            raise ValueError
+    except (TypeError, ValueError, OverflowError):
+        what = "an integer" if kind is int else "a finite number" if kind is float else "a string"
+        raise UsageError(f"{where}: expected {what}, got {value!r}") from None
     if name in SETTING_CHOICES and converted not in SETTING_CHOICES[name]:
         raise UsageError(f"{where}: {value!r} is not one of {', '.join(SETTING_CHOICES[name])}")
     if name in SETTING_LIMITS:
@@ -535,11 +742,12 @@ def load_config(path: Path) -> Config:
                 if pattern in exact_owner:
                     raise UsageError(f"{where}.patterns: {pattern!r} is already listed in classes.{exact_owner[pattern]}")
                 exact_owner[pattern] = letter
-        if table["procedure"] not in PROCEDURE_NAMES:
-            raise UsageError(f"{where}.procedure: unknown procedure {table['procedure']!r} (known: {', '.join(PROCEDURE_NAMES)})")
-        if table["fallback"] not in (*PROCEDURE_NAMES, NO_FALLBACK):
-            raise UsageError(f"{where}.fallback: unknown procedure {table['fallback']!r} (known: {', '.join(PROCEDURE_NAMES)}, none)")
-        known = PROCEDURE_OPTIONS.get(table["procedure"], {})
+        known_names = ", ".join(sorted(PROCEDURES))
+        if table["procedure"] not in PROCEDURES:
+            raise UsageError(f"{where}.procedure: unknown procedure {table['procedure']!r} (known: {known_names})")
+        if table["fallback"] not in (*PROCEDURES, NO_FALLBACK):
+            raise UsageError(f"{where}.fallback: unknown procedure {table['fallback']!r} (known: {known_names}, none)")
+        known = PROCEDURES[table["procedure"]].options
         options = {name: default for name, (_, default) in known.items()}
         for name, value in table.get("options", {}).items():
             if name not in known:
@@ -1225,10 +1433,16 @@ def plan_mounts(container: dict[str, Any], *, read_on_host: bool) -> tuple[list[
     """Return the mounts to archive and the (destination, reason) of every skipped one.
 
     Archived: named volumes and read-write bind mounts of directories. Skipped:
-    read-only mounts, tmpfs, the docker socket, kernel filesystems, single-file binds.
+    read-only mounts, tmpfs (`--mount type=tmpfs` and `--tmpfs`, which docker inspect
+    lists apart), the docker socket, kernel filesystems, single-file binds (a remote
+    engine's are found while archiving).
     """
     included: list[MountPlan] = []
     skipped: list[tuple[str, str]] = []
+    listed = {str(m.get("Destination", "")) for m in container.get("Mounts") or []}
+    for dest in sorted((container.get("HostConfig") or {}).get("Tmpfs") or {}):
+        if dest not in listed:
+            skipped.append((dest, "tmpfs mount"))
     for mount in sorted(container.get("Mounts") or [], key=lambda m: str(m.get("Destination", ""))):
         kind = str(mount.get("Type", ""))
         dest = str(mount.get("Destination", ""))
@@ -1381,15 +1595,6 @@ def module_lock(dir_fd: int, module_id: str, timeout: float) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
-
-
-def remove_stale_partials(dir_fd: int, module_id: str) -> None:
-    """Remove <module>-*.partial left by a killed run; only called under the module lock."""
-    stale = re.compile(re.escape(module_id) + r"-[0-9]{8}T[0-9]{6}Z\.[a-z.]+\.partial")  # incl. class G's .pgdump.sql.gz
-    for name in os.listdir(dir_fd):
-        if stale.fullmatch(name):
-            LOG.warning("removing %s left by an interrupted run", name)
-            os.unlink(name, dir_fd=dir_fd)
 
 
 @contextlib.contextmanager
@@ -1897,24 +2102,59 @@ def verifying(out: Any, scan: Callable[[IO[bytes]], dict[str, Any]]) -> Iterator
 
 @dataclasses.dataclass(frozen=True)
 class ArchiveItem:
-    """A path in the container to archive, where to read it, and the mount it counts under."""
+    """A path in the container to archive, where to read it, and the group it counts under.
+
+    host is a directory on this host to start from (a mount's source, followed as docker
+    followed it when it mounted it); rel are the names under it, each opened without
+    following a symlink; None streams the path with docker cp instead, which resolves it
+    inside the container.
+    """
 
     path: str
-    host: str | None  # a readable host path, or None to stream it with docker cp
+    host: str | None
     group: str
     prefix: str = ""  # put in the archive under prefix + path (class G keeps containers apart)
     container: str | None = None  # the container to docker cp from, when not the job's
+    rel: tuple[str, ...] = ()
+    kind: str = "path"  # "volume" or "bind" for a whole mount: a bind found to be one file is skipped
+    pid: int = 0  # the running container's pid: a mount's host directory must be the one it sees
+
+
+def mount_item(mount: MountPlan, *, pid: int = 0, prefix: str = "", container: str | None = None) -> ArchiveItem:
+    """Return the archive item of a whole mount, read on this host or through docker cp as planned."""
+    return ArchiveItem(mount.destination, mount.source if mount.via == "host" else None, prefix + mount.destination.strip("/") if prefix else mount.destination,
+                       prefix=prefix, container=container, kind=mount.type, pid=pid)
 
 
 def locate(path: str, mounts: list[MountPlan]) -> ArchiveItem:
-    """Return how to read a container path: through the mount that holds it, if any."""
+    """Return how to read a path a service reported (Redis's dir): inside the mount that holds it, if any.
+
+    The path is read on this host only when every directory between the mount and it is a
+    plain directory there; a symlink on the way (the container controls what is in its
+    mounts) sends it through docker cp, which resolves it inside the container.
+    """
     holders = [m for m in mounts if _inside(path, [m.destination])]
     if not holders:
         return ArchiveItem(path, None, path)
     mount = max(holders, key=lambda m: len(m.destination))
-    rel = os.path.relpath(path, mount.destination)
-    host = None if mount.via != "host" else (mount.source if rel == "." else os.path.join(mount.source, rel))
-    return ArchiveItem(path, host, mount.destination)
+    rel = tuple(part for part in posixpath.relpath(path, mount.destination).split("/") if part not in ("", "."))
+    if mount.via != "host" or ".." in rel:
+        return ArchiveItem(path, None, mount.destination, rel=rel)
+    try:
+        fd = os.open(mount.source, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return ArchiveItem(path, mount.source, mount.destination, rel=rel)  # fails loudly when it is read
+    try:
+        for name in rel[:-1]:
+            child = os.open(name, _DIR_FLAGS, dir_fd=fd)  # ELOOP/ENOTDIR: a symlink or a file on the way
+            os.close(fd)
+            fd = child
+    except OSError as exc:
+        LOG.info("%s: %s on the way inside mount %s; reading it through docker cp", path, os.strerror(exc.errno or 0), mount.destination)
+        return ArchiveItem(path, None, mount.destination, rel=rel)
+    finally:
+        os.close(fd)
+    return ArchiveItem(path, mount.source, mount.destination, rel=rel)
 
 
 @dataclasses.dataclass(slots=True)
@@ -1986,8 +2226,9 @@ class TarWriter:
     a pipe, and read a megabyte at a time otherwise.
     """
 
-    def __init__(self, sink: StreamSink, progress: Progress | None = None) -> None:
+    def __init__(self, sink: StreamSink, progress: Progress | None = None, check: Callable[[], None] | None = None) -> None:
         self.sink, self.progress = sink, progress
+        self.check = check or (lambda: None)  # raises to stop the archive (a pause past its limit)
         self.buffer = bytearray()
         self.offset = 0  # bytes of the tar stream so far
 
@@ -2003,12 +2244,14 @@ class TarWriter:
             self.buffer = bytearray()
 
     def _done(self, count: int) -> None:
+        self.check()
         self.offset += count
         if self.progress is not None:
             self.progress.add(count)
 
     def add(self, entry: TarEntry) -> None:
         """Write an entry that has no data (a directory, link, device or fifo)."""
+        self.check()
         self._emit(tar_header(entry))
 
     def add_file(self, entry: TarEntry, fd: int) -> bool:
@@ -2082,6 +2325,8 @@ class ArchiveStats:
     data_bytes: int = 0
     per_mount: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # mounts found to be single files
+    inventories: dict[str, str] = dataclasses.field(default_factory=dict)  # group -> what the docker cp inventory found
 
     def count(self, group: str, entry: TarEntry) -> None:
         self.members += 1
@@ -2119,11 +2364,30 @@ def _inside(path: str, parents: list[str]) -> bool:
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never follow a swapped-in symlink, never wait on a fifo
 
 
-def entry_for(path: str, name: str, st: os.stat_result, hard_links: dict[tuple[int, int], str]) -> TarEntry | None:
-    """Return the archive entry of path from its stat, or None for a socket.
+@dataclasses.dataclass
+class ArchiveRules:
+    """What an archive leaves out besides nested mounts, and how long a stream may stall.
+
+    The backup directory is never archived (by its device and inode on this host, by its
+    container paths in a docker cp stream); exclude gives a reason to leave a file out
+    (Redis's half-written temp-*.rdb); every docker cp stream of a running container is
+    compared with a `find` inventory taken inside it.
+    """
+
+    timeout: float = 600.0
+    docker_timeout: float = 60.0
+    backup_dir: tuple[int, int] | None = None
+    backup_dir_paths: tuple[str, ...] = ()
+    exclude: Callable[[str], str | None] | None = None
+    inventory: bool = True
+
+
+def entry_for(name: str, st: os.stat_result, hard_links: dict[tuple[int, int], str], linkname: str = "") -> TarEntry | None:
+    """Return the archive entry of a file from its stat, or None for a socket.
 
     Like TarFile.gettarinfo, without its user/group name lookups (owners are numeric
     here), remembering inodes only for files with more than one link (constant memory).
+    linkname is a symlink's target.
     """
     mode = st.st_mode
     entry = TarEntry(name, tarfile.REGTYPE, stat.S_IMODE(mode), st.st_uid, st.st_gid, int(st.st_mtime))
@@ -2138,7 +2402,7 @@ def entry_for(path: str, name: str, st: os.stat_result, hard_links: dict[tuple[i
     elif stat.S_ISDIR(mode):
         entry.kind = tarfile.DIRTYPE
     elif stat.S_ISLNK(mode):
-        entry.kind, entry.linkname = tarfile.SYMTYPE, os.readlink(path)
+        entry.kind, entry.linkname = tarfile.SYMTYPE, linkname
     elif stat.S_ISFIFO(mode):
         entry.kind = tarfile.FIFOTYPE
     elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
@@ -2149,65 +2413,189 @@ def entry_for(path: str, name: str, st: os.stat_result, hard_links: dict[tuple[i
     return entry
 
 
-def archive_from_host(tar: TarWriter, item: ArchiveItem, nested: list[str], stats: ArchiveStats) -> None:
-    """Add the host path of an item to tar under its path in the container.
+def _raise_open_file_limit() -> None:
+    # The walk holds one directory fd per level of depth; a 4 KiB path can be 2,000 deep.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 16, hard))
 
-    Regular files are opened without following symlinks and described from the open
-    file, so that a file swapped for a link between the listing and the read cannot put
-    a host file into the backup. Raise BackupError if the item's own path is gone: a
-    backup without a whole mount must not look finished.
+
+def _open_item_root(item: ArchiveItem) -> int:
+    """Open the directory that holds the item on this host (the item itself for a whole mount).
+
+    A whole mount's own source is followed as docker followed it (a bind of a symlink mounts
+    the directory it points to); every name under it is opened without following a link.
     """
     assert item.host is not None
-    if not os.path.lexists(item.host):
-        raise BackupError(f"source of {item.path} vanished: {item.host} does not exist")
-    hard_links: dict[tuple[int, int], str] = {}
-    stack = [(item.host, item.path.strip("/"))]
-    while stack:
-        path, rel = stack.pop()
-        if nested and "/" + rel != item.path and _inside("/" + rel, nested):
-            continue  # archived on its own, as a mount of its own
-        name = item.prefix + rel
-        try:
-            st = os.lstat(path)
-            if not stat.S_ISREG(st.st_mode):
-                entry = entry_for(path, name, st, hard_links)
-                if entry is not None:
-                    tar.add(entry)
-            else:
-                entry = _add_host_file(tar, path, name, hard_links, stats)
-        except FileNotFoundError:
-            stats.warnings.append(f"vanished while archiving: /{name}")
-            continue
-        if entry is None:
-            continue  # sockets and other types tar cannot hold
-        stats.count(item.group, entry)
-        if entry.kind == tarfile.DIRTYPE:
-            try:
-                names = sorted(os.listdir(path), reverse=True)
-            except FileNotFoundError:
-                continue
-            stack.extend((f"{path}/{n}", f"{rel}/{n}") for n in names)
-
-
-def _add_host_file(tar: TarWriter, path: str, name: str, hard_links: dict[tuple[int, int], str], stats: ArchiveStats) -> TarEntry | None:
     try:
-        fd = os.open(path, _OPEN_FILE)
+        fd = os.open(item.host, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise BackupError(f"source of {item.path} vanished: {item.host} does not exist") from None
+    except NotADirectoryError:
+        raise BackupError(f"source of {item.path} is not a directory: {item.host}") from None
+    try:
+        if item.pid and not item.rel:
+            _check_mounted_here(item, fd)
+        for name in item.rel[:-1]:
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                raise BackupError(f"{item.path}: {name!r} inside {item.host} changed into {'a symlink' if exc.errno == errno.ELOOP else 'something else'} "
+                                  "while the backup ran; nothing outside the mount is read") from None
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_mounted_here(item: ArchiveItem, fd: int) -> None:
+    # The directory read on this host must be the one the container has at its destination:
+    # a bind of a symlink that now points elsewhere, or a source replaced since the container
+    # started, would otherwise be archived in the mount's name.
+    try:
+        seen = os.stat(f"/proc/{item.pid}/root{item.path}")
+    except OSError as exc:
+        LOG.debug("%s: cannot compare with the container's own view (%s)", item.path, exc.strerror)
+        return
+    here = os.fstat(fd)
+    if (seen.st_dev, seen.st_ino) != (here.st_dev, here.st_ino):
+        raise BackupError(f"{item.host} is not the directory mounted at {item.path} in the container "
+                          "(a symlinked or replaced source?); refusing to archive it in the mount's name")
+
+
+def archive_from_host(tar: TarWriter, item: ArchiveItem, nested: list[str], stats: ArchiveStats, rules: ArchiveRules | None = None) -> None:
+    """Add the host path of an item to tar under its path in the container.
+
+    The walk goes by directory file descriptors, every name opened relative to its parent
+    without following a symlink, so nothing the container swaps in (a directory turned into
+    a link mid-walk, a link planted in a mount) can make it read outside the mount, and no
+    host path length limit applies. Regular files are described from the open file. Raise
+    BackupError if the item's own path is gone: a backup without a whole mount must not look
+    finished.
+    """
+    rules = rules or ArchiveRules()
+    _raise_open_file_limit()
+    hard_links: dict[tuple[int, int], str] = {}
+    frames: list[tuple[int, list[str], str]] = []  # (directory fd, names still to visit, its path in the container)
+    parent = _open_item_root(item)
+    top = item.path.strip("/")
+    try:
+        if item.rel:
+            try:
+                st = os.stat(item.rel[-1], dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                raise BackupError(f"source of {item.path} vanished: {item.rel[-1]} is not in {item.host}") from None
+            _visit(tar, item, parent, item.rel[-1], top, st, nested, stats, rules, hard_links, frames)
+            os.close(parent)
+        else:
+            frames_root = os.fstat(parent)
+            _visit(tar, item, None, parent, top, frames_root, nested, stats, rules, hard_links, frames)
+        while frames:
+            fd, names, rel = frames[-1]
+            if not names:
+                os.close(fd)
+                frames.pop()
+                continue
+            name = names.pop()
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                stats.warnings.append(f"vanished while archiving: /{rel}/{name}")
+                continue
+            _visit(tar, item, fd, name, f"{rel}/{name}", st, nested, stats, rules, hard_links, frames)
+    finally:
+        for fd, _, _ in frames:
+            os.close(fd)
+
+
+def _visit(tar: TarWriter, item: ArchiveItem, parent: int | None, name: str | int, rel: str, st: os.stat_result, nested: list[str],
+           stats: ArchiveStats, rules: ArchiveRules, hard_links: dict[tuple[int, int], str], frames: list[tuple[int, list[str], str]]) -> None:
+    """Archive one entry; a directory is opened and pushed on frames to be walked next.
+
+    name is the entry's name in the directory parent, or (parent None) an open fd of it.
+    """
+    arcname = item.prefix + rel
+    if stat.S_ISDIR(st.st_mode):
+        if rules.backup_dir == (st.st_dev, st.st_ino):
+            stats.warnings.append(f"the backup directory itself is inside this mount and was left out: /{rel}")
+            return
+        if nested and "/" + rel != item.path and _inside("/" + rel, nested):
+            return  # archived on its own, as a mount of its own
+        if isinstance(name, int):
+            fd = name
+        else:
+            try:
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+            except FileNotFoundError:
+                stats.warnings.append(f"vanished while archiving: /{rel}")
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                stats.warnings.append(f"replaced by a link or a file while archiving, left out: /{rel}")
+                return
+        try:
+            here = os.fstat(fd)
+            entry = entry_for(arcname, here, hard_links)
+            assert entry is not None
+            names = sorted(os.listdir(fd), reverse=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        tar.add(entry)
+        stats.count(item.group, entry)
+        frames.append((fd, names, rel))
+        return
+    assert isinstance(name, str) and parent is not None
+    if stat.S_ISREG(st.st_mode):
+        reason = rules.exclude(rel) if rules.exclude is not None else None
+        if reason is not None:
+            stats.warnings.append(f"left out: /{rel} ({reason})")
+            return
+        entry = _add_host_file(tar, parent, name, arcname, hard_links, stats)
+    else:
+        try:
+            linkname = os.readlink(name, dir_fd=parent) if stat.S_ISLNK(st.st_mode) else ""
+        except FileNotFoundError:
+            stats.warnings.append(f"vanished while archiving: /{rel}")
+            return
+        except OSError:
+            stats.warnings.append(f"replaced while archiving, left out: /{rel}")
+            return
+        entry = entry_for(arcname, st, hard_links, linkname)
+        if entry is None:
+            stats.warnings.append(f"socket ignored: /{rel}" if stat.S_ISSOCK(st.st_mode) else f"file type tar cannot hold, left out: /{rel}")
+            return
+        tar.add(entry)
+    if entry is not None:
+        stats.count(item.group, entry)
+
+
+def _add_host_file(tar: TarWriter, parent: int, name: str, arcname: str, hard_links: dict[tuple[int, int], str], stats: ArchiveStats) -> TarEntry | None:
+    try:
+        fd = os.open(name, _OPEN_FILE, dir_fd=parent)
+    except FileNotFoundError:
+        stats.warnings.append(f"vanished while archiving: /{arcname}")
+        return None
     except OSError as exc:
         if exc.errno not in (errno.ELOOP, errno.ENXIO):
             raise
-        stats.warnings.append(f"replaced by a link or socket while archiving, left out: /{name}")
+        stats.warnings.append(f"replaced by a link or socket while archiving, left out: /{arcname}")
         return None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            stats.warnings.append(f"replaced by a non-regular file while archiving, left out: /{name}")
+            stats.warnings.append(f"replaced by a non-regular file while archiving, left out: /{arcname}")
             return None
-        entry = entry_for(path, name, st, hard_links)
+        entry = entry_for(arcname, st, hard_links)
         assert entry is not None
         if entry.kind == tarfile.LNKTYPE:
             tar.add(entry)
         elif not tar.add_file(entry, fd):
-            stats.warnings.append(f"file changed as we read it: /{name}")
+            stats.warnings.append(f"file changed as we read it: /{arcname}")
         return entry
     finally:
         os.close(fd)
@@ -2220,47 +2608,152 @@ def entry_of(member: tarfile.TarInfo, name: str, linkname: str) -> TarEntry:
                     member.size if regular else 0, linkname, member.devmajor, member.devminor)
 
 
-def archive_through_docker(tar: TarWriter, container: str, item: ArchiveItem, nested: list[str], stats: ArchiveStats, timeout: float) -> None:
+def _name_key(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
+
+
+def archive_through_docker(tar: TarWriter, container: str, item: ArchiveItem, nested: list[str], stats: ArchiveStats,
+                           rules: ArchiveRules | float) -> None:
     """Stream a container path out with `docker cp` and add it under the same path.
 
     Works with any engine the docker CLI reaches (remote DOCKER_HOST, rootless), and
     keeps the owners as the container sees them (as numbers: names on this host mean
-    nothing in the container, like tar --numeric-owner).
+    nothing in the container, like tar --numeric-owner). docker cp is known to leave
+    entries out without a word (a path too long in the engine's own view of the
+    container), so what it sent is compared with a `find` inventory taken inside the
+    container, before and after. A bind mount that turns out to be one file is skipped,
+    as on a local engine.
     """
+    if not isinstance(rules, ArchiveRules):
+        rules = ArchiveRules(timeout=rules)
+    before = _inventory(container, item, nested, rules, stats) if rules.inventory else None
     # `docker cp C:/a/b -` names entries "b", "b/x": rebase them on "a".
     parent = posixpath.dirname(item.path.rstrip("/")).strip("/")
-    with stream_from(["docker", "cp", f"{container}:{item.path}", "-"], timeout=timeout) as pipe:
-        with tarfile.open(fileobj=pipe, mode="r|") as source:
-            for member in source:
-                name = posixpath.normpath(posixpath.join(parent, member.name)).lstrip("/")
-                if "/" + name != item.path and _inside("/" + name, nested):
-                    continue
-                linkname = member.linkname
-                if member.islnk():
-                    linkname = item.prefix + posixpath.normpath(posixpath.join(parent, linkname)).lstrip("/")
-                entry = entry_of(member, item.prefix + name, linkname)
-                if member.isreg():
-                    data = source.extractfile(member)
-                    assert data is not None
-                    if not tar.add_stream(entry, data):
-                        stats.warnings.append(f"file cut short in the docker cp stream: /{entry.name}")
-                else:
-                    tar.add(entry)
-                _forget_members(source)
-                stats.count(item.group, entry)
+    excluded = [p for p in rules.backup_dir_paths if _inside(p, [item.path])]
+    archived = array.array("Q")
+    first = True
+    try:
+        with stream_from(["docker", "cp", f"{container}:{item.path}", "-"], timeout=rules.timeout) as pipe:
+            with tarfile.open(fileobj=pipe, mode="r|") as source:
+                for member in source:
+                    name = posixpath.normpath(posixpath.join(parent, member.name)).lstrip("/")
+                    if first and item.kind == "bind" and not member.isdir():
+                        stats.skipped.append((item.path, "single-file bind"))
+                        LOG.info("skipping mount %s: single-file bind (found through docker cp)", item.path)
+                        return
+                    first = False
+                    if "/" + name != item.path and _inside("/" + name, nested):
+                        continue
+                    if excluded and _inside("/" + name, excluded):
+                        if "/" + name in excluded:
+                            stats.warnings.append(f"the backup directory itself is inside this mount and was left out: /{name}")
+                        continue
+                    if member.isreg() and rules.exclude is not None and (reason := rules.exclude(name)) is not None:
+                        stats.warnings.append(f"left out: /{name} ({reason})")
+                        continue
+                    linkname = member.linkname
+                    if member.islnk():
+                        linkname = item.prefix + posixpath.normpath(posixpath.join(parent, linkname)).lstrip("/")
+                    entry = entry_of(member, item.prefix + name, linkname)
+                    if member.isreg():
+                        data = source.extractfile(member)
+                        assert data is not None
+                        if not tar.add_stream(entry, data):
+                            stats.warnings.append(f"file cut short in the docker cp stream: /{entry.name}")
+                    else:
+                        tar.add(entry)
+                    _forget_members(source)
+                    stats.count(item.group, entry)
+                    archived.append(_name_key(name))
+    except tarfile.ReadError as exc:
+        raise BackupError(f"docker cp of {container}:{item.path} gave no archive ({exc}): a path docker cp cannot read "
+                          "(a tmpfs mount?)") from None
+    if before is not None:
+        _compare_inventory(container, item, nested, rules, stats, before, archived)
 
 
-def archive_items(tar: TarWriter, container: str, items: list[ArchiveItem], skipped: list[str], stats: ArchiveStats, timeout: float) -> None:
+def _inventory(container: str, item: ArchiveItem, nested: list[str], rules: ArchiveRules, stats: ArchiveStats) -> array.array[int] | None:
+    """Return the sorted name keys of every entry `find` lists under the item inside the container, or None (and why, recorded)."""
+    keys = array.array("Q")
+    argv = exec_argv(container, ["find", item.path, "-xdev", "-print0"])
+    try:
+        with _streaming(argv, into=False, timeout=rules.timeout, secrets=None, check=False) as stream:
+            tail = b""
+            while chunk := stream.pipe.read(COPY_CHUNK):
+                *names, tail = (tail + chunk).split(b"\0")
+                for raw in names:
+                    name = os.fsdecode(raw).lstrip("/")
+                    if "/" + name == item.path or not _inside("/" + name, nested):
+                        keys.append(_name_key(name))
+    except BackupError as exc:
+        stats.inventories[item.group] = f"not taken: {exc}"
+        return None
+    if stream.returncode != 0:
+        why = " | ".join(stream.stderr.decode("utf-8", "replace").strip().splitlines()[-2:]) or f"find exited {stream.returncode}"
+        if stream.returncode in (126, 127) or b"executable file not found" in stream.stderr:
+            why = "no find in the container"
+        elif b"is not running" in stream.stderr or b"is paused" in stream.stderr:
+            why = "the container is not running"
+        stats.inventories[item.group] = f"not taken: {why}"
+        return None
+    return array.array("Q", sorted(keys))
+
+
+def _compare_inventory(container: str, item: ArchiveItem, nested: list[str], rules: ArchiveRules, stats: ArchiveStats,
+                       before: array.array[int], archived: array.array[int]) -> None:
+    """Fail if entries that find listed before the copy, and lists again after it, are not in the archive."""
+    archived = array.array("Q", sorted(archived))
+    missing = {key for key in before if not _sorted_has(archived, key)}
+    if not missing:
+        stats.inventories[item.group] = f"find inside the container listed {len(before)} entries; every one is in the archive"
+        return
+    after = _inventory_names(container, item, nested, rules, missing)
+    if after is None or not after:
+        stats.inventories[item.group] = (f"find inside the container listed {len(before)} entries; {len(missing)} of them were "
+                                         "gone before the copy ended (deleted while copying)")
+        return
+    shown = ", ".join("/" + name for name in sorted(after)[:3])
+    raise BackupError(f"docker cp left out {len(after)} entries of {item.path} that are in the container (first: {shown}); "
+                      "not a complete backup", details=[f"not in the docker cp stream: /{name}" for name in sorted(after)[:STDERR_DETAIL_LINES]])
+
+
+def _inventory_names(container: str, item: ArchiveItem, nested: list[str], rules: ArchiveRules, wanted: set[int]) -> list[str] | None:
+    # The second look: which of the missing entries are still there once the copy is done.
+    found: list[str] = []
+    argv = exec_argv(container, ["find", item.path, "-xdev", "-print0"])
+    try:
+        with _streaming(argv, into=False, timeout=rules.timeout, secrets=None, check=False) as stream:
+            tail = b""
+            while chunk := stream.pipe.read(COPY_CHUNK):
+                *names, tail = (tail + chunk).split(b"\0")
+                for raw in names:
+                    name = os.fsdecode(raw).lstrip("/")
+                    if _name_key(name) in wanted:
+                        found.append(name)
+    except BackupError:
+        return None
+    return found if stream.returncode == 0 else None
+
+
+def _sorted_has(keys: array.array[int], key: int) -> bool:
+    index = bisect.bisect_left(keys, key)
+    return index < len(keys) and keys[index] == key
+
+
+def archive_items(tar: TarWriter, container: str, items: list[ArchiveItem], skipped: list[str], stats: ArchiveStats,
+                  rules: ArchiveRules | float) -> None:
     """Add every item to tar; a path that is its own item (or skipped) is not repeated."""
+    if not isinstance(rules, ArchiveRules):
+        rules = ArchiveRules(timeout=rules)
     for item in items:
         # Only paths of the same container (same prefix) can hide inside each other.
         paths = [i.path for i in items if i.prefix == item.prefix] + (skipped if not item.prefix else [])
         nested = [p for p in paths if p != item.path and _inside(p, [item.path])]
-        LOG.info("archiving %s via %s", item.path, "host path " + item.host if item.host else "docker cp")
+        LOG.info("archiving %s via %s", item.path, "host path " + posixpath.join(item.host, *item.rel) if item.host else "docker cp")
         if item.host is not None:
-            archive_from_host(tar, item, nested, stats)
+            archive_from_host(tar, item, nested, stats, rules)
         else:
-            archive_through_docker(tar, item.container or container, item, nested, stats, timeout)
+            archive_through_docker(tar, item.container or container, item, nested, stats, rules)
 
 
 _ZERO_BLOCK = bytes(512)
@@ -2322,18 +2815,25 @@ class _TarInput:
             self.null = None
 
 
-def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb_member: str | None = None) -> dict[str, Any]:
+KEEP_MAX = 64 << 10  # members a scan keeps whole (an AOF manifest); bigger ones are only measured
+
+
+def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb: Callable[[str], bool] | None = None,
+             keep: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """Read a compressed tar to its end and return what it holds. Raise BackupError if it is not complete.
 
     The compressed stream must be complete (gzip CRC and length trailer, zstd frame) and
     the tar well-formed to its end-of-archive marker: every header's checksum, every
     member's data present. Headers are walked directly (tarfile parses every field of
-    every header, which costs as much as writing the archive); with rdb_member, that
-    member must start with the RDB magic.
+    every header, which costs as much as writing the archive). Members that rdb picks are
+    walked as RDB files (result["rdb"][name]: read_rdb's answer, or its error); members
+    that keep picks are measured (result["files"]) and, when small, kept (result["kept"]).
     """
     members = 0
-    rdb_magic = None
     long_name: bytes | None = None
+    rdbs: dict[str, Any] = {}
+    files: dict[str, int] = {}
+    kept: dict[str, bytes] = {}
     try:
         with decompressing(fh, fmt) as raw, contextlib.closing(_TarInput(raw)) as tar:
             while True:
@@ -2356,14 +2856,19 @@ def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb_member: str | None = Non
                 members += 1
                 if kind in (b"1", b"2", b"5", b"3", b"4", b"6"):
                     blocks = 0  # links, directories, devices and fifos have no data
-                first = b""
-                if rdb_member is not None:
-                    name = long_name or (header[345:500].rstrip(b"\0") + b"/" if header[345:346] != b"\0" else b"") + header[:100].rstrip(b"\0")
-                    if name.decode("utf-8", "surrogateescape") == rdb_member:
-                        first = tar.read(min(blocks, 512))
-                        rdb_magic = first[:5] == REDIS_RDB_MAGIC
+                used = 0
+                if blocks and (rdb is not None or keep is not None):
+                    raw_name = long_name or (header[345:500].rstrip(b"\0") + b"/" if header[345:346] != b"\0" else b"") + header[:100].rstrip(b"\0")
+                    name = raw_name.decode("utf-8", "surrogateescape")
+                    if rdb is not None and rdb(name):
+                        rdbs[name], used = _scan_rdb_member(tar, size)
+                    elif keep is not None and keep(name):
+                        files[name] = size
+                        if size <= KEEP_MAX:
+                            kept[name] = tar.read(size)
+                            used = len(kept[name])
                 long_name = None
-                if len(first) + tar.skip(blocks - len(first)) < blocks:
+                if used + tar.skip(blocks - used) < blocks:
                     raise BackupError(f"the tar stream ends inside member {members}")
             tar.skip(-1)  # the rest of the record and the compressor's trailer
     except BackupError as exc:
@@ -2371,31 +2876,48 @@ def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb_member: str | None = Non
     except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise BackupError(f"archive is not a complete {fmt} ({exc})") from None
     result: dict[str, Any] = {f"{compression_of(fmt)}_complete": True, "tar_readable": True, "members": members}
-    if rdb_member is not None:
-        if rdb_magic is None:
-            raise BackupError(f"archive has no {rdb_member}")
-        if not rdb_magic:
-            raise BackupError(f"{rdb_member} does not start with the RDB magic 'REDIS'")
-        result["rdb_magic"] = True
+    if rdb is not None:
+        result["rdb"] = rdbs
+    if keep is not None:
+        result.update(files=files, kept=kept)
     return result
 
 
-def scan_sql(fh: IO[bytes], fmt: str = "sql.gz") -> dict[str, Any]:
-    """Read a compressed pg_dumpall script to its end and return its checks.
+def _scan_rdb_member(tar: _TarInput, size: int) -> tuple[dict[str, Any], int]:
+    """Walk one RDB member of a tar stream; return what read_rdb found (or its error) and the bytes consumed."""
+    reader = _RdbReader(tar.read, size)
+    found: dict[str, Any] = {}
+    try:
+        read_rdb(reader, into=found)
+        if reader.unread():
+            raise RdbError(f"{reader.unread()} bytes follow the RDB's end marker")
+    except RdbError as exc:
+        found.update(error=str(exc), unknown="unknown to this tool" in str(exc))
+    if reader.left is None:
+        raise AssertionError("a tar member has a size")
+    return found, size - reader.left
 
-    Raise BackupError if the compressed stream is incomplete, the dump's trailer line is
-    missing, or the dump is too small to be a cluster dump.
+
+def scan_sql(fh: IO[bytes], fmt: str = "sql.gz") -> dict[str, Any]:
+    """Read a compressed pg_dumpall script to its end and return its checks and counts.
+
+    The counts (per database: rows of every table, large objects) are read again from
+    the file, independently of the stream that wrote it. Raise BackupError if the
+    compressed stream is incomplete, the dump's trailer line is missing, or the dump is
+    too small to be a cluster dump.
     """
     size = 0
     tail = b""
+    census = DumpCensus()
     try:
         with decompressing(fh, fmt) as raw:
             while chunk := raw.read(COPY_CHUNK):
                 size += len(chunk)
+                census.feed(chunk)
                 tail = (tail + chunk)[-PG_TAIL_BYTES:]
     except (OSError, EOFError, zlib.error) as exc:
         raise BackupError(f"dump is not a complete {compression_of(fmt)} stream ({exc})") from None
-    return {**check_sql_dump(size, tail), f"{compression_of(fmt)}_complete": True}
+    return {**check_sql_dump(size, tail), f"{compression_of(fmt)}_complete": True, "counts": census.counts()}
 
 
 def check_sql_dump(size: int, tail: bytes) -> dict[str, Any]:
@@ -2407,7 +2929,7 @@ def check_sql_dump(size: int, tail: bytes) -> dict[str, Any]:
     return {"trailer": True, "sql_bytes": size}
 
 
-# --------------------------------------------------------------------------- class procedures
+# --------------------------------------------------------------------------- procedure registry
 
 
 @dataclasses.dataclass
@@ -2427,9 +2949,12 @@ class BackupJob:
     pause: bool
     env: dict[str, str]
     containers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    secondary: str | None = None
     compression: Compression = Compression("gzip", 6, "zlib")
-    estimated_bytes: int | None = None  # from the free-space check, for the progress ETA  # class G: the procedure the module's own kind also needs
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the procedure's, with the class's values
+    config: Config | None = None  # the class table, for a procedure that asks what else a module is (class G)
+    estimated_bytes: int | None = None  # from the free-space check, for the progress ETA
+    journal: CleanupJournal | None = None  # what a killed run would leave behind, for the next run to clean up
+    rules: ArchiveRules = dataclasses.field(default_factory=ArchiveRules)
 
     @property
     def basename(self) -> str:
@@ -2439,13 +2964,18 @@ class BackupJob:
     def container(self) -> str:
         return self.resolution.name
 
+    @property
+    def pid(self) -> int:
+        state = self.resolution.container.get("State") or {}
+        return int(state.get("Pid") or 0) if state.get("Running") else 0
+
 
 @dataclasses.dataclass
 class BackupResult:
     """What a procedure wrote and proved."""
 
     path: Path
-    format: str  # "tar.gz" or "sql.gz"
+    format: str  # "tar.gz", "sql.zst", "snap", ...
     size: int
     sha256: str
     verification: dict[str, Any]
@@ -2459,27 +2989,284 @@ class BackupResult:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-@contextlib.contextmanager
-def paused(container: str, timeout: float) -> Iterator[float]:
-    """Freeze the container for the duration of the block and always unpause it.
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A procedure's --dry-run: its own steps, the file it writes and what is checked before it is published."""
 
-    Yields the monotonic time the pause began. The unpause is attempted even if the pause
-    command itself was interrupted (the daemon may have paused the container anyway).
-    Raise BackupError loudly if the container could not be unpaused, with the command to
-    run by hand.
+    steps: list[str]
+    suffix: str
+    checks: str
+
+
+Check = tuple[str, bool, str]  # one line of --verify: (check, passed, detail)
+
+
+@dataclasses.dataclass
+class Drill:
+    """A drill in progress: the backup, its manifest, and the comparison lines printed on stdout."""
+
+    backup: Path
+    doc: dict[str, Any]
+    settings: Settings
+    env: dict[str, str]
+    lines: list[str] = dataclasses.field(default_factory=list)
+    passed: str = "drill passed: the restored data matches the manifest"
+
+
+@dataclasses.dataclass(frozen=True)
+class Procedure:
+    """One way of taking a backup, registered under its name, answering everything the file asks of it.
+
+    run takes, verifies and publishes the backup; plan is its --dry-run; estimate its size
+    before compression (for the free-space check); suffixes the file names it may write;
+    verify re-reads a file it wrote and checks it against its manifest; drill proves it by
+    restoring it and returns the number of differences; options are what
+    [classes.X.options] may set, with their defaults. pausable says whether --pause applies;
+    owns_fallback that verify and drill also read this procedure's fallback backups (else
+    the fallback procedure's own do); restore is room for putting a module back.
     """
-    started = time.monotonic()
+
+    name: str
+    run: Callable[[BackupJob, int], BackupResult]
+    plan: Callable[[BackupJob], Plan]
+    estimate: Callable[[BackupJob], tuple[int | None, str]]
+    verify: Callable[[IO[bytes], dict[str, Any]], list[Check]]
+    drill: Callable[[Drill], int]
+    suffixes: tuple[str, ...]
+    options: dict[str, tuple[type, Any]] = dataclasses.field(default_factory=dict)
+    pausable: bool = True
+    owns_fallback: bool = False
+    restore: Callable[..., Any] | None = None
+
+
+PROCEDURES: dict[str, Procedure] = {}
+
+
+def register(procedure: Procedure) -> Procedure:
+    """Add a procedure to the registry: classes.toml, --procedure, --dry-run, --verify and --drill find it there."""
+    if procedure.name in PROCEDURES:
+        raise ValueError(f"procedure {procedure.name!r} is registered twice")
+    PROCEDURES[procedure.name] = procedure
+    return procedure
+
+
+def procedure_options(procedure: Procedure, cls: BackupClass) -> dict[str, Any]:
+    """Return the procedure's options: its defaults, with the class's values when it is the class's procedure."""
+    options = {name: default for name, (_, default) in procedure.options.items()}
+    if cls.procedure == procedure.name:
+        options.update(cls.options)
+    return options
+
+
+def procedure_for(doc: dict[str, Any], where: Path) -> Procedure:
+    """Return the procedure that reads a backup: the one that took it, or its fallback's when that one does.
+
+    Raise UsageError if the manifest names a procedure this tool does not have.
+    """
+    name = str(doc.get("procedure"))
+    if name not in PROCEDURES:
+        raise UsageError(f"{where}: procedure {name!r} is unknown to this version of {PROG} (known: {', '.join(sorted(PROCEDURES))})")
+    procedure = PROCEDURES[name]
+    fallback = (doc.get("fallback_used") or {}).get("procedure")
+    if fallback and not procedure.owns_fallback and fallback in PROCEDURES:
+        return PROCEDURES[fallback]
+    return procedure
+
+
+def backup_suffixes() -> tuple[str, ...]:
+    """Return every file suffix a registered procedure may write, longest first."""
+    found = {"." + suffix for procedure in PROCEDURES.values() for suffix in procedure.suffixes}
+    return tuple(sorted(found, key=lambda s: (-len(s), s)))
+
+
+# --------------------------------------------------------------------------- shared by procedures: pause, archives, copies, fallbacks
+
+
+class CleanupJournal:
+    """<backup-dir>/.<module>.cleanup: what a run leaves outside the backup directory while it works.
+
+    A temporary file in the container, a paused container: written down before it exists
+    and struck off once it is gone, so that the next run of the module (under the same
+    lock) cleans up after one that was killed, and says so.
+    """
+
+    def __init__(self, dir_fd: int, module_id: str) -> None:
+        self.dir_fd, self.name = dir_fd, f".{module_id}.cleanup"
+        self.entries: list[dict[str, str]] = []
+
+    def _write(self) -> None:
+        if not self.entries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.name, dir_fd=self.dir_fd)
+            return
+        temp = self.name + ".new"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=self.dir_fd)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.dir_fd)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.entries, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+
+    def add(self, **entry: str) -> dict[str, str]:
+        self.entries.append(entry)
+        self._write()
+        return entry
+
+    def done(self, entry: dict[str, str]) -> None:
+        if entry in self.entries:
+            self.entries.remove(entry)
+            self._write()
+
+    @contextlib.contextmanager
+    def holding(self, **entry: str) -> Iterator[None]:
+        """Note entry for the duration of the block; struck off when the block ends (its cleanup has run)."""
+        noted = self.add(**entry)
+        try:
+            yield
+        finally:
+            self.done(noted)
+
+    def replay(self, settings: Settings) -> None:
+        """Clean up what a killed earlier run left, saying so; entries that cannot be cleaned stay for the next run."""
+        try:
+            with open(os.open(self.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd)) as fh:
+                left = json.load(fh)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            LOG.warning("%s: unreadable (%s); removing it", self.name, exc)
+            left = []
+        kept = []
+        for entry in left if isinstance(left, list) else []:
+            if not isinstance(entry, dict) or not _clean_left_over(entry, settings):
+                kept.append(entry)
+        self.entries = kept
+        self._write()
+
+
+def _clean_left_over(entry: dict[str, str], settings: Settings) -> bool:
+    """Undo one thing an interrupted run left; return True once nothing is left of it."""
+    container, kind = entry.get("container", ""), entry.get("kind")
     try:
-        docker(["pause", container], timeout=timeout)
-        LOG.warning("container %s is PAUSED for the archive", container)
-        yield started
+        state = parse_json(docker(["inspect", "--type", "container", "--format", "{{json .State}}", container],
+                                  timeout=settings.docker_timeout).stdout, "docker inspect")
+    except CommandError:
+        return True  # the container is gone, and what was in it
+    if kind == "paused":
+        if state.get("Paused"):
+            LOG.warning("container %s was left PAUSED by an interrupted run; unpausing it", container)
+            docker(["unpause", container], timeout=settings.docker_timeout)
+        return True
+    if kind == "container-path":
+        if not state.get("Running"):
+            return False  # still there, and docker exec needs it running: the next run tries again
+        LOG.warning("removing %s:%s left by an interrupted run", container, entry["path"])
+        run(exec_argv(container, ["rm", "-rf", "--", entry["path"]]), timeout=settings.docker_timeout)
+        return True
+    return True
+
+
+def remove_stale_partials(dir_fd: int, module_id: str) -> None:
+    """Remove <module>-<ts>.*.partial files and .<module>-<ts>.*-staging directories left by a killed run.
+
+    Only called under the module lock.
+    """
+    stale = re.compile(re.escape(module_id) + r"-[0-9]{8}T[0-9]{6}Z\.[a-z.]+\.partial")  # incl. class G's .pgdump.sql.gz
+    staging = re.compile(r"\." + re.escape(module_id) + r"-[0-9]{8}T[0-9]{6}Z\.[a-z]+-staging")
+    for name in os.listdir(dir_fd):
+        if stale.fullmatch(name):
+            LOG.warning("removing %s left by an interrupted run", name)
+            os.unlink(name, dir_fd=dir_fd)
+        elif staging.fullmatch(name):
+            LOG.warning("removing %s/ left by an interrupted run", name)
+            remove_tree_at(dir_fd, name)
+
+
+def remove_tree_at(dir_fd: int, name: str) -> None:
+    """Remove the directory name in dir_fd and everything in it, never following a symlink."""
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(name, dir_fd=dir_fd)
+
+
+class Pause:
+    """A container frozen with `docker pause` for the archive, and never for longer than limit.
+
+    A timer unpauses it at limit even if the archive is stuck in a read; the archive then
+    stops at its next entry (a copy that was not frozen throughout is not kept). A failed
+    or timed-out unpause is reported at once as STILL PAUSED, with the command to run.
+    """
+
+    def __init__(self, container: str, docker_timeout: float, limit: float) -> None:
+        self.container, self.docker_timeout, self.limit = container, docker_timeout, limit
+        self.started = 0.0
+        self.expired: str | None = None
+        self.unpaused = False
+        self.lock = threading.Lock()
+        self.timer = threading.Timer(limit, self._expire)
+        self.timer.daemon = True
+
+    def seconds(self) -> float:
+        return round(time.monotonic() - self.started, 3)
+
+    def check(self) -> None:
+        """Raise BackupError once the pause has outlived its limit."""
+        if self.expired is not None:
+            raise BackupError(self.expired)
+
+    def _expire(self) -> None:
+        self.expired = (f"container {self.container} stayed paused for pause_timeout ({self.limit:g}s); it was unpaused "
+                        "and the archive, no longer a frozen copy, was discarded")
+        LOG.error("%s", self.expired)
+        self.unpause()
+
+    def unpause(self) -> str | None:
+        """Unpause once; return None, or the STILL PAUSED line (already logged) if it failed."""
+        with self.lock:
+            if self.unpaused:
+                return None
+            try:
+                proc = docker(["unpause", self.container], timeout=self.docker_timeout, check=False)
+                detail: BackupError | None = None
+                if proc.returncode != 0 and b"is not paused" not in proc.stderr:
+                    detail = CommandError(["docker", "unpause", self.container], proc.returncode, proc.stderr)
+            except BackupError as exc:  # timed out, or docker is gone
+                detail = exc
+            if detail is not None:
+                message = f"container {self.container} is STILL PAUSED; run `docker unpause {self.container}` now ({detail})"
+                LOG.error("%s", message)
+                return message
+            self.unpaused = True
+            LOG.info("container %s unpaused after %.1fs", self.container, time.monotonic() - self.started)
+            return None
+
+
+@contextlib.contextmanager
+def paused(container: str, docker_timeout: float, limit: float, journal: CleanupJournal | None = None) -> Iterator[Pause]:
+    """Freeze the container for the duration of the block (at most limit seconds); always unpause it.
+
+    The unpause is attempted even if the pause command itself was interrupted (the daemon
+    may have paused the container anyway), and a run killed outright leaves a journal
+    entry that makes the next run unpause it. Raise BackupError (STILL PAUSED, with the
+    command to run by hand) if the container could not be unpaused.
+    """
+    pause = Pause(container, docker_timeout, limit)
+    noted = journal.add(kind="paused", container=container) if journal is not None else None
+    pause.started = time.monotonic()
+    try:
+        docker(["pause", container], timeout=docker_timeout)
+        pause.timer.start()
+        LOG.warning("container %s is PAUSED for the archive (at most %gs, pause_timeout)", container, limit)
+        yield pause
     finally:
         with signals_deferred():
-            proc = docker(["unpause", container], timeout=timeout, check=False)
-            if proc.returncode != 0 and b"is not paused" not in proc.stderr:
-                detail = CommandError(["docker", "unpause", container], proc.returncode, proc.stderr)
-                raise BackupError(f"container {container} is STILL PAUSED; run `docker unpause {container}` now ({detail})")
-            LOG.info("container %s unpaused after %.1fs", container, time.monotonic() - started)
+            pause.timer.cancel()
+            message = pause.unpause()
+            if message is not None:
+                raise BackupError(message)
+            if journal is not None and noted is not None:
+                journal.done(noted)
 
 
 def write_archive(
@@ -2487,11 +3274,12 @@ def write_archive(
     dir_fd: int,
     items: list[ArchiveItem],
     *,
-    rdb_member: str | None = None,
+    scan: Callable[[IO[bytes]], dict[str, Any]] | None = None,
     before_commit: Callable[[dict[str, Any]], None] | None = None,
 ) -> BackupResult:
     """Archive items into <module>-<ts>.tar.gz (paused with --pause), verify it as written, publish it.
 
+    scan replaces the plain tar scan (class B reads the RDB files as they pass);
     before_commit may add to the verification results or raise to discard the archive.
     """
     stats = ArchiveStats()
@@ -2499,43 +3287,50 @@ def write_archive(
     paused_seconds = None
     fmt = "tar." + job.compression.suffix
     with PartialFile(dir_fd, f"{job.basename}.{fmt}", job.backup_dir) as out, \
-            verifying(out, lambda fh: scan_tar(fh, fmt, rdb_member=rdb_member)) as verified, \
+            verifying(out, scan or (lambda fh: scan_tar(fh, fmt))) as verified, \
             contextlib.closing(Progress("archive", job.estimated_bytes)) as progress:
-        pause = paused(job.container, job.settings.docker_timeout) if job.pause else contextlib.nullcontext(None)
-        with pause as pause_started:
+        pause = paused(job.container, job.settings.docker_timeout, job.settings.pause_timeout, job.journal) if job.pause else contextlib.nullcontext(None)
+        with pause as frozen:
             with compressing(out, job.compression) as packed:
-                tar = TarWriter(packed, progress)
-                archive_items(tar, job.container, items, skipped, stats, job.settings.pause_timeout)
+                tar = TarWriter(packed, progress, check=frozen.check if frozen is not None else None)
+                archive_items(tar, job.container, items, skipped, stats, job.rules)
                 tar.close()
-            if pause_started is not None:
-                paused_seconds = round(time.monotonic() - pause_started, 3)
+            if frozen is not None:
+                frozen.check()
+                paused_seconds = frozen.seconds()
         verification = verified()
         if verification["members"] != stats.members:
             raise BackupError(f"verification failed: archive holds {verification['members']} entries, {stats.members} were written")
         if stats.files == 0:
             stats.warnings.append("the archived paths hold no regular files: this archive contains directories only")
+        for destination, reason in stats.skipped:
+            job.skipped.append((destination, reason))
+            job.mounts = [m for m in job.mounts if m.destination != destination]
         if before_commit is not None:
             before_commit(verification)
         path = out.commit()
+    per_mount = stats.summary()
+    for group, found in stats.inventories.items():
+        per_mount.setdefault(group, {})["inventory"] = found
+        if found.startswith("not taken"):
+            stats.warnings.append(f"{group} was read through docker cp and its entries could not be checked another way ({found}); "
+                                  "docker cp can leave entries out without a word (README, Class E)")
     return BackupResult(
         path=path,
         format=fmt,
         size=out.size,
         sha256=out.sha256.hexdigest(),
         verification=verification,
-        contents={"members": stats.members, "files": stats.files, "data_bytes": stats.data_bytes, "per_mount": stats.summary()},
+        contents={"members": stats.members, "files": stats.files, "data_bytes": stats.data_bytes, "per_mount": per_mount},
         warnings=stats.warnings,
-        archived=[i.path for i in items],
+        archived=[i.path for i in items if i.path not in {d for d, _ in stats.skipped}],
         paused_seconds=paused_seconds,
     )
 
 
-def procedure_mounted_archive(job: BackupJob, dir_fd: int) -> BackupResult:
-    """Class E: archive every writable mount into <module>-<ts>.tar.gz, then verify it."""
-    if not job.mounts:
-        raise BackupError(f"container {job.container} has no writable mounts to archive; nothing would be backed up")
-    items = [ArchiveItem(m.destination, m.source if m.via == "host" else None, m.destination) for m in job.mounts]
-    return write_archive(job, dir_fd, items)
+def mount_items(job: BackupJob) -> list[ArchiveItem]:
+    """Return an archive item for every planned mount of the job's container."""
+    return [mount_item(m, pid=job.pid) for m in job.mounts]
 
 
 def container_env(container: dict[str, Any]) -> dict[str, str]:
@@ -2552,18 +3347,16 @@ def require_running(job: BackupJob, what: str) -> None:
         raise BackupError(f"container {job.container} is {job.resolution.state}: {what} needs the server running")
 
 
-# -- fallback and single files copied out of a container
-
-
 def fall_back(job: BackupJob, dir_fd: int, reason: str, restore_hint: str = "") -> BackupResult:
-    """Take the class's fallback (a mounted data archive) loudly, or fail if it has none."""
-    if job.cls.fallback != "mounted-archive":
+    """Take the class's fallback procedure loudly, or fail if it has none."""
+    fallback = PROCEDURES.get(job.cls.fallback or "")
+    if fallback is None:
         raise BackupError(f"{job.procedure} is not possible ({reason}) and class {job.cls.letter} has no fallback")
     hint = f"; {restore_hint}" if restore_hint else ""
-    LOG.warning("%s NOT POSSIBLE (%s): FALLING BACK to a live copy of the mounted data%s", job.procedure.upper(), reason, hint)
-    result = procedure_mounted_archive(job, dir_fd)
-    result.fallback = {"procedure": "mounted-archive", "reason": reason}
-    result.warnings.insert(0, f"fallback to mounted-archive: {reason}{hint}")
+    LOG.warning("%s NOT POSSIBLE (%s): FALLING BACK to %s%s", job.procedure.upper(), reason, fallback.name, hint)
+    result = fallback.run(job, dir_fd)
+    result.fallback = {"procedure": fallback.name, "reason": reason}
+    result.warnings.insert(0, f"fallback to {fallback.name}: {reason}{hint}")
     return result
 
 
@@ -2572,15 +3365,18 @@ def copy_out_file(job: BackupJob, dir_fd: int, path: str, suffix: str, scan: Cal
     """Copy one file out of the container (docker cp) into <module>-<ts><suffix>, scan it, publish it."""
     name = job.basename + suffix
     with PartialFile(dir_fd, name, job.backup_dir) as out:
-        with stream_from(["docker", "cp", f"{job.container}:{path}", "-"], timeout=job.settings.pause_timeout) as pipe:
-            with tarfile.open(fileobj=pipe, mode="r|") as tar:
-                member = tar.next()
-                if member is None or not member.isreg():
-                    raise BackupError(f"{job.container}:{path} is not a regular file")
-                source = tar.extractfile(member)
-                assert source is not None
-                while chunk := source.read(COPY_CHUNK):
-                    out.write(chunk)
+        try:
+            with stream_from(["docker", "cp", f"{job.container}:{path}", "-"], timeout=job.settings.stream_timeout) as pipe:
+                with tarfile.open(fileobj=pipe, mode="r|") as tar:
+                    member = tar.next()
+                    if member is None or not member.isreg():
+                        raise BackupError(f"{job.container}:{path} is not a regular file")
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    while chunk := source.read(COPY_CHUNK):
+                        out.write(chunk)
+        except tarfile.ReadError as exc:
+            raise BackupError(f"docker cp of {job.container}:{path} gave no archive ({exc})") from None
         with out.reopen_for_reading() as fh:
             verification = scan(fh)
         if before_commit is not None:
@@ -2621,7 +3417,1564 @@ def read_tar_gz_files(fh: IO[bytes], wanted: Callable[[str], bool]) -> tuple[dic
     return sizes, digests, kept
 
 
-# -- class C: Vault
+# --------------------------------------------------------------------------- shared by drills
+
+DRILL_NEVER_STARTED = "/bba-drill-never-started"
+DRILL_LISTING_MAX = 40
+
+
+class DrillContainer:
+    """A throwaway container cloned from a module's container, on fresh volumes.
+
+    Same image, user, command and environment, the live container's read-only binds, no
+    network, and a new volume at every writable mount, so nothing of the live service is
+    touched. The environment goes through a private env-file (0600, in a 0700 directory,
+    removed afterwards): never through this host's docker process, where a container's
+    PATH, LD_PRELOAD, HOME or proxy variables would change what the docker CLI does. The
+    container, its volumes and the env-file are removed on exit, whatever happened.
+    """
+
+    def __init__(self, doc: dict[str, Any], live: dict[str, Any] | None, settings: Settings) -> None:
+        self.doc = doc
+        self.live = live
+        self.settings = settings
+        self.name = f"bba-drill-{doc['module']}-{os.urandom(4).hex()}"
+        self.volumes: list[str] = []
+        self.created = False
+        self.private: str | None = None
+
+    def __enter__(self) -> DrillContainer:
+        return self
+
+    def _env_file(self, env: dict[str, str]) -> str:
+        self.private = tempfile.mkdtemp(prefix="bba-drill-")
+        path = os.path.join(self.private, "env")
+        lines = []
+        for name, value in env.items():
+            if "\n" in value or "\r" in value or "\0" in value or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name):
+                LOG.warning("drill: %s is not passed to the throwaway container (an env-file cannot hold its value)", name)
+                continue
+            lines.append(f"{name}={value}\n")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as fh:
+            fh.writelines(lines)
+        return path
+
+    def create(self, *, start: bool, extra_destinations: tuple[str, ...] = ()) -> None:
+        timeout = self.settings.docker_timeout
+        image = self.doc["container"].get("image_id") or self.doc["container"]["image"]
+        argv = ["create", "--name", self.name, "--network", "none", "--label", f"bba-drill={self.doc['module']}"]
+        destinations = [m["destination"] for m in self.doc.get("mounts", [])]
+        destinations += [d for d in extra_destinations if d not in destinations]
+        command: list[str] = []
+        if self.live is not None:
+            config = self.live.get("Config", {})
+            if config.get("User"):
+                argv += ["--user", config["User"]]
+            if config.get("WorkingDir"):
+                argv += ["--workdir", config["WorkingDir"]]
+            env = container_env(self.live)
+            if env:
+                argv += ["--env-file", self._env_file(env)]
+            for mount in self.live.get("Mounts") or []:
+                if mount.get("Type") == "bind" and not mount.get("RW"):
+                    argv += ["-v", f"{mount['Source']}:{mount['Destination']}:ro"]
+                elif mount.get("Type") in ("volume", "bind") and mount["Destination"] not in destinations:
+                    destinations.append(mount["Destination"])
+            image_config = parse_json(docker(["image", "inspect", "--format", "{{json .Config}}", image], timeout=timeout).stdout, "docker image inspect")
+            entrypoint = config.get("Entrypoint") or []
+            if entrypoint != (image_config.get("Entrypoint") or []):
+                argv += ["--entrypoint", entrypoint[0] if entrypoint else ""]
+                command = entrypoint[1:]
+            command += config.get("Cmd") or []
+        if not start:
+            argv += ["--entrypoint", DRILL_NEVER_STARTED] if self.live is None else []
+        for index, destination in enumerate(destinations):
+            volume = f"{self.name}-{index}"
+            docker(["volume", "create", "--label", f"bba-drill={self.doc['module']}", volume], timeout=timeout)
+            self.volumes.append(volume)
+            argv += ["-v", f"{volume}:{destination}"]
+        try:
+            docker([*argv, image, *command], timeout=timeout)
+        finally:
+            self._remove_env_file()
+        self.created = True
+        LOG.info("drill: throwaway container %s from %s", self.name, image)
+
+    def copy_in(self, backup: Path) -> None:
+        """Extract a tar backup into the container's volumes (docker cp keeps owners)."""
+        with open(backup, "rb") as fh, decompressing(fh, self.doc["format"]) as gz:
+            with stream_into(["docker", "cp", "-", f"{self.name}:/"], timeout=self.settings.drill_timeout) as stream:
+                while chunk := gz.read(COPY_CHUNK):
+                    stream.pipe.write(chunk)
+
+    def copy_in_tar(self, write: Callable[[TarWriter], None]) -> None:
+        """Extract a tar stream that write() builds into the container's volumes."""
+        with stream_into(["docker", "cp", "-", f"{self.name}:/"], timeout=self.settings.drill_timeout) as stream:
+            tar = TarWriter(_FileSink(stream.pipe))
+            write(tar)
+            tar.close()
+
+    def start(self) -> None:
+        docker(["start", self.name], timeout=self.settings.docker_timeout)
+
+    def logs(self) -> str:
+        proc = docker(["logs", self.name], timeout=self.settings.docker_timeout, check=False)
+        return (proc.stdout + proc.stderr).decode("utf-8", "replace")
+
+    def wait_until(self, probe: Callable[[], bool], what: str) -> None:
+        """Call probe() until it returns true; raise BackupError if the container dies or time runs out."""
+        deadline = time.monotonic() + self.settings.drill_timeout
+        while True:
+            with contextlib.suppress(BackupError):
+                if probe():
+                    return
+            state = parse_json(docker(["inspect", "--format", "{{json .State}}", self.name], timeout=self.settings.docker_timeout).stdout, "docker inspect")
+            if not state.get("Running"):
+                tail = " | ".join(self.logs().strip().splitlines()[-5:])
+                raise BackupError(f"drill: throwaway container exited ({state.get('Status')}) before {what}: {tail}")
+            if time.monotonic() > deadline:
+                raise BackupError(f"drill: {what} did not happen within {self.settings.drill_timeout:g}s (drill_timeout)")
+            time.sleep(0.3)
+
+    def _remove_env_file(self) -> None:
+        if self.private is not None:
+            shutil.rmtree(self.private, ignore_errors=True)
+            self.private = None
+
+    def __exit__(self, *exc_info: object) -> None:
+        with signals_deferred():
+            self._remove_env_file()
+            if self.created:
+                docker(["rm", "-f", "-v", self.name], timeout=self.settings.docker_timeout, check=False)
+            for volume in self.volumes:
+                docker(["volume", "rm", "-f", volume], timeout=self.settings.docker_timeout, check=False)
+
+
+def live_container(doc: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+    """Return `docker inspect` of the backed-up container (by id, then name), or None."""
+    for ref in (doc["container"].get("id"), doc["container"].get("name")):
+        if ref:
+            proc = docker(["inspect", "--type", "container", ref], timeout=timeout, check=False)
+            if proc.returncode == 0:
+                found = parse_json(proc.stdout, "docker inspect")
+                if found:
+                    return dict(found[0])
+    return None
+
+
+def drill_container(drill: Drill, what: str) -> DrillContainer:
+    """Return the throwaway container for a drill that starts the engine; raise BackupError if the live container is gone."""
+    live = live_container(drill.doc, drill.settings.docker_timeout)
+    if live is None and what:
+        raise BackupError(f"drill: container {drill.doc['container']['name']} is gone; its image, command and environment are needed to start {what}")
+    box = DrillContainer(drill.doc, live, drill.settings)
+    drill.lines.append(f"throwaway container {box.name} (removed afterwards), image {drill.doc['container'].get('image')}")
+    return box
+
+
+def compare(label: str, expected: Any, found: Any, lines: list[str]) -> bool:
+    same = bool(expected == found)
+    shown = [v[:16] + "..." if isinstance(v, str) and len(v) == 64 else v for v in (found, expected)]
+    lines.append(f"  {label}: {shown[0]} {'=' if same else '!='} {shown[1]}{'' if same else '   <- DIFFERS'}")
+    return same
+
+
+class _FileSink(StreamSink):
+    """Writes to a file object (a watched pipe, whose idle watchdog must see every write)."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh = fh
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self.fh.write(data)
+        return len(data)
+
+
+class _NullWriter(StreamSink):
+    """A sink that drops everything (the drill re-reads restored trees and keeps only their digests)."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        return len(data)
+
+
+def compare_restored_mounts(drill: Drill, box: DrillContainer, lines: list[str]) -> int:
+    """Re-read every archived mount in the throwaway container and compare it with the manifest, per mount."""
+    engine = engine_info(drill.settings.docker_timeout)
+    doc = drill.doc
+    differences = 0
+    read_on_host = engine.local and not engine.rootless
+    clone = parse_json(docker(["inspect", box.name], timeout=drill.settings.docker_timeout).stdout, "docker inspect")[0]
+    restored_mounts = {m.destination: m for m in plan_mounts(clone, read_on_host=read_on_host)[0]}
+    for mount in doc.get("mounts", []):
+        if mount["destination"] not in doc.get("archived_paths", [mount["destination"]]):
+            continue
+        restored = restored_mounts[mount["destination"]]
+        via_host = mount.get("read_via") == "host" and restored.via == "host"
+        stats = ArchiveStats()
+        item = ArchiveItem(restored.destination, restored.source if via_host else None, restored.destination)
+        others = [m["destination"] for m in doc["mounts"] if m["destination"] != mount["destination"]]
+        rules = ArchiveRules(timeout=drill.settings.drill_timeout, inventory=False)
+        archive_items(TarWriter(_NullWriter()), box.name, [item], others, stats, rules)
+        found = stats.summary().get(mount["destination"], {})
+        lines.append(f"{mount['destination']} (restored, read via {'host path' if via_host else 'docker cp'}):")
+        for key in ("members", "files", "bytes", "listing_sha256"):
+            differences += not compare(key, mount.get(key), found.get(key), lines)
+    return differences
+
+
+def drill_groups(drill: Drill) -> int:
+    """Archives of several sources (D's buckets, G's compose project): re-read and compare every group."""
+    doc, backup, lines = drill.doc, drill.backup, drill.lines
+    groups = doc.get("contents", {}).get("groups") or {}
+    lines.append("structure and contents listing only: every group of the archive re-read and compared with the manifest")
+    if doc.get("contents", {}).get("follow_up"):
+        lines.append(doc["contents"]["follow_up"])
+    stats = ArchiveStats()
+    prefixes = sorted(groups, key=len, reverse=True)
+    try:
+        with open(backup, "rb") as fh, decompressing(fh, doc["format"]) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+            for member in tar:
+                name = member.name.rstrip("/")
+                group = next((p for p in prefixes if name == p or name.startswith(p + "/")), "(outside every group)")
+                stats.count(group, entry_of(member, name, member.linkname))
+                _forget_members(tar)
+    except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
+        raise BackupError(f"drill: {backup.name} is not a complete {doc['format']} ({exc})") from None
+    found = stats.summary()
+    differences = 0
+    for group in sorted(set(groups) | set(found)):
+        lines.append(f"{group}:")
+        for key in ("members", "files", "bytes", "listing_sha256"):
+            differences += not compare(key, groups.get(group, {}).get(key), found.get(group, {}).get(key), lines)
+    drill.passed = "drill passed: structure and contents match the manifest (nothing was started)"
+    return differences
+
+
+def drill_listing(drill: Drill, note: str) -> int:
+    """Engine-made single files (C's snapshot, F's dump): check structure and list the contents."""
+    drill.lines.append(note)
+    with open(drill.backup, "rb") as fh:
+        sizes, _, _ = read_tar_gz_files(fh, lambda name: False)
+    for name in sorted(sizes)[:DRILL_LISTING_MAX]:
+        drill.lines.append(f"  {sizes[name]:>12}  {name}")
+    if len(sizes) > DRILL_LISTING_MAX:
+        drill.lines.append(f"  ... and {len(sizes) - DRILL_LISTING_MAX} more")
+    drill.passed = "drill passed: structure and contents match the manifest (nothing was started)"
+    return int(not compare("members", drill.doc.get("verification", {}).get("members"), len(sizes), drill.lines))
+
+
+def verify_archive(fh: IO[bytes], doc: dict[str, Any]) -> list[Check]:
+    """--verify of a tar archive: complete stream, every header, the entry count of the manifest."""
+    fmt = str(doc.get("format", "tar.gz"))
+    found = scan_tar(fh, fmt)
+    expected = doc.get("verification", {}).get("members")
+    return [("structure", found["members"] == expected, f"complete {compression_of(fmt)}, tar readable, {found['members']} entries (manifest {expected})")]
+
+
+def estimate_mounts(job: BackupJob) -> tuple[int | None, str]:
+    """Return the size of the mounted data when every mount is readable on this host."""
+    mounts = [m for m in job.mounts if m.via == "host"]
+    if job.mounts and len(mounts) == len(job.mounts):
+        return sum(tree_size(m.source) for m in mounts), "size of the mounted data"
+    return None, "the mounted data is not readable from this host"
+
+
+def plan_fallback(job: BackupJob, reason: str) -> Plan:
+    """The --dry-run of a procedure that will fall back: the fallback's own plan, with why first."""
+    fallback = PROCEDURES.get(job.cls.fallback or "")
+    if fallback is None:
+        return Plan([f"fail: {reason}; class {job.cls.letter} has no fallback"], "", "none")
+    plan = fallback.plan(job)
+    return dataclasses.replace(plan, steps=[f"fall back to {fallback.name}: {reason}", *plan.steps])
+
+
+# --------------------------------------------------------------------------- class E: mounted data archive
+
+
+def procedure_mounted_archive(job: BackupJob, dir_fd: int) -> BackupResult:
+    """Class E: archive every writable mount into <module>-<ts>.tar.gz, then verify it."""
+    if not job.mounts:
+        raise BackupError(f"container {job.container} has no writable mounts to archive; nothing would be backed up")
+    return write_archive(job, dir_fd, mount_items(job))
+
+
+def plan_mounted_archive(job: BackupJob) -> Plan:
+    steps = [f"read: {m.source} -> {m.destination} ({m.type})" if m.via == "host"
+             else f"run: docker cp {job.container}:{m.destination} - (and find {m.destination} inside the container, to compare)"
+             for m in job.mounts]
+    return Plan(steps, f".tar.{job.compression.suffix}", f"{job.compression.format} complete, tar readable, entry count")
+
+
+def drill_mounted_archive(drill: Drill) -> int:
+    """Restore the archive into fresh volumes of a throwaway container; compare every mount with the manifest."""
+    with drill_container(drill, "") as box:
+        box.create(start=False)
+        box.copy_in(drill.backup)
+        drill.lines.append("(archive: restored into fresh volumes, then every entry's name, type, mode, owner and size compared)")
+        return compare_restored_mounts(drill, box, drill.lines)
+
+
+register(Procedure(
+    name="mounted-archive",
+    run=procedure_mounted_archive,
+    plan=plan_mounted_archive,
+    estimate=estimate_mounts,
+    verify=verify_archive,
+    drill=drill_mounted_archive,
+    suffixes=("tar.gz", "tar.zst"),
+))
+
+
+# --------------------------------------------------------------------------- class A: PostgreSQL
+
+PG_TRAILER = b"-- PostgreSQL database cluster dump complete"
+PG_TAIL_BYTES = 4096
+PG_MIN_DUMP_BYTES = 256
+# Before the dump, one cheap catalog query: the server version, every database with what
+# decides whether pg_dumpall can dump it, and their size (the free-space estimate). The
+# counts themselves come from the dump stream (DumpCensus), in the dump's own snapshot.
+PG_SERVER_SQL = """
+SELECT json_build_object(
+  'version', current_setting('server_version'),
+  'databases', (SELECT coalesce(json_agg(json_build_object(
+      'name', datname, 'connect', datallowconn, 'template', datistemplate, 'invalid', datconnlimit = -2) ORDER BY datname), '[]'::json)
+    FROM pg_database),
+  'bytes', (SELECT coalesce(sum(pg_database_size(datname)), 0) FROM pg_database WHERE datallowconn AND datconnlimit <> -2))
+"""
+# The drill's census of the restored server: exact row counts of every table (query_to_xml
+# runs a count(*) per table inside the same statement) and the number of large objects.
+# Tables that belong to an extension are left out: CREATE EXTENSION makes them, not the dump.
+PG_CENSUS_SQL = """
+SELECT json_build_object(
+  'tables', coalesce((
+    SELECT json_object_agg(format('%I.%I', n.nspname, c.relname),
+      (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I', n.nspname, c.relname), false, true, '')))[1]::text::bigint)
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
+      AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+  ), '{}'::json),
+  'large_objects', (SELECT count(*) FROM pg_largeobject_metadata))
+"""
+
+
+class DumpCensus:
+    """What a pg_dumpall script holds, counted from its bytes as they pass.
+
+    Per database (its `\\connect` line), the rows of every table's COPY block and the large
+    objects. Only COPY statements under a TABLE DATA entry and lo_create calls under a BLOB
+    entry count (pg_dump writes a "-- Name: ...; Type: ...;" header before every entry, and
+    keeps newlines out of it), so a function body holding such a line changes nothing.
+    The counts are the dump's own snapshot: a busy server's restore of this very file
+    gives them back.
+    """
+
+    ANCHOR = re.compile(rb"^(?:-- (?:Data for )?Name: |COPY |\\connect |SELECT pg_catalog\.lo_create\()", re.M)
+    TOC = re.compile(rb"-- (?:Data for )?Name: [^\n]*; Type: ([A-Z ]+); Schema: ")
+    IDENT = rb'(?:"(?:[^"]|"")*"|[^\s".(]+)'
+    COPY = re.compile(rb"COPY (" + IDENT + rb"\." + IDENT + rb')(?: \((?:[^"()]|"(?:[^"]|"")*")*\))? FROM stdin;\n', re.S)
+    STATEMENT_MAX = 1 << 20  # a COPY statement (its identifiers) or a header line longer than this is not pg_dump's
+
+    def __init__(self) -> None:
+        self.databases: dict[str, dict[str, Any]] = {}
+        self.current: dict[str, Any] | None = None
+        self.toc = b""
+        self.table: str | None = None  # inside this table's COPY block
+        self.rows = 0
+        self.tail = b""  # outside COPY: an unfinished line; inside: the last bytes, for the end marker
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Count what data holds. Raise BackupError on what pg_dump does not write."""
+        rest = bytes(data)
+        while rest:
+            rest = self._copy(rest) if self.table is not None else self._sql(rest)
+
+    def _copy(self, data: bytes) -> bytes:
+        # Rows end with "\n"; the block ends with a line "\.". A data line never is "\."
+        # (a backslash in data is written "\\"), so the first "\n\.\n" ends the block.
+        window = self.tail + data
+        end = window.find(b"\n\\.\n")
+        if end < 0:
+            self.rows += data.count(b"\n")
+            self.tail = window[-3:]
+            return b""
+        self.rows += window.count(b"\n", len(self.tail), end + 1)
+        rest = data[end + 4 - len(self.tail):]
+        assert self.table is not None
+        database = self._database()
+        database["row_counts"][self.table] = database["row_counts"].get(self.table, 0) + self.rows
+        self.table, self.tail = None, b""
+        return rest
+
+    def _sql(self, data: bytes) -> bytes:
+        buf = self.tail + data
+        self.tail = b""
+        pos = 0
+        while match := self.ANCHOR.search(buf, pos):
+            start = match.start()
+            kind = match.group(0)
+            if kind == b"COPY " and self.toc == b"TABLE DATA":
+                statement = self.COPY.match(buf, start)
+                if statement is None:
+                    if b" FROM stdin;\n" not in buf[start:start + self.STATEMENT_MAX] and len(buf) - start < self.STATEMENT_MAX:
+                        self.tail = buf[start:]  # the statement goes on in the next chunk
+                        return b""
+                    raise BackupError(f"the dump holds a COPY statement this tool cannot read: {buf[start:start + 120]!r}")
+                self.table = statement.group(1).decode("utf-8", "surrogateescape")
+                self.rows, self.tail = 0, b"\n"
+                return buf[statement.end():]
+            end = buf.find(b"\n", start)
+            if end < 0:
+                if len(buf) - start > self.STATEMENT_MAX:
+                    raise BackupError("the dump holds a line longer than 1 MiB where pg_dump writes a header")
+                self.tail = buf[start:]
+                return b""
+            line = buf[start:end]
+            if kind.startswith(b"-- "):
+                toc = self.TOC.match(line)
+                self.toc = toc.group(1) if toc else b""
+            elif kind == b"\\connect ":
+                name = connect_target(line[len(kind):].decode("utf-8", "surrogateescape"))
+                self.current = self.databases.setdefault(name, {"large_objects": 0, "row_counts": {}})
+            elif kind.startswith(b"SELECT") and self.toc in (b"BLOB", b"BLOB METADATA"):
+                self._database()["large_objects"] += 1
+            pos = end + 1
+        last = buf.rfind(b"\n", pos)
+        self.tail = buf[last + 1:] if last >= 0 else buf[pos:]
+        if len(self.tail) > self.STATEMENT_MAX:
+            self.tail = b""  # a long line of SQL text (a function body); no anchor can start inside it
+        return b""
+
+    def _database(self) -> dict[str, Any]:
+        if self.current is None:
+            raise BackupError("the dump holds data before any \\connect line; not a pg_dumpall script")
+        return self.current
+
+    def counts(self) -> dict[str, Any]:
+        """Return, per database: tables, rows, large objects and the rows of every table."""
+        if self.table is not None:
+            raise BackupError(f"the dump ends inside the COPY block of {self.table}")
+        return {
+            name: {"tables": len(db["row_counts"]), "rows": sum(db["row_counts"].values()), "large_objects": db["large_objects"],
+                   "row_counts": dict(sorted(db["row_counts"].items()))}
+            for name, db in sorted(self.databases.items())
+        }
+
+
+def connect_target(text: str) -> str:
+    """Return the database a pg_dump `\\connect` argument names.
+
+    pg_dump writes a plain or double-quoted name (`postgres`, `"Caps"`), or, for a name that
+    is not simple ASCII, `-reuse-previous=on "dbname='...'"` (appendPsqlMetaConnect).
+    Raise BackupError for anything else.
+    """
+    text = text.strip()
+    complex_form = text.startswith("-reuse-previous=on ")
+    if complex_form:
+        text = text[len("-reuse-previous=on "):]
+    if text.startswith('"') and text.endswith('"') and len(text) >= 2:
+        text = text[1:-1].replace('""', '"')
+    if not complex_form:
+        return text
+    match = re.fullmatch(r"dbname=(?:'((?:[^'\\]|\\.)*)'|(\S+))", text, re.S)
+    if match is None:
+        raise BackupError(f"the dump's \\connect line is not one pg_dump writes: {text[:120]!r}")
+    return re.sub(r"\\(.)", r"\1", match[1], flags=re.S) if match[1] is not None else match[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class PgTarget:
+    """How to reach the PostgreSQL server inside a container."""
+
+    container: str
+    user: str
+    secrets: dict[str, str]
+
+
+def pg_target(container: dict[str, Any]) -> PgTarget:
+    """Return the superuser and password of a postgres container, from its own environment."""
+    env = container_env(container)
+    secrets = {"PGPASSWORD": env["POSTGRES_PASSWORD"]} if env.get("POSTGRES_PASSWORD") else {}
+    return PgTarget(container_name(container), env.get("POSTGRES_USER") or "postgres", secrets)
+
+
+def pg_conninfo(database: str) -> str:
+    """Return a libpq connection string naming database, quoted so that psql never parses the name itself.
+
+    A database called `a=b` or `host=x` passed as `-d a=b` would be read as a connection
+    string (libpq: a -d value holding "=" is one).
+    """
+    return "dbname='" + database.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def pg_json(target: PgTarget, database: str, sql: str, timeout: float) -> Any:
+    """Return the single JSON value sql produces in database."""
+    argv = exec_argv(target.container, ["psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", target.user,
+                                        "-d", pg_conninfo(database), "-c", sql], secrets=target.secrets)
+    proc = run(argv, timeout=timeout, secrets=target.secrets)
+    return parse_json(proc.stdout, f"psql in {target.container}")
+
+
+def pg_server(target: PgTarget, timeout: float) -> dict[str, Any]:
+    """Return the server version, every database of pg_database with its flags, and their size."""
+    found = pg_json(target, "postgres", PG_SERVER_SQL, timeout)
+    if not isinstance(found, dict) or not isinstance(found.get("databases"), list):
+        raise BackupError(f"psql in {target.container}: unexpected answer to the catalog query")
+    return found
+
+
+def dumpable_databases(server: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Return (the databases pg_dumpall dumps, the invalid ones it skips). Raise BackupError for one it would silently leave out.
+
+    pg_dumpall dumps every database that allows connections (template0 never does, by
+    design; its contents are the pristine template). A database with ALLOW_CONNECTIONS
+    false holding data would vanish from the backup without a word, so the backup fails
+    naming it rather than change a setting of the live server. An invalid database (an
+    interrupted DROP DATABASE, datconnlimit -2) cannot be connected to or restored.
+    """
+    dumpable, invalid, closed = [], [], []
+    for db in server["databases"]:
+        if db.get("invalid"):
+            invalid.append(db["name"])
+        elif db.get("connect"):
+            dumpable.append(db["name"])
+        elif db["name"] != "template0":
+            closed.append(db["name"])
+    if closed:
+        quoted = ", ".join(repr(name) for name in closed)
+        raise BackupError(
+            f"database(s) {quoted} do not accept connections (ALLOW_CONNECTIONS false): pg_dumpall would leave them out of the "
+            "backup without a word. Allow connections while the backup runs (ALTER DATABASE ... ALLOW_CONNECTIONS true), "
+            "or drop them if they are not needed, then run again")
+    return dumpable, invalid
+
+
+def pg_census(target: PgTarget, databases: list[str], timeout: float) -> dict[str, Any]:
+    """Return, per database, tables, rows per table and large objects counted in the server (the drill's side)."""
+    counts: dict[str, Any] = {}
+    for database in databases:
+        found = pg_json(target, database, PG_CENSUS_SQL, timeout)
+        tables = dict(sorted(found["tables"].items()))
+        counts[database] = {"tables": len(tables), "rows": sum(tables.values()), "large_objects": found["large_objects"], "row_counts": tables}
+    return counts
+
+
+def pg_dumpall_argv(job: BackupJob, target: PgTarget) -> list[str]:
+    # --lock-wait-timeout: a table held by an ALTER makes pg_dump fail clearly instead of
+    # waiting (and queueing every later lock of that table behind its own request).
+    return exec_argv(target.container, ["pg_dumpall", "-U", target.user, "--clean", "--if-exists",
+                                        f"--lock-wait-timeout={int(job.settings.docker_timeout * 1000)}"], secrets=target.secrets)
+
+
+def dump_cluster(job: BackupJob, target: PgTarget, out: PartialFile) -> tuple[int, DumpCensus]:
+    """Stream pg_dumpall through the compressor into out, counting it as it passes.
+
+    Return the SQL bytes and the census. Raise BackupError if the dump is incomplete.
+    """
+    size, tail = 0, b""
+    census = DumpCensus()
+    LOG.info("dumping with pg_dumpall into %s.partial", out.path)
+    with compressing(out, job.compression) as packed, contextlib.closing(Progress("pg_dumpall", job.estimated_bytes)) as progress:
+        with stream_from(pg_dumpall_argv(job, target), timeout=job.settings.stream_timeout, secrets=target.secrets) as pipe:
+            while chunk := pipe.read(COPY_CHUNK):
+                packed.write(chunk)
+                census.feed(chunk)
+                progress.add(len(chunk))
+                size += len(chunk)
+                tail = (tail + chunk)[-PG_TAIL_BYTES:]
+    check_sql_dump(size, tail)
+    return size, census
+
+
+def check_databases(expected: list[str], counts: dict[str, Any]) -> list[str]:
+    """Fail if a database pg_database lists (and pg_dumpall dumps) is not in the dump; return warnings for extra ones."""
+    missing = sorted(set(expected) - set(counts))
+    if missing:
+        raise BackupError(f"database(s) {', '.join(repr(name) for name in missing)} listed by pg_database are not in the dump; "
+                          "not a complete backup")
+    return [f"database {name!r} is in the dump but was not listed before it (created meanwhile)" for name in sorted(set(counts) - set(expected))]
+
+
+def procedure_pg_dumpall(job: BackupJob, dir_fd: int) -> BackupResult:
+    """Class A: pg_dumpall of the whole cluster, streamed into <module>-<ts>.sql.gz, verified and counted."""
+    require_running(job, "pg_dumpall")
+    target = pg_target(job.resolution.container)
+    server = pg_server(target, job.settings.docker_timeout)
+    expected, invalid = dumpable_databases(server)
+    warnings = [f"database {name!r} is invalid (an interrupted DROP DATABASE): it cannot be dumped or restored; drop it" for name in invalid]
+    LOG.info("PostgreSQL %s, user %s: databases %s", server["version"], target.user, ", ".join(expected))
+    fmt = "sql." + job.compression.suffix
+    with PartialFile(dir_fd, f"{job.basename}.{fmt}", job.backup_dir) as out, verifying(out, lambda fh: scan_sql(fh, fmt)) as verified:
+        size, census = dump_cluster(job, target, out)
+        counts = census.counts()
+        warnings += check_databases(expected, counts)
+        verification = verified()
+        if verification["sql_bytes"] != size:
+            raise BackupError(f"verification failed: the file holds {verification['sql_bytes']} bytes of SQL, {size} were written")
+        if verification.pop("counts") != counts:
+            raise BackupError("verification failed: the counts read back from the file differ from those of the stream")
+        verification["databases"] = f"{len(expected)} listed by pg_database, all in the dump"
+        path = out.commit()
+    LOG.info("dumped: %s", ", ".join(f"{db} ({c['tables']} tables, {c['rows']} rows)" for db, c in counts.items()))
+    return BackupResult(
+        path=path, format=fmt, size=out.size, sha256=out.sha256.hexdigest(), verification=verification,
+        contents={"sql_bytes": size, "databases": sorted(counts)}, warnings=warnings,
+        server={"engine": "postgresql", "version": server["version"], "user": target.user}, counts=counts,
+    )
+
+
+def plan_pg_dumpall(job: BackupJob) -> Plan:
+    pg = pg_target(job.resolution.container)
+    psql = mask_argv(exec_argv(job.container, ["psql", "-X", "-A", "-t", "-q", "-U", pg.user, "-d", "dbname='postgres'", "-c", "<catalog query>"],
+                               secrets=pg.secrets))
+    dump = mask_argv(pg_dumpall_argv(job, pg))
+    steps = [f"run: {psql}", "check: every database of pg_database accepts connections (else fail, naming it)",
+             f"run: {dump} | {job.compression.tool} -{job.compression.level} > <backup>.partial (mode 0600), counting COPY rows per database",
+             "check: every database of pg_database is in the dump"]
+    return Plan(steps, f".sql.{job.compression.suffix}", f"{job.compression.format} complete, trailer line present, size, counts read back")
+
+
+def estimate_pg_dumpall(job: BackupJob) -> tuple[int | None, str]:
+    if not job.resolution.container.get("State", {}).get("Running"):
+        return None, "the server is not running"
+    server = pg_server(pg_target(job.resolution.container), job.settings.docker_timeout)
+    return int(server["bytes"]), "pg_database_size of every database"
+
+
+def verify_pg_dumpall(fh: IO[bytes], doc: dict[str, Any]) -> list[Check]:
+    """--verify of a dump: complete stream, trailer, size, and the counts read again from the file equal the manifest's."""
+    fmt = str(doc.get("format", "sql.gz"))
+    found = scan_sql(fh, fmt)
+    expected = doc.get("verification", {}).get("sql_bytes")
+    checks: list[Check] = [("structure", found["sql_bytes"] == expected,
+                            f"complete {compression_of(fmt)}, dump trailer present, {found['sql_bytes']} bytes of SQL (manifest {expected})")]
+    recorded = doc.get("counts") or {}
+    same = found["counts"] == recorded
+    rows = sum(c["rows"] for c in found["counts"].values())
+    checks.append(("counts", same, f"{len(found['counts'])} databases, {rows} rows in COPY blocks" + ("" if same else ", the manifest says otherwise")))
+    return checks
+
+
+PG_HARMLESS_ERRORS = (
+    # pg_dumpall --clean drops and recreates every role; the one psql is connected as
+    # cannot be dropped and so already exists (PostgreSQL docs, pg_dumpall "Notes").
+    re.compile(r"current user cannot be dropped"),
+    re.compile(r'role "(?P<role>[^"]+)" already exists'),
+)
+
+
+def drill_pg_dumpall(drill: Drill) -> int:
+    """Class A: load the dump into a fresh server from the same image, compare every count."""
+    doc, lines = drill.doc, drill.lines
+    with drill_container(drill, "PostgreSQL") as box:
+        assert box.live is not None
+        box.create(start=True)
+        box.start()
+        target = dataclasses.replace(pg_target(box.live), container=box.name)
+        box.wait_until(lambda: pg_json(target, "postgres", "SELECT to_json(1)", drill.settings.docker_timeout) == 1, "PostgreSQL accepted connections")
+        argv = exec_argv(box.name, ["psql", "-X", "-q", "-U", target.user, "-d", "postgres"], secrets=target.secrets, stdin=True)
+        with open(drill.backup, "rb") as fh, decompressing(fh, doc["format"]) as raw:
+            with stream_into(argv, timeout=drill.settings.drill_timeout, secrets=target.secrets, check=False) as stream:
+                while chunk := raw.read(COPY_CHUNK):
+                    stream.pipe.write(chunk)
+        errors = [line for line in stream.stderr.decode("utf-8", "replace").splitlines() if re.search(r"\b(ERROR|FATAL|PANIC):", line)]
+        unexpected = [
+            e for e in errors
+            if not any((m := p.search(e)) and (m.groupdict().get("role") in (None, target.user)) for p in PG_HARMLESS_ERRORS)
+        ]
+        lines.append(f"psql: {len(errors)} error(s) while loading, {len(errors) - len(unexpected)} known to be harmless")
+        if unexpected:
+            raise BackupError(f"drill failed: psql reported {len(unexpected)} unexpected error(s), first: {unexpected[0].strip()}",
+                              details=[f"psql: {e.strip()}" for e in unexpected[:STDERR_DETAIL_LINES]])
+        restored = pg_server(target, drill.settings.docker_timeout)
+        counts = pg_census(target, dumpable_databases(restored)[0], drill.settings.docker_timeout)
+    differences = 0
+    lines.append(f"server {restored['version']} (backup taken from {(doc.get('server') or {}).get('version')})")
+    expected_counts = doc.get("counts") or {}
+    for database in sorted(set(expected_counts) | set(counts)):
+        want, got = expected_counts.get(database, {}), counts.get(database, {})
+        lines.append(f"database {database}:")
+        for key in ("tables", "rows", "large_objects"):
+            differences += not compare(key, want.get(key), got.get(key), lines)
+        for table in sorted(set(want.get("row_counts", {})) | set(got.get("row_counts", {}))):
+            if want.get("row_counts", {}).get(table) != got.get("row_counts", {}).get(table):
+                differences += not compare(f"rows in {table}", want.get("row_counts", {}).get(table), got.get("row_counts", {}).get(table), lines)
+    return differences
+
+
+register(Procedure(
+    name="pg-dumpall",
+    run=procedure_pg_dumpall,
+    plan=plan_pg_dumpall,
+    estimate=estimate_pg_dumpall,
+    verify=verify_pg_dumpall,
+    drill=drill_pg_dumpall,
+    suffixes=("sql.gz", "sql.zst"),
+    pausable=False,  # the dump needs the server answering, and is consistent without a pause
+))
+
+
+# --------------------------------------------------------------------------- class B: Redis
+
+# -- RDB files: walked to their end, keys counted per database
+
+REDIS_RDB_MAGIC = b"REDIS"
+
+
+class RdbError(BackupError):
+    """An RDB file this tool cannot read to its end (truncated, damaged, or from a newer Redis)."""
+
+
+class _RdbReader:
+    """Exact reads from an RDB stream of known size (a tar member, a file), buffered: the walk reads a byte at a time."""
+
+    def __init__(self, source: Callable[[int], bytes], size: int | None = None) -> None:
+        self.source, self.left = source, size
+        self.buffer, self.pos = b"", 0
+
+    def _more(self) -> bool:
+        want = COPY_CHUNK if self.left is None else min(COPY_CHUNK, self.left)
+        data = self.source(want) if want > 0 else b""
+        if not data:
+            return False
+        if self.left is not None:
+            self.left -= len(data)
+        self.buffer, self.pos = self.buffer[self.pos:] + data, 0
+        return True
+
+    def take(self, count: int) -> bytes:
+        while len(self.buffer) - self.pos < count:
+            if not self._more():
+                raise RdbError("the RDB file ends before its end marker (cut short)")
+        data = self.buffer[self.pos:self.pos + count]
+        self.pos += count
+        return data
+
+    def byte(self) -> int:
+        if self.pos >= len(self.buffer) and not self._more():
+            raise RdbError("the RDB file ends before its end marker (cut short)")
+        value = self.buffer[self.pos]
+        self.pos += 1
+        return value
+
+    def skip(self, count: int) -> None:
+        ready = len(self.buffer) - self.pos
+        if count <= ready:
+            self.pos += count
+            return
+        count -= ready
+        self.buffer, self.pos = b"", 0
+        while count > 0:
+            want = min(count, COPY_CHUNK) if self.left is None else min(count, COPY_CHUNK, self.left)
+            data = self.source(want) if want > 0 else b""
+            if not data:
+                raise RdbError("the RDB file ends before its end marker (cut short)")
+            if self.left is not None:
+                self.left -= len(data)
+            count -= len(data)
+
+    def unread(self) -> int:
+        """Return how many bytes of the stream are left after what was read."""
+        return len(self.buffer) - self.pos + (self.left or 0)
+
+    def length(self) -> tuple[int, bool]:
+        """Return (value, encoded): a length, or with encoded the kind of a specially encoded string."""
+        first = self.byte()
+        kind = first >> 6
+        if kind == 0:
+            return first & 0x3F, False
+        if kind == 1:
+            return ((first & 0x3F) << 8) | self.byte(), False
+        if first == 0x80:
+            return int.from_bytes(self.take(4), "big"), False
+        if first == 0x81:
+            return int.from_bytes(self.take(8), "big"), False
+        if kind == 3:
+            return first & 0x3F, True
+        raise RdbError(f"bad length byte {first:#04x} in the RDB file")
+
+    def string(self) -> bytes:
+        count, encoded = self.length()
+        if not encoded:
+            return self.take(count)
+        if count in (0, 1, 2):
+            return str(int.from_bytes(self.take((1, 2, 4)[count]), "little", signed=True)).encode()
+        if count == 3:
+            packed, _ = self.length()
+            size, _ = self.length()
+            return lzf_decompress(self.take(packed), size)
+        raise RdbError(f"unknown string encoding {count} in the RDB file")
+
+    def skip_string(self) -> None:
+        count, encoded = self.length()
+        if not encoded:
+            self.skip(count)
+        elif count in (0, 1, 2):
+            self.skip((1, 2, 4)[count])
+        elif count == 3:
+            packed, _ = self.length()
+            self.length()
+            self.skip(packed)
+        else:
+            raise RdbError(f"unknown string encoding {count} in the RDB file")
+
+    def skip_strings(self, count: int) -> None:
+        for _ in range(count):
+            self.skip_string()
+
+
+def lzf_decompress(data: bytes, size: int) -> bytes:
+    """Return LZF-compressed data (how Redis stores long strings) decompressed. Raise RdbError if it is not."""
+    out = bytearray()
+    i = 0
+    try:
+        while i < len(data):
+            ctrl = data[i]
+            i += 1
+            if ctrl < 32:
+                out += data[i:i + ctrl + 1]
+                i += ctrl + 1
+                continue
+            count = ctrl >> 5
+            if count == 7:
+                count += data[i]
+                i += 1
+            ref = len(out) - ((ctrl & 0x1F) << 8) - data[i] - 1
+            i += 1
+            if ref < 0:
+                raise IndexError
+            for _ in range(count + 2):  # the copy may overlap what it writes
+                out.append(out[ref])
+                ref += 1
+    except IndexError:
+        raise RdbError("damaged LZF string in the RDB file") from None
+    if len(out) != size:
+        raise RdbError("damaged LZF string in the RDB file")
+    return bytes(out)
+
+
+def _skip_module_value(r: _RdbReader) -> None:
+    # A module value annotated for readers without the module (RDB_TYPE_MODULE_2): opcodes to EOF.
+    while (opcode := r.length()[0]) != 0:
+        if opcode in (1, 2):
+            r.length()
+        elif opcode == 3:
+            r.skip(4)
+        elif opcode == 4:
+            r.skip(8)
+        elif opcode == 5:
+            r.skip_string()
+        else:
+            raise RdbError(f"unknown module opcode {opcode} in the RDB file")
+
+
+def _skip_stream(r: _RdbReader, kind: int) -> None:
+    # Streams: listpacks, then metadata and consumer groups (rdb.c, RDB_TYPE_STREAM_LISTPACKS*).
+    r.skip_strings(2 * r.length()[0])  # node keys and their listpacks
+    for _ in range(3 + (5 if kind >= 19 else 0)):  # length, last id (ms, seq); first id, max deleted id, entries added
+        r.length()
+    for _ in range(r.length()[0]):  # consumer groups
+        r.skip_string()
+        r.length()
+        r.length()
+        if kind >= 19:
+            r.length()  # entries read
+        for _ in range(r.length()[0]):  # the group's pending entries: raw id, delivery time, delivery count
+            r.skip(16 + 8)
+            r.length()
+        for _ in range(r.length()[0]):  # consumers: name, seen time, (active time), their pending ids
+            r.skip_string()
+            r.skip(16 if kind >= 21 else 8)
+            r.skip(16 * r.length()[0])
+
+
+def _skip_value(r: _RdbReader, kind: int) -> None:
+    """Skip one value of RDB type kind (types 0-25: every type Redis wrote up to 8.0)."""
+    if kind in (0, 9, 10, 11, 12, 13, 16, 17, 20, 23):  # a string, or one encoded blob (ziplist, intset, listpack)
+        r.skip_string()
+    elif kind in (1, 2, 14):  # list, set, quicklist of ziplists
+        r.skip_strings(r.length()[0])
+    elif kind == 4:  # hash table: field, value
+        r.skip_strings(2 * r.length()[0])
+    elif kind == 3:  # zset with scores as strings (253-255: nan, +inf, -inf, no digits follow)
+        for _ in range(r.length()[0]):
+            r.skip_string()
+            size = r.byte()
+            if size < 253:
+                r.skip(size)
+    elif kind == 5:  # zset with binary double scores
+        for _ in range(r.length()[0]):
+            r.skip_string()
+            r.skip(8)
+    elif kind == 18:  # quicklist 2: container kind, node
+        for _ in range(r.length()[0]):
+            r.length()
+            r.skip_string()
+    elif kind in (15, 19, 21):
+        _skip_stream(r, kind)
+    elif kind == 7:
+        r.length()  # module id
+        _skip_module_value(r)
+    elif kind in (22, 24):  # hash with field TTLs (7.4): (minExpire), then TTL, field, value
+        if kind == 24:
+            r.skip(8)
+        for _ in range(r.length()[0]):
+            r.length()
+            r.skip_strings(2)
+    elif kind == 25:  # listpack hash with field TTLs: minExpire, then the listpack
+        r.skip(8)
+        r.skip_string()
+    else:
+        raise RdbError(f"value type {kind} is unknown to this tool (an RDB from a newer Redis, or a pre-release module type)")
+
+
+def read_rdb(r: _RdbReader, expired_by: tuple[int, ...] = (), into: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Walk an RDB file to its end marker and checksum; return what it holds.
+
+    version, aux (redis-ver, ctime, aof-base, ...), functions (libraries), and per
+    database keys, keys with a TTL, and for each time in expired_by (ms since the epoch)
+    how many keys had expired by then. into, when given, receives version and aux as soon
+    as they are read (they come first), so that a caller keeps them if the walk fails.
+    Raise RdbError if it is not an RDB file, is cut short, or holds a type this tool does
+    not know.
+    """
+    found = into if into is not None else {}
+    magic = r.take(9)
+    if magic[:5] != REDIS_RDB_MAGIC or not magic[5:].isdigit():
+        raise RdbError("not an RDB file (no REDIS magic)")
+    version = int(magic[5:])
+    aux: dict[str, str] = {}
+    found.update(version=version, aux=aux)
+    dbs: dict[str, dict[str, Any]] = {}
+    db = dbs.setdefault("db0", {"keys": 0, "expires": 0, "expired": [0] * len(expired_by)})
+    functions = 0
+    expire: int | None = None
+    while (kind := r.byte()) != 0xFF:
+        if kind == 0xFE:
+            db = dbs.setdefault(f"db{r.length()[0]}", {"keys": 0, "expires": 0, "expired": [0] * len(expired_by)})
+        elif kind == 0xFD:
+            expire = int.from_bytes(r.take(4), "little") * 1000
+        elif kind == 0xFC:
+            expire = int.from_bytes(r.take(8), "little", signed=True)
+        elif kind == 0xFA:
+            key = r.string().decode("utf-8", "replace")
+            aux[key] = r.string().decode("utf-8", "replace")
+        elif kind == 0xFB:  # a hint of the database's size; the keys are counted one by one
+            r.length()
+            r.length()
+        elif kind == 0xF9:  # LFU frequency
+            r.skip(1)
+        elif kind == 0xF8:  # LRU idle time
+            r.length()
+        elif kind == 0xF7:  # module auxiliary data: module id, when opcode, when, then its value
+            r.length()
+            r.length()
+            r.length()
+            _skip_module_value(r)
+        elif kind == 0xF5:  # a function library
+            r.skip_string()
+            functions += 1
+        elif kind == 0xF4:  # cluster slot sizes
+            r.length()
+            r.length()
+            r.length()
+        elif kind <= 25:
+            r.skip_string()  # the key
+            _skip_value(r, kind)
+            db["keys"] += 1
+            if expire is not None:
+                db["expires"] += 1
+                for i, when in enumerate(expired_by):
+                    db["expired"][i] += expire <= when
+            expire = None
+        elif kind < 0xF0:
+            raise RdbError(f"value type {kind} is unknown to this tool (an RDB from a newer Redis, or a pre-release module type)")
+        else:
+            raise RdbError(f"opcode {kind:#04x} is unknown to this tool (an RDB from a newer Redis)")
+    if version >= 5:
+        r.take(8)  # CRC64 of the file; redis-check-rdb verifies it where the container has it
+    found.update(functions=functions, dbs={name: db for name, db in dbs.items() if db["keys"] or name != "db0"})
+    return found
+
+
+def rdb_counts(info: dict[str, Any]) -> dict[str, int]:
+    """Return the keys per database of an RDB read by read_rdb, as INFO keyspace names them."""
+    return {name: found["keys"] for name, found in sorted(info["dbs"].items(), key=lambda item: int(item[0][2:])) if found["keys"]}
+
+
+REDIS_ERROR_RE = re.compile(r"^(ERR|NOAUTH|NOPERM|WRONGPASS|WRONGTYPE|BUSY|LOADING|MISCONF|READONLY|MASTERDOWN|OOM|NOSCRIPT)\b")
+# Written by a save or an AOF rewrite still running: never data (rdb.c rdbSaveBackground, aof.c).
+REDIS_TEMP_FILE = re.compile(r"temp-(?:[0-9]+\.rdb|rewriteaof-(?:bg-)?[0-9]+\.aof)")
+REDIS_AOF_TROUBLE = ("short read", "Bad file format", "AOF loaded anyway", "Unrecoverable error", "truncated")
+
+
+class RedisReplyError(BackupError):
+    """Redis answered with an error (renamed command, ACL, auth)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RedisTarget:
+    """How to reach Redis inside a container, and where its credentials came from (for a failed login)."""
+
+    container: str
+    secrets: dict[str, str]
+    user: str = ""
+    auth: str = "no password"
+
+
+def redis_target(container: dict[str, Any], settings: Settings, env: dict[str, str]) -> RedisTarget:
+    """Return the Redis of a container: its ACL user and password from the operator's environment, else
+    from the container's own. The password reaches redis-cli as REDISCLI_AUTH, by name; the user name
+    (not a secret) is its --user argument."""
+    own = container_env(container)
+    found: dict[str, str] = {}
+    sources: list[str] = []
+    for what, name in (("user", settings.redis_user_env), ("password", settings.redis_password_env)):
+        if env.get(name):
+            found[what] = env[name]
+            sources.append(f"{what} from ${name} of the operator's environment")
+        elif own.get(name):
+            found[what] = own[name]
+            sources.append(f"{what} from ${name} of the container's environment")
+    auth = ", ".join(sources) or f"no ${settings.redis_user_env} or ${settings.redis_password_env} in either environment"
+    password = found.get("password")
+    return RedisTarget(container_name(container), {"REDISCLI_AUTH": password} if password else {}, found.get("user", ""), auth)
+
+
+def redis_cli(target: RedisTarget, *args: str, timeout: float) -> str:
+    """Return redis-cli's reply. Raise RedisReplyError when Redis answers with an error.
+
+    redis-cli exits 0 on error replies, so the reply itself is checked.
+    """
+    user = ["--user", target.user] if target.user else []
+    proc = run(exec_argv(target.container, ["redis-cli", "--no-auth-warning", *user, *args], secrets=target.secrets),
+               timeout=timeout, secrets=target.secrets)
+    reply = proc.stdout.decode("utf-8", "replace").strip()
+    first = reply.splitlines()[0] if reply else "no reply"
+    if reply.startswith(("NOAUTH", "WRONGPASS")) or "AUTH failed" in proc.stderr.decode("utf-8", "replace"):
+        raise RedisReplyError(f"redis login to {target.container} failed: {first} ({target.auth})")
+    if REDIS_ERROR_RE.match(reply) or not reply:
+        raise RedisReplyError(f"redis {' '.join(args[:2])}: {first}")
+    return reply
+
+
+def parse_info(text: str) -> dict[str, str]:
+    """Return the fields of an INFO reply."""
+    fields = {}
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition(":")
+        if sep and not key.startswith("#"):
+            fields[key] = value
+    return fields
+
+
+def redis_keyspace(target: RedisTarget, timeout: float) -> dict[str, int]:
+    """Return the number of keys per database (INFO keyspace)."""
+    counts = {}
+    for db, value in parse_info(redis_cli(target, "INFO", "keyspace", timeout=timeout)).items():
+        fields = dict(part.split("=", 1) for part in value.split(",") if "=" in part)
+        counts[db] = int(fields.get("keys", 0))
+    return counts
+
+
+def redis_lastsave(target: RedisTarget, timeout: float) -> int:
+    reply = redis_cli(target, "LASTSAVE", timeout=timeout)
+    if not reply.isdigit():
+        raise RedisReplyError(f"redis LASTSAVE: unexpected reply {reply[:80]!r}")
+    return int(reply)
+
+
+def redis_time(target: RedisTarget, timeout: float) -> float:
+    """Return the server's clock (TIME), in seconds."""
+    seconds, micros = redis_cli(target, "TIME", timeout=timeout).split()[:2]
+    return int(seconds) + int(micros) / 1e6
+
+
+def _wait_for_save(target: RedisTarget, deadline: float, timeout: float) -> None:
+    while parse_info(redis_cli(target, "INFO", "persistence", timeout=timeout)).get("rdb_bgsave_in_progress") == "1":
+        if time.monotonic() > deadline:
+            raise BackupError("a save already running in Redis did not finish within snapshot_timeout")
+        time.sleep(0.2)
+
+
+def redis_bgsave(target: RedisTarget, timeout: float, docker_timeout: float) -> dict[str, Any]:
+    """Take this run's own BGSAVE (BGSAVE SCHEDULE while an AOF rewrite runs) and wait for it to succeed.
+
+    A save already running (the server's own save policy, another tool) is not a reason
+    to give up: it is waited out, then this run's own save is taken, so that the RDB is
+    of now. Success means rdb_bgsave_in_progress:0, rdb_last_bgsave_status:ok and a
+    LASTSAVE newer than the one before; not_before is the server's clock just before the
+    save, which the RDB's own ctime must reach. Raise RedisReplyError if Redis refuses the
+    command, BackupError if the save fails or takes longer than timeout.
+    """
+    started = time.monotonic()
+    deadline = started + timeout
+    while True:
+        if parse_info(redis_cli(target, "INFO", "persistence", timeout=docker_timeout)).get("rdb_bgsave_in_progress") == "1":
+            LOG.warning("a save is already running in %s (not this run's): waiting for it, then taking this run's own", target.container)
+            _wait_for_save(target, deadline, docker_timeout)
+        before = redis_lastsave(target, docker_timeout)
+        # LASTSAVE and ctime have one-second resolution: start only once the server's clock is past it.
+        while (now := redis_time(target, docker_timeout)) < before + 1:
+            time.sleep(0.1)
+        info = parse_info(redis_cli(target, "INFO", "persistence", timeout=docker_timeout))
+        command = ["BGSAVE", "SCHEDULE"] if info.get("aof_rewrite_in_progress") == "1" else ["BGSAVE"]
+        try:
+            reply = redis_cli(target, *command, timeout=docker_timeout)
+        except RedisReplyError as exc:
+            if "already in progress" not in str(exc) or time.monotonic() > deadline:
+                raise
+            continue  # another save started in between: wait for it, then take ours
+        break
+    if not reply.startswith("Background saving"):
+        raise RedisReplyError(f"redis {' '.join(command)}: unexpected reply {reply[:80]!r}")
+    LOG.info("%s: %s; waiting for it to finish", " ".join(command), reply)
+    while True:
+        info = parse_info(redis_cli(target, "INFO", "persistence", timeout=docker_timeout))
+        after = redis_lastsave(target, docker_timeout)
+        if info.get("rdb_bgsave_in_progress") == "0" and after > before:
+            break
+        if info.get("rdb_bgsave_in_progress") == "0" and info.get("rdb_last_bgsave_status") == "err":
+            raise BackupError(f"redis BGSAVE failed in {target.container} (rdb_last_bgsave_status:err; see the container's log)")
+        if time.monotonic() > deadline:
+            raise BackupError(f"redis BGSAVE did not finish within {timeout:g}s (snapshot_timeout)")
+        time.sleep(0.2)
+    if info.get("rdb_last_bgsave_status") != "ok":
+        raise BackupError(f"redis BGSAVE finished with rdb_last_bgsave_status:{info.get('rdb_last_bgsave_status')}")
+    return {"command": " ".join(command), "lastsave_before": before, "lastsave_after": after, "not_before": int(now),
+            "seconds": round(time.monotonic() - started, 3)}
+
+
+def redis_config(target: RedisTarget, timeout: float) -> dict[str, str]:
+    """Return dir, dbfilename, appendonly, appenddirname and appendfilename (CONFIG GET)."""
+    config: dict[str, str] = {}
+    for key in ("dir", "dbfilename", "appendonly", "appenddirname", "appendfilename"):
+        lines = redis_cli(target, "CONFIG", "GET", key, timeout=timeout).splitlines()
+        if len(lines) >= 2 and lines[0] == key:
+            config[key] = lines[1]
+    if "dir" not in config or "dbfilename" not in config:
+        raise RedisReplyError("redis CONFIG GET dir/dbfilename gave no answer")
+    return config
+
+
+def redis_aof_path(version: str, directory: str, config: dict[str, str]) -> tuple[str, str]:
+    """Return (kind, path) of the AOF: "dir" with its manifest since Redis 7, one "file" before."""
+    name = config.get("appendfilename") or "appendonly.aof"
+    if int((version.split(".") or ["0"])[0] or 0) >= 7:
+        return "dir", posixpath.join(directory, config.get("appenddirname") or "appendonlydir")
+    return "file", posixpath.join(directory, name)
+
+
+def is_rdb_name(name: str) -> bool:
+    base = posixpath.basename(name)
+    return base.endswith(".rdb") and not REDIS_TEMP_FILE.fullmatch(base)
+
+
+def redis_exclude(name: str) -> str | None:
+    """Leave out Redis's half-written temp files: a running save's temp-<pid>.rdb is never data."""
+    return "written by a save still running, not data" if REDIS_TEMP_FILE.fullmatch(posixpath.basename(name)) else None
+
+
+def scan_redis(fmt: str, aof_names: Callable[[str], bool]) -> Callable[[IO[bytes]], dict[str, Any]]:
+    """Return the in-flight scan of a Redis archive: the tar checks, every RDB walked, AOF files measured."""
+    return lambda fh: scan_tar(fh, fmt, rdb=is_rdb_name, keep=aof_names)
+
+
+def _aof_summary(verification: dict[str, Any], aof_path: str, kind: str) -> dict[str, Any] | None:
+    """Return what the archive holds of the AOF: its files, their sizes, the base RDB's keys."""
+    member = aof_path.lstrip("/")
+    files = {name: size for name, size in verification.get("files", {}).items() if name == member or name.startswith(member + "/")}
+    if not files:
+        return None
+    summary: dict[str, Any] = {"path": aof_path, "kind": kind, "files": dict(sorted(files.items()))}
+    for name, data in verification.get("kept", {}).items():
+        if name.startswith(member + "/") and name.endswith(".manifest"):
+            summary["manifest"] = data.decode("utf-8", "replace").splitlines()
+    bases = {name: info for name, info in verification.get("rdb", {}).items() if name.startswith(member + "/")}
+    incr = sum(size for name, size in files.items() if name.endswith(".incr.aof"))
+    summary["incr_bytes"] = incr
+    if kind == "file":
+        summary["incr_bytes"] = sum(files.values())
+    for name, info in bases.items():
+        if "error" not in info:
+            summary["base"] = {"file": "/" + name, "ctime": int(info["aux"].get("ctime", 0) or 0), "keys": rdb_counts(info)}
+    return summary
+
+
+def _rdb_of_record(verification: dict[str, Any], rdb: str, not_before: int | None) -> tuple[dict[str, Any], list[str]]:
+    """Return the walk of the archived RDB and warnings. Raise BackupError if it is not this run's or cannot be read."""
+    info = verification.get("rdb", {}).get(rdb.lstrip("/"))
+    if info is None:
+        raise BackupError(f"the archive holds no {rdb}")
+    warnings = []
+    ctime = int((info.get("aux") or {}).get("ctime", 0) or 0)
+    if "error" in info:
+        if not info.get("unknown"):
+            raise BackupError(f"the archived {rdb} cannot be read to its end: {info['error']}")
+        warnings.append(f"{rdb}: {info['error']}; its keys were NOT counted from the file, so --drill cannot compare them")
+    if not_before is not None and ctime < not_before:
+        raise BackupError(f"the archived {rdb} is not the one this run's BGSAVE wrote (its ctime {ctime} is before the save "
+                          f"started at {not_before}): something replaced it meanwhile; try again")
+    return info, warnings
+
+
+def procedure_redis_bgsave(job: BackupJob, dir_fd: int) -> BackupResult:
+    """Class B: BGSAVE, then archive the RDB file (and the AOF when on), verified and counted from the archive.
+
+    Falls back to the mounted data archive, loudly, when Redis refuses BGSAVE or CONFIG
+    (renamed command, ACL); the fallback's counts are those of the RDB it holds.
+    """
+    require_running(job, "BGSAVE")
+    target = redis_target(job.resolution.container, job.settings, job.env)
+    timeout = job.settings.docker_timeout
+    server = {"engine": "redis", "version": parse_info(redis_cli(target, "INFO", "server", timeout=timeout)).get("redis_version", "unknown")}
+    try:
+        bgsave = redis_bgsave(target, job.settings.snapshot_timeout, timeout)
+        config = redis_config(target, timeout)
+    except RedisReplyError as exc:
+        if "login" in str(exc):
+            raise
+        result = redis_fallback(job, dir_fd, target, str(exc))
+        result.server = server
+        return result
+    LOG.info("BGSAVE done in %.1fs (LASTSAVE %d -> %d)", bgsave["seconds"], bgsave["lastsave_before"], bgsave["lastsave_after"])
+    rdb = posixpath.join(config["dir"], config["dbfilename"])
+    aof = config.get("appendonly") == "yes"
+    aof_kind, aof_path = redis_aof_path(server["version"], config["dir"], config)
+    paths = [rdb, *([aof_path] if aof else [])]
+    tmpfs = [d for d, reason in job.skipped if reason == "tmpfs mount" and _inside(config["dir"], [d])]
+    if tmpfs:
+        raise BackupError(f"Redis keeps its files in {config['dir']}, on a tmpfs mount ({tmpfs[0]}): there is no copy on disk to back up, "
+                          "and docker cp cannot read tmpfs")
+    before = parse_info(redis_cli(target, "INFO", "persistence", timeout=timeout))
+    if aof and before.get("aof_rewrite_in_progress") != "0":
+        raise BackupError("an AOF rewrite is running; its directory cannot be copied consistently now (try again shortly)")
+    found: dict[str, Any] = {}
+
+    def check_copy(verification: dict[str, Any]) -> None:
+        after = parse_info(redis_cli(target, "INFO", "persistence", timeout=timeout))
+        if aof and (after.get("aof_rewrite_in_progress") != "0" or after.get("aof_rewrites") != before.get("aof_rewrites")):
+            raise BackupError("an AOF rewrite ran during the copy; no backup written (try again)")
+        info, warnings = _rdb_of_record(verification, rdb, bgsave["not_before"])
+        found.update(info=info, warnings=warnings, changes=int(after.get("rdb_changes_since_last_save", "0") or 0),
+                     aof=_aof_summary(verification, aof_path, aof_kind) if aof else None)
+        check = run(exec_argv(job.container, ["redis-check-rdb", rdb]), timeout=job.settings.snapshot_timeout, check=False)
+        if check.returncode in (126, 127) or b"executable file not found" in check.stderr:
+            verification["redis_check_rdb"] = "not available in the container"
+        elif check.returncode != 0:
+            last = (check.stdout + check.stderr).decode(errors="replace").strip().splitlines()[-1:]
+            raise BackupError(f"redis-check-rdb {rdb} failed in {job.container}: {' '.join(last)}")
+        else:
+            verification["redis_check_rdb"] = "ok"
+        _record_rdb_checks(verification, rdb)
+
+    items = [locate(p, job.mounts) for p in paths]
+    fmt = "tar." + job.compression.suffix
+    result = write_archive(job, dir_fd, items, scan=scan_redis(fmt, lambda name: name.startswith(aof_path.lstrip("/") + "/") or name == aof_path.lstrip("/")),
+                           before_commit=check_copy)
+    info = found["info"]
+    counts = rdb_counts(info) if "error" not in info else None
+    aof_summary = found["aof"]
+    if aof_summary is not None:
+        # With no write after the snapshot, the AOF holds exactly the RDB's dataset: its load must give the same keys.
+        aof_summary["changes_after_snapshot"] = found["changes"]
+        aof_summary["keys"] = counts if found["changes"] == 0 else None
+    result.server, result.counts = server, counts
+    result.warnings += found["warnings"]
+    result.contents.update({"rdb": rdb, "rdb_file": _rdb_facts(info), "appendonly": aof, "aof": aof_summary, "bgsave": bgsave,
+                            "counts_from": f"{rdb} as archived (written by this run's BGSAVE)"})
+    result.timings["bgsave_seconds"] = bgsave["seconds"]
+    return result
+
+
+def _record_rdb_checks(verification: dict[str, Any], rdb: str) -> None:
+    # What the scan found goes to the manifest's contents; the verification keeps its verdicts only.
+    info = verification.get("rdb", {}).get(rdb.lstrip("/"), {})
+    verification["rdb_magic"] = "error" not in info or bool(info.get("unknown"))
+    verification["rdb_read"] = info.get("error", "to its end marker")
+    for key in ("rdb", "files", "kept"):
+        verification.pop(key, None)
+
+
+def _rdb_facts(info: dict[str, Any]) -> dict[str, Any]:
+    aux = info.get("aux") or {}
+    return {"rdb_version": info.get("version"), "redis_version": aux.get("redis-ver"), "ctime": int(aux.get("ctime", 0) or 0),
+            "keys": {name: db["keys"] for name, db in info.get("dbs", {}).items()},
+            "expires": {name: db["expires"] for name, db in info.get("dbs", {}).items()}, "functions": info.get("functions", 0)}
+
+
+def redis_fallback(job: BackupJob, dir_fd: int, target: RedisTarget, reason: str) -> BackupResult:
+    """Class B's fallback: the whole mounts, counted from the RDB they hold, never from the live server.
+
+    A half-written temp-*.rdb is left out; an archive with no RDB and no AOF is a failure,
+    not a backup; the age of the data (the RDB's ctime, LASTSAVE) is recorded and printed.
+    """
+    if job.cls.fallback != "mounted-archive":
+        raise BackupError(f"{job.procedure} is not possible ({reason}) and class {job.cls.letter} has no archive fallback")
+    timeout = job.settings.docker_timeout
+    dbfilename, lastsave, aof_on = "dump.rdb", None, None
+    with contextlib.suppress(BackupError):
+        dbfilename = redis_config(target, timeout)["dbfilename"]
+    with contextlib.suppress(BackupError):
+        lastsave = redis_lastsave(target, timeout)
+    with contextlib.suppress(BackupError):
+        aof_on = parse_info(redis_cli(target, "INFO", "persistence", timeout=timeout)).get("aof_enabled") == "1"
+    hint = "restore it with Redis stopped"
+    LOG.warning("REDIS-BGSAVE NOT POSSIBLE (%s): FALLING BACK to a live copy of the mounted data; %s", reason, hint)
+    if not job.mounts:
+        raise BackupError(f"container {job.container} has no writable mounts to archive; nothing would be backed up")
+    job.rules.exclude = redis_exclude
+    found: dict[str, Any] = {}
+
+    def check(verification: dict[str, Any]) -> None:
+        rdbs = sorted(name for name in verification.get("rdb", {}) if posixpath.basename(name) == dbfilename)
+        aofs = sorted(name for name in verification.get("files", {}) if name.endswith((".aof", ".manifest")))
+        if not rdbs and not aofs:
+            raise BackupError(f"the mounts of {job.container} hold no {dbfilename} and no AOF: this archive would not restore Redis; "
+                              "no backup written")
+        found["rdb"] = "/" + rdbs[0] if rdbs else None
+        found["info"], found["warnings"] = _rdb_of_record(verification, found["rdb"], None) if rdbs else ({}, [])
+        aof_dirs = sorted({posixpath.dirname(name) for name in aofs if name.endswith(".manifest")})
+        found["aof"] = _aof_summary(verification, "/" + aof_dirs[0], "dir") if aof_dirs else (
+            _aof_summary(verification, "/" + aofs[0], "file") if aofs else None)
+        if found["rdb"]:
+            _record_rdb_checks(verification, found["rdb"])
+        for key in ("rdb", "files", "kept"):
+            verification.pop(key, None)
+
+    fmt = "tar." + job.compression.suffix
+    result = write_archive(job, dir_fd, mount_items(job), scan=scan_redis(fmt, lambda name: name.endswith((".aof", ".manifest"))), before_commit=check)
+    info = found["info"]
+    counts = rdb_counts(info) if info and "error" not in info else None
+    ctime = int((info.get("aux") or {}).get("ctime", 0) or 0) if info else 0
+    age = f"{found['rdb']} written at {_utc(ctime)} ({_age(ctime)} ago)" if ctime else "no RDB file"
+    saved = f"; LASTSAVE {_utc(lastsave)}" if lastsave else ""
+    warning = (f"FALLBACK: the archive holds {age}{saved}: writes made since then are NOT in this backup"
+               + ("; Redis loads the archived AOF instead (appendonly yes)" if found["aof"] and aof_on else ""))
+    LOG.warning("%s", warning)
+    aof_summary = found["aof"]
+    if aof_summary is not None:
+        aof_summary["keys"] = aof_summary.get("base", {}).get("keys") if aof_summary.get("incr_bytes") == 0 else None
+    result.fallback = {"procedure": "mounted-archive", "reason": reason}
+    result.warnings[:0] = [f"fallback to mounted-archive: {reason}; {hint}", warning, *found["warnings"]]
+    result.counts = counts
+    result.contents.update({"rdb": found["rdb"], "rdb_file": _rdb_facts(info) if info else None, "appendonly": aof_on, "aof": aof_summary,
+                            "lastsave": lastsave, "counts_from": f"{found['rdb']} as archived" if counts is not None else None})
+    return result
+
+
+def _utc(seconds: int | None) -> str:
+    return datetime.datetime.fromtimestamp(seconds or 0, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _age(seconds: int) -> str:
+    age = max(0, int(time.time()) - seconds)
+    return f"{age // 86400}d {age % 86400 // 3600}h" if age >= 86400 else f"{age // 3600}h {age % 3600 // 60}m" if age >= 3600 else f"{age // 60}m {age % 60}s"
+
+
+def plan_redis_bgsave(job: BackupJob) -> Plan:
+    cli = mask_argv(exec_argv(job.container, ["redis-cli", "--no-auth-warning"], secrets=redis_target(job.resolution.container, job.settings, job.env).secrets))
+    steps = [f"run: {cli} {command}" for command in (
+        "INFO persistence (a save already running is waited out)", "LASTSAVE", "TIME", "BGSAVE",
+        "INFO persistence (until this run's save is done)", "CONFIG GET dir dbfilename appendonly appenddirname appendfilename")]
+    steps.append(f"archive: <dir>/<dbfilename> and, with appendonly, the AOF (fallback: {job.cls.fallback or 'none'}, counted from the RDB it holds)")
+    checks = (f"{job.compression.format} complete, tar readable, entry count, the RDB read to its end and written by this BGSAVE (ctime), "
+              "redis-check-rdb")
+    return Plan(steps, f".tar.{job.compression.suffix}", checks)
+
+
+def estimate_redis(job: BackupJob) -> tuple[int | None, str]:
+    if job.resolution.container.get("State", {}).get("Running"):
+        with contextlib.suppress(BackupError):
+            redis = redis_target(job.resolution.container, job.settings, job.env)
+            info = parse_info(redis_cli(redis, "INFO", "memory", timeout=job.settings.docker_timeout))
+            if info.get("used_memory_dataset", "").isdigit():
+                return int(info["used_memory_dataset"]), "Redis used_memory_dataset"
+    return estimate_mounts(job)
+
+
+def verify_redis(fh: IO[bytes], doc: dict[str, Any]) -> list[Check]:
+    """--verify of a Redis archive: the tar checks, and the RDB of record read again to the same keys per database."""
+    fmt = str(doc.get("format", "tar.gz"))
+    contents = doc.get("contents") or {}
+    found = scan_tar(fh, fmt, rdb=is_rdb_name)
+    expected = doc.get("verification", {}).get("members")
+    checks: list[Check] = [("structure", found["members"] == expected, f"complete {compression_of(fmt)}, tar readable, {found['members']} entries (manifest {expected})")]
+    rdb = contents.get("rdb")
+    if rdb:
+        info = found["rdb"].get(rdb.lstrip("/"))
+        if info is None:
+            checks.append(("rdb", False, f"the archive holds no {rdb}"))
+        elif "error" in info and not info.get("unknown"):
+            checks.append(("rdb", False, f"{rdb}: {info['error']}"))
+        else:
+            keys = rdb_counts(info) if "error" not in info else None
+            recorded = doc.get("counts")
+            checks.append(("rdb", keys == recorded, f"{rdb} read to its end, keys {keys} (manifest {recorded})"))
+    return checks
+
+
+def _extract_member(backup: Path, fmt: str, member: str, into: str) -> tuple[int, int]:
+    """Copy one member of a tar backup into the file into (private, 0600); return its owner (uid, gid)."""
+    with open(backup, "rb") as fh, decompressing(fh, fmt) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+        for entry in tar:
+            if entry.name.rstrip("/") == member and entry.isreg():
+                source = tar.extractfile(entry)
+                assert source is not None
+                fd = os.open(into, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(source, out, COPY_CHUNK)
+                return entry.uid, entry.gid
+            _forget_members(tar)
+    raise BackupError(f"drill: {backup.name} holds no {member}")
+
+
+def _expected_keys(rdb_file: str, loaded_at: float, load_seconds: float) -> dict[str, tuple[int, int]]:
+    """Return, per database, the range of keys a server that loaded rdb_file must hold: less those expired since."""
+    late, early = int(loaded_at * 1000), int((loaded_at - load_seconds - 1) * 1000)
+    with open(rdb_file, "rb") as fh:
+        info = read_rdb(_RdbReader(fh.read, os.fstat(fh.fileno()).st_size), (early, late))
+    return {name: (db["keys"] - db["expired"][1], db["keys"] - db["expired"][0]) for name, db in info["dbs"].items() if db["keys"]}
+
+
+def _compare_keys(label: str, expected: dict[str, tuple[int, int]], found: dict[str, int], lines: list[str]) -> int:
+    differences = 0
+    for db in sorted(set(expected) | set(found), key=lambda name: int(name[2:]) if name[2:].isdigit() else 0):
+        low, high = expected.get(db, (0, 0))
+        got = found.get(db, 0)
+        if low <= got <= high:
+            note = "" if low == high else f" (keys with a TTL expired since the backup: {high - got})"
+            lines.append(f"  {db} keys: {got} = {high}{note}" if got == high else f"  {db} keys: {got} = {high} less {high - got} expired")
+        else:
+            differences += 1
+            lines.append(f"  {db} keys: {got} != {low if low == high else f'{low}..{high}'}   <- DIFFERS ({label})")
+    return differences
+
+
+def _redis_loaded(box: DrillContainer, target: RedisTarget, settings: Settings) -> tuple[dict[str, int], float]:
+    box.wait_until(lambda: parse_info(redis_cli(target, "INFO", "persistence", timeout=settings.docker_timeout)).get("loading") == "0",
+                   "Redis loaded its data")
+    return redis_keyspace(target, settings.docker_timeout), redis_time(target, settings.docker_timeout)
+
+
+def drill_redis(drill: Drill) -> int:
+    """Class B: start Redis from the same image on the restored files and compare keys per database.
+
+    Pass 1 loads the RDB of record whatever appendonly says (an AOF directory naming a
+    copy of it as its base, or the single AOF file replaced by it), and compares keys with
+    those read from that very file, less keys whose TTL ran out since. Pass 2, when the
+    archive holds an AOF, restores everything as the restore notes do and loads the AOF:
+    its keys are compared when no write came after the snapshot, reported otherwise.
+    """
+    doc, lines, settings = drill.doc, drill.lines, drill.settings
+    contents = doc.get("contents") or {}
+    rdb, aof = contents.get("rdb"), contents.get("aof")
+    differences = 0
+    if rdb and doc.get("counts") is not None:
+        with drill_container(drill, "Redis") as box, tempfile.TemporaryDirectory(prefix="bba-drill-") as private:
+            copy = os.path.join(private, "rdb")
+            owner = _extract_member(drill.backup, doc["format"], rdb.lstrip("/"), copy)
+            box.create(start=True)
+            box.copy_in(drill.backup)
+            if aof is not None or contents.get("appendonly"):
+                _point_aof_at_rdb(box, copy, owner, aof, rdb, (doc.get("server") or {}).get("version", "7"))
+            started = time.monotonic()
+            box.start()
+            target = dataclasses.replace(redis_target(box.live or {}, settings, drill.env), container=box.name)
+            found, loaded_at = _redis_loaded(box, target, settings)
+            lines.append(f"pass 1: Redis loaded {rdb} (the RDB of record), keys compared with those read from it:")
+            differences += _compare_keys("RDB", _expected_keys(copy, loaded_at, time.monotonic() - started), found, lines)
+    elif rdb:
+        lines.append(f"pass 1 skipped: the keys of {rdb} were not counted at backup time ({(contents.get('rdb_file') or {}).get('error', 'unknown type')})")
+    if aof is not None:
+        with drill_container(drill, "Redis") as box:
+            box.create(start=True)
+            box.copy_in(drill.backup)
+            box.start()
+            target = dataclasses.replace(redis_target(box.live or {}, settings, drill.env), container=box.name)
+            found, _ = _redis_loaded(box, target, settings)
+            trouble = [line for line in box.logs().splitlines() if any(word in line for word in REDIS_AOF_TROUBLE)]
+            lines.append(f"pass 2: Redis loaded the archived AOF ({aof['path']}), as a restore would:")
+            if trouble:
+                differences += 1
+                lines.append(f"  the AOF did not load cleanly: {trouble[0].strip()}   <- DIFFERS")
+            if aof.get("keys") is not None:
+                # An AOF replays keys whose TTL has passed and expires them afterwards: up to all of those may be gone.
+                with_ttl = (contents.get("rdb_file") or {}).get("expires", {})
+                differences += _compare_keys("AOF", {db: (n - with_ttl.get(db, 0), n) for db, n in aof["keys"].items()}, found, lines)
+            else:
+                why = (f"it holds {aof.get('changes_after_snapshot')} write(s) made after the RDB snapshot"
+                       if aof.get("changes_after_snapshot") else "its incremental files were not counted")
+                lines.append(f"  keys {dict(sorted(found.items()))} (not compared: {why})")
+    if not rdb and aof is None:
+        raise BackupError("drill: the manifest names no RDB and no AOF in this archive")
+    return differences
+
+
+def _point_aof_at_rdb(box: DrillContainer, copy: str, owner: tuple[int, int], aof: dict[str, Any] | None, rdb: str, version: str) -> None:
+    """Make the drill's Redis load the RDB of record even with appendonly yes.
+
+    Redis 7 with appendonly yes loads only what its AOF manifest names, and with no AOF it
+    starts EMPTY (and overwrites the RDB at its next save); an AOF manifest naming a copy of
+    the RDB as its base makes it load exactly that file. Before Redis 7 the single AOF file
+    is replaced by the RDB (an RDB is a valid AOF preamble). They belong to the RDB's owner,
+    who must be able to write there.
+    """
+    uid, gid = owner
+    directory = posixpath.dirname(rdb)
+    kind, path = (aof["kind"], aof["path"]) if aof else redis_aof_path(version, directory, {})
+    size = os.stat(copy).st_size
+    with open(copy, "rb") as fh:
+        def write(tar: TarWriter) -> None:
+            now = int(time.time())
+            if kind == "dir":
+                manifest = b"file bba-drill.base.rdb seq 1 type b\n"
+                tar.add(TarEntry(path.strip("/"), tarfile.DIRTYPE, 0o755, uid, gid, now))
+                base = posixpath.join(path, "bba-drill.base.rdb").strip("/")
+                tar.add_file(TarEntry(base, tarfile.REGTYPE, 0o644, uid, gid, now, size), fh.fileno())
+                name = posixpath.join(path, posixpath.basename(_manifest_name(aof))).strip("/")
+                tar.add_stream(TarEntry(name, tarfile.REGTYPE, 0o644, uid, gid, now, len(manifest)), io.BytesIO(manifest))
+            else:
+                tar.add_file(TarEntry(path.strip("/"), tarfile.REGTYPE, 0o644, uid, gid, now, size), fh.fileno())
+        box.copy_in_tar(write)
+
+
+def _manifest_name(aof: dict[str, Any] | None) -> str:
+    for name in (aof or {}).get("files", {}):
+        if str(name).endswith(".manifest"):
+            return str(name)
+    return "appendonly.aof.manifest"
+
+
+register(Procedure(
+    name="redis-bgsave",
+    run=procedure_redis_bgsave,
+    plan=plan_redis_bgsave,
+    estimate=estimate_redis,
+    verify=verify_redis,
+    drill=drill_redis,
+    suffixes=("tar.gz", "tar.zst"),
+    owns_fallback=True,  # its fallback archive is counted from the RDB it holds and drilled by starting Redis
+))
+
+
+# --------------------------------------------------------------------------- class C: Vault
+
+
+def remove_in_container(job: BackupJob, path: str, noted: dict[str, str] | None) -> None:
+    """Remove a temporary file or directory the run made in the container; strike it off the journal once gone."""
+    with signals_deferred():
+        proc = run(exec_argv(job.container, ["rm", "-rf", "--", path]), timeout=job.settings.docker_timeout, check=False)
+        if proc.returncode == 0 and job.journal is not None and noted is not None:
+            job.journal.done(noted)
+        elif proc.returncode != 0:
+            LOG.warning("could not remove %s:%s (the next run of %s tries again): %s", job.container, path, job.module.id,
+                        proc.stderr.decode("utf-8", "replace").strip())
+
+
+def note_in_container(job: BackupJob, path: str) -> dict[str, str] | None:
+    """Write down a temporary path the run is about to make in the container (see CleanupJournal)."""
+    return job.journal.add(kind="container-path", container=job.container, path=path) if job.journal is not None else None
 
 
 def scan_vault_snapshot(fh: IO[bytes]) -> dict[str, Any]:
@@ -2643,31 +4996,34 @@ def scan_vault_snapshot(fh: IO[bytes]) -> dict[str, Any]:
     return {"gzip_complete": True, "tar_readable": True, "sha256sums": f"{listed} members match", "members": len(sizes)}
 
 
+VAULT_HINT = "a live copy of Vault's storage is consistent only with Vault stopped or paused (--pause)"
+
+
 def procedure_vault_raft_snapshot(job: BackupJob, dir_fd: int) -> BackupResult:
     """Class C: `vault operator raft snapshot save` in the container, copied out as <module>-<ts>.snap.
 
     Falls back to the mounted data archive, loudly, without a token or when the snapshot
     fails (sealed, not raft, permission).
     """
-    hint = "a live copy of Vault's storage is consistent only with Vault stopped or paused (--pause)"
-    options = job.cls.options
+    options = job.options
     token = job.env.get(options["token_env"])
     if not token:
-        return fall_back(job, dir_fd, f"no {options['token_env']} in the environment", hint)
+        return fall_back(job, dir_fd, f"no {options['token_env']} in the environment", VAULT_HINT)
     require_running(job, "a raft snapshot")
     addr = options["vault_addr"] or container_env(job.resolution.container).get("VAULT_ADDR") or "http://127.0.0.1:8200"
     secrets = {"VAULT_TOKEN": token, "VAULT_ADDR": addr}
     tmp = f"/tmp/bba-{job.basename}.snap"
+    noted = note_in_container(job, tmp)
     try:
         try:
             run(exec_argv(job.container, ["vault", "operator", "raft", "snapshot", "save", tmp], secrets=secrets),
-                timeout=job.settings.pause_timeout, secrets=secrets)
+                timeout=job.settings.snapshot_timeout, secrets=secrets)
         except CommandError as exc:
-            return fall_back(job, dir_fd, f"vault operator raft snapshot save failed: {' | '.join(exc.stderr_tail[-2:]) or exc}", hint)
+            return fall_back(job, dir_fd, f"vault operator raft snapshot save failed: {' | '.join(exc.stderr_tail[-2:]) or exc}", VAULT_HINT)
 
         def inspect(verification: dict[str, Any]) -> None:
             proc = run(exec_argv(job.container, ["vault", "operator", "raft", "snapshot", "inspect", tmp], secrets=secrets),
-                       timeout=job.settings.pause_timeout, secrets=secrets, check=False)
+                       timeout=job.settings.snapshot_timeout, secrets=secrets, check=False)
             if proc.returncode == 127:
                 verification["vault_inspect"] = "not available in the container's vault CLI"
             elif proc.returncode != 0:
@@ -2677,42 +5033,75 @@ def procedure_vault_raft_snapshot(job: BackupJob, dir_fd: int) -> BackupResult:
 
         result = copy_out_file(job, dir_fd, tmp, ".snap", scan_vault_snapshot, before_commit=inspect)
     finally:
-        with signals_deferred():
-            run(exec_argv(job.container, ["rm", "-f", tmp]), timeout=job.settings.docker_timeout, check=False)
+        remove_in_container(job, tmp, noted)
     result.contents["vault_addr"] = addr
     return result
 
 
-# -- class D: MinIO
+def plan_vault(job: BackupJob) -> Plan:
+    token_env = job.options["token_env"]
+    if not job.env.get(token_env):
+        return plan_fallback(job, f"no {token_env} in the environment")
+    name, tmp = job.container, f"/tmp/bba-{job.basename}.snap"
+    vault = ["-e", "VAULT_ADDR", "-e", "VAULT_TOKEN", name, "vault", "operator", "raft", "snapshot"]
+    steps = [f"run: docker exec {shlex.join([*vault, 'save', tmp])}", f"run: docker exec {shlex.join([*vault, 'inspect', tmp])}",
+             f"run: docker cp {name}:{tmp} - > <backup>.partial", f"run: docker exec {name} rm -rf {tmp}"]
+    return Plan(steps, ".snap", "gzip'd tar, SHA256SUMS, vault operator raft snapshot inspect")
+
+
+def verify_snapshot(fh: IO[bytes], doc: dict[str, Any]) -> list[Check]:
+    found = scan_vault_snapshot(fh)
+    recorded = doc.get("verification", {}).get("members")
+    return [("structure", found["members"] == recorded,
+             f"complete gzip, tar readable, SHA256SUMS {found['sha256sums']}, {found['members']} members (manifest {recorded})")]
+
+
+register(Procedure(
+    name="vault-raft-snapshot",
+    run=procedure_vault_raft_snapshot,
+    plan=plan_vault,
+    estimate=estimate_mounts,
+    verify=verify_snapshot,
+    drill=lambda drill: drill_listing(drill, "Vault is not started for a drill: structure, SHA256SUMS and contents listing only; "
+                                             "restore with `vault operator raft snapshot restore`"),
+    suffixes=("snap",),
+    options={"token_env": (str, "VAULT_TOKEN"), "vault_addr": (str, "")},
+))
+
+
+# --------------------------------------------------------------------------- class D: MinIO
 
 MINIO_HINT = "MinIO supports restoring backend files only onto the same release and drive layout, with the server stopped"
 
 
-def mc_json_lines(proc: subprocess.CompletedProcess[bytes], what: str) -> list[dict[str, Any]]:
-    """Return the JSON objects mc printed one per line. Raise BackupError on any error line.
+def mc_records(argv: list[str], what: str, timeout: float, secrets: dict[str, str], on_record: Callable[[dict[str, Any]], None]) -> None:
+    """Run mc with --json through the streaming helper, handing each object line to on_record as it comes.
 
-    mc mirror goes on after a per-object error, so every line is read, and the exit
-    status is checked too.
+    mc mirror goes on after a per-object error, so every line is read and any error line
+    fails the step, as does the exit status. Raise BackupError on either.
     """
-    records, errors = [], []
-    for line in proc.stdout.decode("utf-8", "replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise BackupError(f"{what}: output is not mc's --json lines: {line[:120]!r}") from None
-        if record.get("status") == "error":
-            error = record.get("error") or {}
-            cause = (error.get("cause") or {}).get("message", "")
-            errors.append(f"{error.get('message', 'error')} {cause}".strip())
-        else:
-            records.append(record)
+    errors: list[str] = []
+    with _streaming(argv, into=False, timeout=timeout, secrets=secrets, check=False) as stream:
+        tail = b""
+        while chunk := stream.pipe.read(COPY_CHUNK):
+            *lines, tail = (tail + chunk).split(b"\n")
+            for line in lines:
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise BackupError(f"{what}: output is not mc's --json lines: {line[:120]!r}") from None
+                if record.get("status") == "error":
+                    error = record.get("error") or {}
+                    cause = (error.get("cause") or {}).get("message", "")
+                    errors.append(f"{error.get('message', 'error')} {cause}".strip())
+                else:
+                    on_record(record)
     if errors:
         raise BackupError(f"{what}: {len(errors)} error(s), first: {errors[0]}")
-    if proc.returncode != 0:
-        raise CommandError(proc.args if isinstance(proc.args, list) else [what], proc.returncode, proc.stderr)
-    return records
+    if stream.returncode != 0:
+        raise CommandError(argv, stream.returncode, stream.stderr)
 
 
 def procedure_mc_mirror(job: BackupJob, dir_fd: int) -> BackupResult:
@@ -2720,10 +5109,10 @@ def procedure_mc_mirror(job: BackupJob, dir_fd: int) -> BackupResult:
 
     mc runs on this host when it is there, else inside the container; objects are staged
     in a private directory inside the backup directory, archived into one tar.gz, and the
-    staging is removed whatever happens. Falls back to the mounted data archive, loudly,
-    without an alias or without mc.
+    staging is removed whatever happens (by the next run, if this one is killed). Falls
+    back to the mounted data archive, loudly, without an alias or without mc.
     """
-    alias_env = job.cls.options["alias_env"]
+    alias_env = job.options["alias_env"]
     alias = job.env.get(alias_env, "")
     if not alias:
         return fall_back(job, dir_fd, f"no {alias_env} in the environment", MINIO_HINT)
@@ -2732,80 +5121,120 @@ def procedure_mc_mirror(job: BackupJob, dir_fd: int) -> BackupResult:
     host_key = f"MC_HOST_{alias}"
     secrets = {host_key: job.env[host_key]} if job.env.get(host_key) else {}
     inside = f"/tmp/bba-{job.basename}"
-    host_mc = shutil.which("mc")
-    if host_mc and b"Midnight" in run([host_mc, "--version"], check=False, timeout=job.settings.docker_timeout).stdout:
-        host_mc = None  # Debian's mc is Midnight Commander
+    host_mc = mc_on_this_host(job.settings.docker_timeout)
     if host_mc is None:
         require_running(job, "mc inside the container")
         probe = run(exec_argv(job.container, ["mc", "--version"]), check=False, timeout=job.settings.docker_timeout)
         if probe.returncode != 0:
             return fall_back(job, dir_fd, "mc is neither on this host nor in the container", MINIO_HINT)
 
-    def mc(args: list[str], cwd: str) -> subprocess.CompletedProcess[bytes]:
+    def mc(args: list[str], cwd: str, what: str, on_record: Callable[[dict[str, Any]], None]) -> None:
+        argv = [host_mc, *args] if host_mc else exec_argv(job.container, ["mc", *args], secrets=secrets, workdir=cwd)
         if host_mc:
-            return run([host_mc, *args], check=False, timeout=job.settings.pause_timeout, secrets=secrets, cwd=cwd)
-        return run(["docker", "exec", "-w", cwd, *exec_argv(job.container, ["mc", *args], secrets=secrets)[2:]],
-                   check=False, timeout=job.settings.pause_timeout, secrets=secrets)
+            argv = ["env", "-C", cwd, *argv]
+        mc_records(argv, what, job.settings.stream_timeout, secrets, on_record)
 
     staging_name = f".{job.basename}.mc-staging"
     os.mkdir(staging_name, 0o700, dir_fd=dir_fd)
     staging = job.backup_dir / staging_name
+    noted = None
     try:
         work = str(staging) if host_mc else inside
         if host_mc:
             for sub in ("buckets", "metadata"):
                 os.mkdir(staging / sub, 0o700)
         else:
+            noted = note_in_container(job, inside)
             run(exec_argv(job.container, ["mkdir", "-p", f"{inside}/buckets", f"{inside}/metadata"]), timeout=job.settings.docker_timeout)
-        listing = mc_json_lines(mc(["ls", "--json", alias], work), f"mc ls {alias}")
+        listing: list[dict[str, Any]] = []
+        mc(["ls", "--json", alias], work, f"mc ls {alias}", listing.append)
         bucket_names = [r["key"].rstrip("/") for r in listing if r.get("type") == "folder"]
         LOG.info("mc alias %s (mc %s): buckets %s", alias, "on this host" if host_mc else "in the container", ", ".join(bucket_names) or "none")
         objects: dict[str, int] = {}
         for bucket in bucket_names:
-            lines = mc_json_lines(mc(["mirror", "--preserve", "--json", f"{alias}/{bucket}", f"{work}/buckets/{bucket}"], work), f"mc mirror {alias}/{bucket}")
-            objects[bucket] = sum(1 for r in lines if r.get("target"))
-        export = mc(["admin", "cluster", "bucket", "export", alias, "--json"], f"{work}/metadata")
+            objects[bucket] = 0
+
+            def count(record: dict[str, Any], bucket: str = bucket) -> None:
+                objects[bucket] += bool(record.get("target"))
+
+            mc(["mirror", "--preserve", "--json", f"{alias}/{bucket}", f"{work}/buckets/{bucket}"], work, f"mc mirror {alias}/{bucket}", count)
         try:
-            mc_json_lines(export, "mc admin cluster bucket export")
+            mc(["admin", "cluster", "bucket", "export", alias, "--json"], f"{work}/metadata", "mc admin cluster bucket export", lambda record: None)
             bucket_export = "ok"
         except BackupError as exc:
             bucket_export = f"not available: {exc}"
             LOG.warning("bucket metadata not exported (%s); objects only", exc)
         if not host_mc:
-            with stream_from(["docker", "cp", f"{job.container}:{inside}/.", "-"], timeout=job.settings.pause_timeout) as pipe:
-                with tarfile.open(fileobj=pipe, mode="r|") as tar:
-                    for member in tar:
-                        _forget_members(tar)
-                        target = os.path.normpath(os.path.join(staging, member.name))
-                        if not _inside(target, [str(staging)]) or member.issym() or member.islnk():
-                            raise BackupError(f"mc staging copy: unexpected entry {member.name!r}")
-                        if member.isdir():
-                            os.makedirs(target, mode=0o700, exist_ok=True)
-                        elif member.isreg():
-                            source = tar.extractfile(member)
-                            assert source is not None
-                            with open(target, "xb") as fh:
-                                shutil.copyfileobj(source, fh, COPY_CHUNK)
-                            os.utime(target, (member.mtime, member.mtime))
-        items = [ArchiveItem(f"/{b}", str(staging / "buckets" / b), f"buckets/{b}", prefix="buckets/")
+            copy_staging_out(job, inside, staging)
+        items = [ArchiveItem(f"/{b}", str(staging / "buckets"), f"buckets/{b}", prefix="buckets/", rel=(b,))
                  for b in bucket_names if (staging / "buckets" / b).is_dir()]
-        items += [ArchiveItem(f"/{name}", str(staging / "metadata" / name), f"metadata/{name}", prefix="metadata/")
+        items += [ArchiveItem(f"/{name}", str(staging / "metadata"), f"metadata/{name}", prefix="metadata/", rel=(name,))
                   for name in sorted(os.listdir(staging / "metadata"))]
         if not items:
             raise BackupError(f"mc alias {alias} has no buckets: nothing would be backed up")
         result = write_archive(job, dir_fd, items)
     finally:
         with signals_deferred():
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree_at(dir_fd, staging_name)
             if not host_mc:
-                run(exec_argv(job.container, ["rm", "-rf", inside]), timeout=job.settings.docker_timeout, check=False)
+                remove_in_container(job, inside, noted)
     result.contents["groups"] = result.contents.pop("per_mount")
     result.contents.update({"alias": alias, "mc": "host" if host_mc else "container", "bucket_export": bucket_export})
     result.counts = {"objects": objects}
     return result
 
 
-# -- class F: search engines (Meilisearch, SearXNG)
+def mc_on_this_host(timeout: float) -> str | None:
+    """Return the MinIO client on this host's PATH, or None (Debian's `mc` is Midnight Commander)."""
+    found = shutil.which("mc")
+    if found and b"Midnight" not in run([found, "--version"], check=False, timeout=timeout).stdout:
+        return found
+    return None
+
+
+def copy_staging_out(job: BackupJob, inside: str, staging: Path) -> None:
+    """Copy mc's staging directory out of the container into staging; refuse links and anything outside it."""
+    with stream_from(["docker", "cp", f"{job.container}:{inside}/.", "-"], timeout=job.settings.stream_timeout) as pipe:
+        with tarfile.open(fileobj=pipe, mode="r|") as tar:
+            for member in tar:
+                _forget_members(tar)
+                target = os.path.normpath(os.path.join(staging, member.name))
+                if not _inside(target, [str(staging)]) or member.issym() or member.islnk():
+                    raise BackupError(f"mc staging copy: unexpected entry {member.name!r}")
+                if member.isdir():
+                    os.makedirs(target, mode=0o700, exist_ok=True)
+                elif member.isreg():
+                    source = tar.extractfile(member)
+                    assert source is not None
+                    with open(target, "xb") as fh:
+                        shutil.copyfileobj(source, fh, COPY_CHUNK)
+                    os.utime(target, (member.mtime, member.mtime))
+
+
+def plan_mc_mirror(job: BackupJob) -> Plan:
+    alias = job.env.get(job.options["alias_env"])
+    if not alias:
+        return plan_fallback(job, f"no {job.options['alias_env']} in the environment")
+    where = "mc (on this host if it is there, else docker exec -w <dir> " + job.container + " mc)"
+    steps = [f"run: {where} ls --json {alias}", f"run: {where} mirror --preserve --json {alias}/<bucket> <staging>/buckets/<bucket>",
+             f"run: {where} admin cluster bucket export {alias} --json",
+             f"stage in: {job.backup_dir}/.{job.basename}.mc-staging (0700, removed afterwards)"]
+    return Plan(steps, f".tar.{job.compression.suffix}", f"{job.compression.format} complete, tar readable, entry count; every mc JSON line")
+
+
+register(Procedure(
+    name="mc-mirror",
+    run=procedure_mc_mirror,
+    plan=plan_mc_mirror,
+    estimate=estimate_mounts,
+    verify=verify_archive,
+    drill=drill_groups,
+    suffixes=("tar.gz", "tar.zst"),
+    options={"alias_env": (str, "MINIO_MC_ALIAS")},
+))
+
+
+# --------------------------------------------------------------------------- class F: search engines (Meilisearch, SearXNG)
 
 MEILI_TERMINAL = ("succeeded", "failed", "canceled")
 
@@ -2827,7 +5256,7 @@ def meili_request(job: BackupJob, method: str, route: str, key: str) -> tuple[in
     The master key goes to curl in a config read from stdin (`curl -K -`), so it is in no
     process's argv, on this host or in the container.
     """
-    url = job.cls.options["meilisearch_url"].rstrip("/") + route
+    url = job.options["meilisearch_url"].rstrip("/") + route
     config = f'url = "{url}"\nrequest = "{method}"\nsilent\nshow-error\nwrite-out = "\\n%{{http_code}}"\n'
     if key:
         quoted = key.replace("\\", "\\\\").replace('"', '\\"')
@@ -2871,12 +5300,11 @@ def meilisearch_dump(job: BackupJob, dir_fd: int) -> BackupResult:
     workdir = job.resolution.container.get("Config", {}).get("WorkingDir") or "/meili_data"
     dump_dir = env.get("MEILI_DUMP_DIR") or "dumps/"
     path = posixpath.join(workdir, dump_dir, f"{dump_uid}.dump")
+    noted = note_in_container(job, path)  # the dump was made for this backup only; leave the engine's disk as it was
     try:
         result = copy_out_file(job, dir_fd, path, ".dump", scan_meilisearch_dump)
     finally:
-        # The dump was made for this backup only; leave the engine's disk as it was.
-        with signals_deferred():
-            run(exec_argv(job.container, ["rm", "-f", path]), timeout=job.settings.docker_timeout, check=False)
+        remove_in_container(job, path, noted)
     result.contents.update({"engine": "meilisearch", "task_uid": uid, "dump_uid": dump_uid})
     result.timings["dump_seconds"] = round(time.monotonic() - started, 3)
     return result
@@ -2894,8 +5322,8 @@ def scan_meilisearch_dump(fh: IO[bytes]) -> dict[str, Any]:
     return {"gzip_complete": True, "tar_readable": True, "members": len(sizes), "dump_version": metadata.get("dumpVersion")}
 
 
-def searxng_config(job: BackupJob, dir_fd: int) -> BackupResult:
-    """SearXNG: its state is its configuration (settings.yml, limiter.toml); caches are skipped."""
+def searxng_mounts(job: BackupJob) -> tuple[list[MountPlan], list[tuple[str, str]]]:
+    """Return SearXNG's configuration mounts (settings.yml, limiter.toml) and the others, skipped with the reason."""
     config, skipped = [], []
     for mount in job.mounts:
         holds_config = mount.via == "host" and any(os.path.exists(os.path.join(mount.source, f)) for f in ("settings.yml", "limiter.toml"))
@@ -2903,6 +5331,12 @@ def searxng_config(job: BackupJob, dir_fd: int) -> BackupResult:
             config.append(mount)
         else:
             skipped.append((mount.destination, "not SearXNG configuration (cache or runtime data)"))
+    return config, skipped
+
+
+def searxng_config(job: BackupJob, dir_fd: int) -> BackupResult:
+    """SearXNG: its state is its configuration (settings.yml, limiter.toml); caches are skipped."""
+    config, skipped = searxng_mounts(job)
     if not config:
         raise BackupError(f"container {job.container} has no SearXNG configuration mount (/etc/searxng with settings.yml)")
     LOG.info("SearXNG: backing up its configuration only (%s); skipped: %s", ", ".join(m.destination for m in config),
@@ -2918,7 +5352,7 @@ def procedure_search_engine(job: BackupJob, dir_fd: int) -> BackupResult:
     kind = search_engine_kind(job)
     if kind == "searxng":
         return searxng_config(job, dir_fd)
-    if kind == "meilisearch" and job.cls.options["meilisearch_dump"]:
+    if kind == "meilisearch" and job.options["meilisearch_dump"]:
         require_running(job, "the dump API")
         return meilisearch_dump(job, dir_fd)
     if kind == "meilisearch":
@@ -2931,269 +5365,50 @@ def procedure_search_engine(job: BackupJob, dir_fd: int) -> BackupResult:
     return result
 
 
-# -- class A: PostgreSQL
-
-PG_TRAILER = b"-- PostgreSQL database cluster dump complete"
-PG_TAIL_BYTES = 4096
-PG_MIN_DUMP_BYTES = 256
-# One query per database: exact row counts of every table (query_to_xml runs a count(*)
-# per table inside the same statement) and the number of large objects.
-PG_CENSUS_SQL = """
-SELECT json_build_object(
-  'tables', coalesce((
-    SELECT json_object_agg(format('%I.%I', n.nspname, c.relname),
-      (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I', n.nspname, c.relname), false, true, '')))[1]::text::bigint)
-    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%'
-  ), '{}'::json),
-  'large_objects', (SELECT count(*) FROM pg_largeobject_metadata))
-"""
-PG_SERVER_SQL = """
-SELECT json_build_object(
-  'version', current_setting('server_version'),
-  'databases', (SELECT coalesce(json_agg(datname ORDER BY datname), '[]'::json) FROM pg_database WHERE datallowconn AND NOT datistemplate))
-"""
+def plan_search_engine(job: BackupJob) -> Plan:
+    kind = search_engine_kind(job)
+    if kind == "meilisearch" and job.options["meilisearch_dump"]:
+        name, url = job.container, job.options["meilisearch_url"]
+        steps = [f"run: docker exec -i {name} curl -K - (POST {url}/dumps; key on stdin)", f"run: ... GET {url}/tasks/<uid> until succeeded",
+                 f"run: docker cp {name}:<workdir>/dumps/<dumpUid>.dump - > <backup>.partial", f"run: docker exec {name} rm -rf <that dump>"]
+        return Plan(steps, ".dump", "gzip'd tar with metadata.json")
+    if kind == "searxng":
+        config, skipped = searxng_mounts(job)
+        steps = [f"read: {m.source} -> {m.destination} (SearXNG configuration)" for m in config]
+        steps += [f"skip: {d} ({reason})" for d, reason in skipped]
+        return Plan(steps, f".tar.{job.compression.suffix}", f"{job.compression.format} complete, tar readable, entry count")
+    plan = plan_mounted_archive(job)
+    return dataclasses.replace(plan, steps=[f"archive ({kind}): the mounted data", *plan.steps])
 
 
-@dataclasses.dataclass(frozen=True)
-class PgTarget:
-    """How to reach the PostgreSQL server inside a container."""
-
-    container: str
-    user: str
-    secrets: dict[str, str]
-
-
-def pg_target(container: dict[str, Any]) -> PgTarget:
-    """Return the superuser and password of a postgres container, from its own environment."""
-    env = container_env(container)
-    secrets = {"PGPASSWORD": env["POSTGRES_PASSWORD"]} if env.get("POSTGRES_PASSWORD") else {}
-    return PgTarget(container_name(container), env.get("POSTGRES_USER") or "postgres", secrets)
+def verify_search_engine(fh: IO[bytes], doc: dict[str, Any]) -> list[Check]:
+    if doc.get("format") != "dump":
+        return verify_archive(fh, doc)
+    found = scan_meilisearch_dump(fh)
+    recorded = doc.get("verification", {}).get("members")
+    return [("structure", found["members"] == recorded, f"complete gzip, tar readable, metadata.json, {found['members']} members (manifest {recorded})")]
 
 
-def pg_json(target: PgTarget, database: str, sql: str, timeout: float) -> Any:
-    """Return the single JSON value sql produces in database."""
-    argv = exec_argv(target.container, ["psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", target.user, "-d", database, "-c", sql], secrets=target.secrets)
-    proc = run(argv, timeout=timeout, secrets=target.secrets)
-    return parse_json(proc.stdout, f"psql in {target.container}")
+def drill_search_engine(drill: Drill) -> int:
+    if drill.doc.get("format") != "dump":
+        return drill_mounted_archive(drill)
+    return drill_listing(drill, "Meilisearch is not started for a drill: structure and contents listing only; "
+                                "restore by starting Meilisearch with --import-dump")
 
 
-def pg_census(target: PgTarget, timeout: float) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Return (server, counts): the server version and, per database, tables, rows and large objects."""
-    server = pg_json(target, "postgres", PG_SERVER_SQL, timeout)
-    version = server["version"]
-    counts: dict[str, Any] = {}
-    for database in server["databases"]:
-        found = pg_json(target, database, PG_CENSUS_SQL, timeout)
-        tables = dict(sorted(found["tables"].items()))
-        counts[database] = {
-            "tables": len(tables),
-            "rows": sum(tables.values()),
-            "large_objects": found["large_objects"],
-            "row_counts": tables,
-        }
-    return {"engine": "postgresql", "version": version, "user": target.user}, counts
+register(Procedure(
+    name="search-engine",
+    run=procedure_search_engine,
+    plan=plan_search_engine,
+    estimate=estimate_mounts,
+    verify=verify_search_engine,
+    drill=drill_search_engine,
+    suffixes=("dump", "tar.gz", "tar.zst"),
+    options={"meilisearch_dump": (bool, False), "meilisearch_url": (str, "http://127.0.0.1:7700")},
+))
 
 
-def dump_cluster(job: BackupJob, target: PgTarget, out: PartialFile) -> int:
-    """Stream pg_dumpall through gzip into out; return the SQL bytes. Raise BackupError if incomplete."""
-    argv = exec_argv(target.container, ["pg_dumpall", "-U", target.user, "--clean", "--if-exists"], secrets=target.secrets)
-    size, tail = 0, b""
-    LOG.info("dumping with pg_dumpall into %s.partial", out.path)
-    with compressing(out, job.compression) as packed, contextlib.closing(Progress("pg_dumpall", job.estimated_bytes)) as progress:
-        with stream_from(argv, timeout=job.settings.pause_timeout, secrets=target.secrets) as pipe:
-            while chunk := pipe.read(COPY_CHUNK):
-                packed.write(chunk)
-                progress.add(len(chunk))
-                size += len(chunk)
-                tail = (tail + chunk)[-PG_TAIL_BYTES:]
-    check_sql_dump(size, tail)
-    return size
-
-
-def procedure_pg_dumpall(job: BackupJob, dir_fd: int) -> BackupResult:
-    """Class A: pg_dumpall of the whole cluster, streamed into <module>-<ts>.sql.gz, verified."""
-    require_running(job, "pg_dumpall")
-    target = pg_target(job.resolution.container)
-    server, counts = pg_census(target, job.settings.docker_timeout)
-    LOG.info(
-        "PostgreSQL %s, user %s: %s", server["version"], target.user,
-        ", ".join(f"{db} ({c['tables']} tables, {c['rows']} rows)" for db, c in counts.items()) or "no databases",
-    )
-    fmt = "sql." + job.compression.suffix
-    with PartialFile(dir_fd, f"{job.basename}.{fmt}", job.backup_dir) as out, verifying(out, lambda fh: scan_sql(fh, fmt)) as verified:
-        size = dump_cluster(job, target, out)
-        verification = verified()
-        if verification["sql_bytes"] != size:
-            raise BackupError(f"verification failed: the file holds {verification['sql_bytes']} bytes of SQL, {size} were written")
-        path = out.commit()
-    return BackupResult(
-        path=path, format=fmt, size=out.size, sha256=out.sha256.hexdigest(), verification=verification,
-        contents={"sql_bytes": size, "databases": len(counts)}, warnings=[], server=server, counts=counts,
-    )
-
-
-# -- class B: Redis
-
-REDIS_RDB_MAGIC = b"REDIS"
-REDIS_ERROR_RE = re.compile(r"^(ERR|NOAUTH|NOPERM|WRONGPASS|WRONGTYPE|BUSY|LOADING|MISCONF|READONLY|MASTERDOWN|OOM|NOSCRIPT)\b")
-
-
-class RedisReplyError(BackupError):
-    """Redis answered with an error (renamed command, ACL, auth)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class RedisTarget:
-    """How to reach Redis inside a container."""
-
-    container: str
-    secrets: dict[str, str]
-
-
-def redis_target(container: dict[str, Any], settings: Settings, env: dict[str, str]) -> RedisTarget:
-    """Return the Redis of a container, with its password from the operator's environment,
-    else from the container's own, passed to redis-cli as REDISCLI_AUTH by name."""
-    name = settings.redis_password_env
-    password = env.get(name) or container_env(container).get(name)
-    return RedisTarget(container_name(container), {"REDISCLI_AUTH": password} if password else {})
-
-
-def redis_cli(target: RedisTarget, *args: str, timeout: float) -> str:
-    """Return redis-cli's reply. Raise RedisReplyError when Redis answers with an error.
-
-    redis-cli exits 0 on error replies, so the reply itself is checked.
-    """
-    proc = run(exec_argv(target.container, ["redis-cli", "--no-auth-warning", *args], secrets=target.secrets), timeout=timeout, secrets=target.secrets)
-    reply = proc.stdout.decode("utf-8", "replace").strip()
-    if REDIS_ERROR_RE.match(reply) or not reply:
-        raise RedisReplyError(f"redis {' '.join(args[:2])}: {reply.splitlines()[0] if reply else 'no reply'}")
-    return reply
-
-
-def parse_info(text: str) -> dict[str, str]:
-    """Return the fields of an INFO reply."""
-    fields = {}
-    for line in text.splitlines():
-        key, sep, value = line.strip().partition(":")
-        if sep and not key.startswith("#"):
-            fields[key] = value
-    return fields
-
-
-def redis_keyspace(target: RedisTarget, timeout: float) -> dict[str, int]:
-    """Return the number of keys per database (INFO keyspace)."""
-    counts = {}
-    for db, value in parse_info(redis_cli(target, "INFO", "keyspace", timeout=timeout)).items():
-        fields = dict(part.split("=", 1) for part in value.split(",") if "=" in part)
-        counts[db] = int(fields.get("keys", 0))
-    return counts
-
-
-def redis_lastsave(target: RedisTarget, timeout: float) -> int:
-    reply = redis_cli(target, "LASTSAVE", timeout=timeout)
-    if not reply.isdigit():
-        raise RedisReplyError(f"redis LASTSAVE: unexpected reply {reply[:80]!r}")
-    return int(reply)
-
-
-def redis_bgsave(target: RedisTarget, timeout: float, docker_timeout: float) -> dict[str, Any]:
-    """Run BGSAVE (BGSAVE SCHEDULE while an AOF rewrite runs) and wait for it to succeed.
-
-    Success means rdb_bgsave_in_progress:0, rdb_last_bgsave_status:ok and a LASTSAVE newer
-    than the one before. Raise RedisReplyError if Redis refuses the command, BackupError
-    if the save fails or takes longer than timeout.
-    """
-    before = redis_lastsave(target, docker_timeout)
-    # LASTSAVE has one-second resolution: start only once the server's clock is past it.
-    while int(redis_cli(target, "TIME", timeout=docker_timeout).split()[0]) <= before:
-        time.sleep(0.1)
-    started = time.monotonic()
-    info = parse_info(redis_cli(target, "INFO", "persistence", timeout=docker_timeout))
-    command = ["BGSAVE", "SCHEDULE"] if info.get("aof_rewrite_in_progress") == "1" else ["BGSAVE"]
-    reply = redis_cli(target, *command, timeout=docker_timeout)
-    if not reply.startswith("Background saving"):
-        raise RedisReplyError(f"redis {' '.join(command)}: unexpected reply {reply[:80]!r}")
-    LOG.info("%s: %s; waiting for it to finish", " ".join(command), reply)
-    while True:
-        info = parse_info(redis_cli(target, "INFO", "persistence", timeout=docker_timeout))
-        after = redis_lastsave(target, docker_timeout)
-        if info.get("rdb_bgsave_in_progress") == "0" and after > before:
-            break
-        if info.get("rdb_bgsave_in_progress") == "0" and info.get("rdb_last_bgsave_status") == "err":
-            raise BackupError(f"redis BGSAVE failed in {target.container} (rdb_last_bgsave_status:err; see the container's log)")
-        if time.monotonic() - started > timeout:
-            raise BackupError(f"redis BGSAVE did not finish within {timeout:g}s (snapshot_timeout)")
-        time.sleep(0.2)
-    if info.get("rdb_last_bgsave_status") != "ok":
-        raise BackupError(f"redis BGSAVE finished with rdb_last_bgsave_status:{info.get('rdb_last_bgsave_status')}")
-    return {"command": " ".join(command), "lastsave_before": before, "lastsave_after": after, "seconds": round(time.monotonic() - started, 3)}
-
-
-def redis_config(target: RedisTarget, timeout: float) -> dict[str, str]:
-    """Return dir, dbfilename, appendonly and appenddirname (CONFIG GET)."""
-    config: dict[str, str] = {}
-    for key in ("dir", "dbfilename", "appendonly", "appenddirname"):
-        lines = redis_cli(target, "CONFIG", "GET", key, timeout=timeout).splitlines()
-        if len(lines) >= 2 and lines[0] == key:
-            config[key] = lines[1]
-    if "dir" not in config or "dbfilename" not in config:
-        raise RedisReplyError("redis CONFIG GET dir/dbfilename gave no answer")
-    return config
-
-
-def procedure_redis_bgsave(job: BackupJob, dir_fd: int) -> BackupResult:
-    """Class B: BGSAVE, then archive the RDB file (and the AOF directory when on), verified.
-
-    Falls back to the mounted data archive, loudly, when Redis refuses BGSAVE or CONFIG
-    (renamed command, ACL).
-    """
-    require_running(job, "BGSAVE")
-    target = redis_target(job.resolution.container, job.settings, job.env)
-    timeout = job.settings.docker_timeout
-    server = {"engine": "redis", "version": parse_info(redis_cli(target, "INFO", "server", timeout=timeout)).get("redis_version", "unknown")}
-    counts = redis_keyspace(target, timeout)
-    LOG.info("Redis %s: %s", server["version"], ", ".join(f"{db} {n} keys" for db, n in counts.items()) or "no keys")
-    try:
-        bgsave = redis_bgsave(target, job.settings.snapshot_timeout, timeout)
-        config = redis_config(target, timeout)
-    except RedisReplyError as exc:
-        if job.cls.fallback != "mounted-archive":
-            raise
-        result = fall_back(job, dir_fd, str(exc), "restore it with Redis stopped")
-        result.server, result.counts = server, counts
-        return result
-    LOG.info("BGSAVE done in %.1fs (LASTSAVE %d -> %d)", bgsave["seconds"], bgsave["lastsave_before"], bgsave["lastsave_after"])
-    rdb = posixpath.join(config["dir"], config["dbfilename"])
-    paths = [rdb]
-    aof = config.get("appendonly") == "yes"
-    if aof:
-        paths.append(posixpath.join(config["dir"], config.get("appenddirname") or "appendonlydir"))
-    before = parse_info(redis_cli(target, "INFO", "persistence", timeout=timeout))
-    if aof and before.get("aof_rewrite_in_progress") != "0":
-        raise BackupError("an AOF rewrite is running; its directory cannot be copied consistently now (try again shortly)")
-
-    def check_copy(verification: dict[str, Any]) -> None:
-        after = parse_info(redis_cli(target, "INFO", "persistence", timeout=timeout))
-        if aof and (after.get("aof_rewrite_in_progress") != "0" or after.get("aof_rewrites") != before.get("aof_rewrites")):
-            raise BackupError("an AOF rewrite ran during the copy; no backup written (try again)")
-        check = run(exec_argv(job.container, ["redis-check-rdb", rdb]), timeout=job.settings.pause_timeout, check=False)
-        if check.returncode in (126, 127) or b"executable file not found" in check.stderr:
-            verification["redis_check_rdb"] = "not available in the container"
-        elif check.returncode != 0:
-            last = (check.stdout + check.stderr).decode(errors="replace").strip().splitlines()[-1:]
-            raise BackupError(f"redis-check-rdb {rdb} failed in {job.container}: {' '.join(last)}")
-        else:
-            verification["redis_check_rdb"] = "ok"
-
-    result = write_archive(job, dir_fd, [locate(p, job.mounts) for p in paths], rdb_member=rdb.lstrip("/"), before_commit=check_copy)
-    result.server, result.counts = server, counts
-    result.contents.update({"rdb": rdb, "appendonly": aof, "bgsave": bgsave})
-    result.timings["bgsave_seconds"] = bgsave["seconds"]
-    return result
-
-
-# -- class G: a module with its own compose root (Agaria)
+# --------------------------------------------------------------------------- class G: a module with its own compose root (Agaria)
 
 AGARIA_FOLLOW_UP = "Agaria-specific follow-up required"
 COMPOSE_DUMP_SUFFIX = ".pgdump.sql"
@@ -3203,26 +5418,40 @@ def compose_labels(container: dict[str, Any]) -> dict[str, str]:
     return dict(container.get("Config", {}).get("Labels") or {})
 
 
+def compose_secondary(job: BackupJob) -> str | None:
+    """Return what else the module is (pg-dumpall for agaria-postgres, redis-bgsave for agaria-redis), or None."""
+    if job.config is None:
+        return None
+    also = classify(job.module.id, job.config, exclude=job.cls.letter)[0].procedure
+    return also if also in ("pg-dumpall", "redis-bgsave") else None
+
+
+def compose_root(job: BackupJob) -> tuple[str, str]:
+    """Return (the compose root, why it cannot be read here or "")."""
+    root = job.options["compose_root"] or compose_labels(job.resolution.container).get("com.docker.compose.project.working_dir", "")
+    if not root:
+        return "", f"no compose root: no com.docker.compose.project.working_dir label and no classes.{job.cls.letter}.options.compose_root"
+    if not job.engine.local or job.engine.rootless:
+        return root, f"compose root {root} is on the engine's host ({job.engine.endpoint}), not readable from here"
+    if not os.path.isdir(root):
+        return root, f"compose root {root} does not exist on this host"
+    return root, ""
+
+
 def procedure_compose_root_archive(job: BackupJob, dir_fd: int) -> BackupResult:
     """Class G: the compose root and the mounted data of every container of its compose project.
 
     One archive: compose-root/<path>, containers/<name>/<mount>/..., and for a module that
     is also PostgreSQL (agaria-postgres) dumps/pg_dumpall.sql.gz; for one that is also
-    Redis (agaria-redis) a BGSAVE first. Falls back to the module's mounted data when the
-    compose root cannot be read from here.
+    Redis (agaria-redis) a BGSAVE first. The origin's procedure is the archive: the dump and
+    the BGSAVE are best effort, and when that server does not answer the archive is taken
+    anyway, with a loud warning naming what is missing (recorded in the manifest). Falls
+    back to the module's mounted data when the compose root cannot be read from here.
     """
     LOG.warning("%s (origin table, class %s)", AGARIA_FOLLOW_UP, job.cls.letter)
     labels = compose_labels(job.resolution.container)
-    root = job.cls.options["compose_root"] or labels.get("com.docker.compose.project.working_dir", "")
+    root, reason = compose_root(job)
     project = labels.get("com.docker.compose.project")
-    if not root:
-        reason = f"no compose root: no com.docker.compose.project.working_dir label and no classes.{job.cls.letter}.options.compose_root"
-    elif not job.engine.local or job.engine.rootless:
-        reason = f"compose root {root} is on the engine's host ({job.engine.endpoint}), not readable from here"
-    elif not os.path.isdir(root):
-        reason = f"compose root {root} does not exist on this host"
-    else:
-        reason = ""
     if reason:
         result = fall_back(job, dir_fd, reason)
         result.warnings.append(AGARIA_FOLLOW_UP)
@@ -3234,69 +5463,116 @@ def procedure_compose_root_archive(job: BackupJob, dir_fd: int) -> BackupResult:
     items = [ArchiveItem(root, root, "compose-root/" + root.strip("/"), prefix="compose-root/")]
     for config_file in labels.get("com.docker.compose.project.config_files", "").split(","):
         if config_file and not _inside(config_file, [root]) and os.path.isfile(config_file):
-            items.append(ArchiveItem(config_file, config_file, "compose-root/" + config_file.strip("/"), prefix="compose-root/"))
+            items.append(ArchiveItem(config_file, os.path.dirname(config_file), "compose-root/" + config_file.strip("/"),
+                                     prefix="compose-root/", rel=(os.path.basename(config_file),)))
     names = []
     for container in sorted(members, key=container_name):
         name = container_name(container)
         names.append(name)
+        pid = int((container.get("State") or {}).get("Pid") or 0) if (container.get("State") or {}).get("Running") else 0
         for mount in plan_mounts(container, read_on_host=True)[0]:
-            prefix = f"containers/{name}/"
-            host = mount.source if mount.via == "host" else None
-            items.append(ArchiveItem(mount.destination, host, prefix + mount.destination.strip("/"), prefix=prefix, container=name))
+            items.append(mount_item(mount, pid=pid, prefix=f"containers/{name}/", container=name))
     LOG.info("compose project %s: root %s, containers %s", project or "(none)", root, ", ".join(names))
 
+    secondary = compose_secondary(job)
     details: dict[str, Any] = {"compose_root": root, "compose_project": project, "containers": names, "follow_up": AGARIA_FOLLOW_UP,
-                               "also": job.secondary}
+                               "also": secondary, "missing": []}
     server: dict[str, Any] | None = None
     counts: dict[str, Any] | None = None
+    warnings: list[str] = []
+    rdb_member: str | None = None
     with contextlib.ExitStack() as stack:
-        if job.secondary == "pg-dumpall":
-            require_running(job, "pg_dumpall")
-            target = pg_target(job.resolution.container)
-            server, counts = pg_census(target, job.settings.docker_timeout)
-            inner = f"pg_dumpall.sql.{job.compression.suffix}"
-            dump = stack.enter_context(PartialFile(dir_fd, f"{job.basename}{COMPOSE_DUMP_SUFFIX}.{job.compression.suffix}", job.backup_dir))
-            details["sql_bytes"] = dump_cluster(job, target, dump)
-            dump.close()
-            partial = str(job.backup_dir / dump.partial)
-            items.append(ArchiveItem("/" + inner, partial, "dumps/" + inner, prefix="dumps/"))
-        elif job.secondary == "redis-bgsave":
-            require_running(job, "BGSAVE")
-            target_redis = redis_target(job.resolution.container, job.settings, job.env)
-            counts = redis_keyspace(target_redis, job.settings.docker_timeout)
-            details["bgsave"] = redis_bgsave(target_redis, job.settings.snapshot_timeout, job.settings.docker_timeout)
-        result = write_archive(job, dir_fd, items)
+        try:
+            if secondary == "pg-dumpall":
+                require_running(job, "pg_dumpall")
+                target = pg_target(job.resolution.container)
+                found = pg_server(target, job.settings.docker_timeout)
+                expected, _ = dumpable_databases(found)
+                inner = f"pg_dumpall.sql.{job.compression.suffix}"
+                dump = stack.enter_context(PartialFile(dir_fd, f"{job.basename}{COMPOSE_DUMP_SUFFIX}.{job.compression.suffix}", job.backup_dir))
+                details["sql_bytes"], census = dump_cluster(job, target, dump)
+                counts = census.counts()
+                warnings += check_databases(expected, counts)
+                server = {"engine": "postgresql", "version": found["version"], "user": target.user}
+                dump.close()
+                items.append(ArchiveItem("/" + inner, str(job.backup_dir), "dumps/" + inner, prefix="dumps/", rel=(dump.partial,)))
+            elif secondary == "redis-bgsave":
+                require_running(job, "BGSAVE")
+                target_redis = redis_target(job.resolution.container, job.settings, job.env)
+                details["bgsave"] = redis_bgsave(target_redis, job.settings.snapshot_timeout, job.settings.docker_timeout)
+                config = redis_config(target_redis, job.settings.docker_timeout)
+                rdb_member = f"containers/{job.container}/" + posixpath.join(config["dir"], config["dbfilename"]).lstrip("/")
+        except BackupError as exc:
+            what = "the pg_dumpall of the cluster" if secondary == "pg-dumpall" else "a fresh BGSAVE (the RDB archived is the last one on disk)"
+            missing = f"{what} of {job.container} is MISSING from this archive: {exc}"
+            LOG.warning("%s", missing)
+            details["missing"].append(missing)
+            warnings.append(missing)
+            counts = None
+            rdb_member = None
+
+        def count_rdb(verification: dict[str, Any]) -> None:
+            # agaria-redis: the keys of the RDB its BGSAVE wrote, as archived, like class B.
+            nonlocal counts
+            info = verification.pop("rdb", {}).get(rdb_member or "")
+            if rdb_member is None:
+                return
+            try:
+                if info is None:
+                    raise BackupError(f"the archive holds no {rdb_member}")
+                found, notes = _rdb_of_record({"rdb": {rdb_member: info}}, "/" + rdb_member, details["bgsave"]["not_before"])
+                counts = rdb_counts(found) if "error" not in found else None
+                warnings.extend(notes)
+            except BackupError as exc:
+                missing = f"the keys of {job.container}'s RDB could not be counted from the archive: {exc}"
+                LOG.warning("%s", missing)
+                details["missing"].append(missing)
+                warnings.append(missing)
+
+        fmt = "tar." + job.compression.suffix
+        scan = (lambda fh: scan_tar(fh, fmt, rdb=lambda name: name == rdb_member)) if rdb_member else None
+        result = write_archive(job, dir_fd, items, scan=scan, before_commit=count_rdb)
     result.contents.update(details)
     result.contents["groups"] = result.contents.pop("per_mount")
     result.server, result.counts = server, counts
-    result.warnings.append(AGARIA_FOLLOW_UP)
+    result.warnings += [*warnings, AGARIA_FOLLOW_UP]
     return result
 
 
-PROCEDURES = {
-    "mounted-archive": procedure_mounted_archive,
-    "pg-dumpall": procedure_pg_dumpall,
-    "redis-bgsave": procedure_redis_bgsave,
-    "vault-raft-snapshot": procedure_vault_raft_snapshot,
-    "search-engine": procedure_search_engine,
-    "compose-root-archive": procedure_compose_root_archive,
-    "mc-mirror": procedure_mc_mirror,
-}
-# Backups that are one engine-made file, checked by its own structure.
-SINGLE_FILE_SCANS: dict[str, Callable[[IO[bytes]], dict[str, Any]]] = {
-    "snap": scan_vault_snapshot,
-    "dump": scan_meilisearch_dump,
-}
+def plan_compose_root(job: BackupJob) -> Plan:
+    root, reason = compose_root(job)
+    if reason:
+        return plan_fallback(job, reason)
+    labels = compose_labels(job.resolution.container)
+    steps = [f"read: compose root {root} -> compose-root/",
+             f"read: the mounts of every container of compose project {labels.get('com.docker.compose.project', '<none>')} -> containers/<name>/"]
+    secondary = compose_secondary(job)
+    if secondary:
+        extra = f"dumps/pg_dumpall.sql.{job.compression.suffix}" if secondary == "pg-dumpall" else "BGSAVE first"
+        steps.append(f"also take, best effort: {secondary} of {job.container} ({extra}; missing is recorded, not fatal)")
+    return Plan(steps, f".tar.{job.compression.suffix}", f"{job.compression.format} complete, tar readable, entry count")
+
+
+register(Procedure(
+    name="compose-root-archive",
+    run=procedure_compose_root_archive,
+    plan=plan_compose_root,
+    estimate=estimate_mounts,
+    verify=verify_archive,
+    drill=drill_groups,
+    suffixes=("tar.gz", "tar.zst"),
+    options={"compose_root": (str, "")},
+))
 
 
 # --------------------------------------------------------------------------- manifest and --verify
 
 MANIFEST_SUFFIX = ".manifest.json"
-BACKUP_SUFFIXES = (".tar.gz", ".sql.gz", ".tar.zst", ".sql.zst", ".snap", ".dump")
+DECOMPRESS = {"gzip": "gunzip -c", "zstd": "zstd -dc"}
 
 
 def restore_notes(cls: BackupClass, values: dict[str, str]) -> str:
-    """Return the class's restore notes with {backup}, {module}, ... filled in."""
+    """Return the class's restore notes with {backup}, {decompress}, {module}, ... filled in."""
     text = cls.restore
     for key in RESTORE_PLACEHOLDERS:
         text = text.replace("{" + key + "}", values.get(key, "{" + key + "}"))
@@ -3312,6 +5588,7 @@ def build_manifest(job: BackupJob, result: BackupResult, started: datetime.datet
         "module": job.module.id,
         "container": job.container,
         "image": str(container.get("Config", {}).get("Image", "")),
+        "decompress": DECOMPRESS[compression_of(result.format)],
     }
     per_mount = result.contents.get("per_mount", {})
     return {
@@ -3321,7 +5598,7 @@ def build_manifest(job: BackupJob, result: BackupResult, started: datetime.datet
         "lifecycle": job.module.lifecycle,
         "class": job.cls.letter,
         "class_title": job.cls.title,
-        "procedure": result.fallback["procedure"] if result.fallback else job.procedure,
+        "procedure": job.procedure,
         "configured_procedure": job.cls.procedure,
         "fallback_used": result.fallback,
         "container": {
@@ -3371,10 +5648,11 @@ def backup_pair(path: Path) -> tuple[Path, Path]:
     name = path.name
     if name.endswith(MANIFEST_SUFFIX):
         return path, path  # the backup is named inside the manifest
-    for suffix in BACKUP_SUFFIXES:
+    suffixes = backup_suffixes()
+    for suffix in suffixes:
         if name.endswith(suffix):
             return path, path.with_name(name[: -len(suffix)] + MANIFEST_SUFFIX)
-    raise UsageError(f"{path}: not a backup of this tool (expected *{', *'.join(BACKUP_SUFFIXES)} or *{MANIFEST_SUFFIX})")
+    raise UsageError(f"{path}: not a backup of this tool (expected *{', *'.join(suffixes)} or *{MANIFEST_SUFFIX})")
 
 
 def load_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
@@ -3395,10 +5673,15 @@ def load_manifest(path: Path) -> tuple[Path, dict[str, Any]]:
     return backup, doc
 
 
-def verify_backup(path: Path) -> list[tuple[str, bool, str]]:
-    """Return (check, passed, detail) for every check of a backup against its manifest."""
+def verify_backup(path: Path) -> list[Check]:
+    """Return (check, passed, detail) for every check of a backup against its manifest.
+
+    Size, privacy and sha256 for every backup; then the structural checks of the procedure
+    that reads it (procedure_for), which re-read the file itself.
+    """
     backup, doc = load_manifest(path)
-    checks: list[tuple[str, bool, str]] = []
+    procedure = procedure_for(doc, backup)
+    checks: list[Check] = []
     try:
         st = backup.stat()
     except FileNotFoundError:
@@ -3413,22 +5696,7 @@ def verify_backup(path: Path) -> list[tuple[str, bool, str]]:
     checks.append(("sha256", digest.hexdigest() == doc.get("sha256"), f"{digest.hexdigest()[:16]}..., manifest {str(doc.get('sha256'))[:16]}..."))
     try:
         with open(backup, "rb") as fh:
-            recorded = doc.get("verification", {})
-            if str(doc.get("format")).startswith("sql."):
-                found = scan_sql(fh, doc["format"])
-                expected = recorded.get("sql_bytes")
-                checks.append(("structure", found["sql_bytes"] == expected, f"complete {compression_of(doc['format'])}, dump trailer present, {found['sql_bytes']} bytes of SQL (manifest {expected})"))
-            elif doc.get("format") in SINGLE_FILE_SCANS:
-                found = SINGLE_FILE_SCANS[doc["format"]](fh)
-                same = found["members"] == recorded.get("members")
-                checks.append(("structure", same, f"complete gzip, tar readable, {found['members']} members (manifest {recorded.get('members')})"))
-            else:
-                rdb = doc.get("contents", {}).get("rdb")
-                fmt = str(doc.get("format", "tar.gz"))
-                found = scan_tar(fh, fmt, rdb_member=rdb.lstrip("/") if rdb else None)
-                expected = doc.get("verification", {}).get("members")
-                detail = f"complete {compression_of(fmt)}, tar readable, {found['members']} entries (manifest {expected})" + (", RDB magic ok" if rdb else "")
-                checks.append(("structure", found["members"] == expected, detail))
+            checks += procedure.verify(fh, doc)
     except BackupError as exc:
         checks.append(("structure", False, str(exc)))
     return checks
@@ -3436,297 +5704,26 @@ def verify_backup(path: Path) -> list[tuple[str, bool, str]]:
 
 # --------------------------------------------------------------------------- --drill
 
-PG_HARMLESS_ERRORS = (
-    # pg_dumpall --clean drops and recreates every role; the one psql is connected as
-    # cannot be dropped and so already exists (PostgreSQL docs, pg_dumpall "Notes").
-    re.compile(r"current user cannot be dropped"),
-    re.compile(r'role "(?P<role>[^"]+)" already exists'),
-)
-DRILL_NEVER_STARTED = "/bba-drill-never-started"
-DRILL_LISTING_MAX = 40
-
-
-class DrillContainer:
-    """A throwaway container cloned from a module's container, on fresh volumes.
-
-    Same image, user, command and environment (passed by name), the live container's
-    read-only binds, no network, and a new volume at every writable mount, so nothing
-    of the live service is touched. The container and its volumes are removed on exit,
-    whatever happened.
-    """
-
-    def __init__(self, doc: dict[str, Any], live: dict[str, Any] | None, settings: Settings) -> None:
-        self.doc = doc
-        self.live = live
-        self.settings = settings
-        self.name = f"bba-drill-{doc['module']}-{os.urandom(4).hex()}"
-        self.volumes: list[str] = []
-        self.created = False
-        self.secrets: dict[str, str] = {}
-
-    def __enter__(self) -> DrillContainer:
-        return self
-
-    def create(self, *, start: bool) -> None:
-        timeout = self.settings.docker_timeout
-        image = self.doc["container"].get("image_id") or self.doc["container"]["image"]
-        argv = ["create", "--name", self.name, "--network", "none", "--label", f"bba-drill={self.doc['module']}"]
-        destinations = [m["destination"] for m in self.doc.get("mounts", [])]
-        command: list[str] = []
-        if self.live is not None:
-            config = self.live.get("Config", {})
-            if config.get("User"):
-                argv += ["--user", config["User"]]
-            if config.get("WorkingDir"):
-                argv += ["--workdir", config["WorkingDir"]]
-            for name, value in container_env(self.live).items():
-                if name.startswith("DOCKER_"):
-                    LOG.warning("drill: %s is not passed to the throwaway container (it would redirect the docker CLI)", name)
-                    continue
-                self.secrets[name] = value
-                argv += ["-e", name]
-            for mount in self.live.get("Mounts") or []:
-                if mount.get("Type") == "bind" and not mount.get("RW"):
-                    argv += ["-v", f"{mount['Source']}:{mount['Destination']}:ro"]
-                elif mount.get("Type") in ("volume", "bind") and mount["Destination"] not in destinations:
-                    destinations.append(mount["Destination"])
-            image_config = parse_json(docker(["image", "inspect", "--format", "{{json .Config}}", image], timeout=timeout).stdout, "docker image inspect")
-            entrypoint = config.get("Entrypoint") or []
-            if entrypoint != (image_config.get("Entrypoint") or []):
-                argv += ["--entrypoint", entrypoint[0] if entrypoint else ""]
-                command = entrypoint[1:]
-            command += config.get("Cmd") or []
-        if not start:
-            argv += ["--entrypoint", DRILL_NEVER_STARTED] if self.live is None else []
-        for index, destination in enumerate(destinations):
-            volume = f"{self.name}-{index}"
-            docker(["volume", "create", "--label", f"bba-drill={self.doc['module']}", volume], timeout=timeout)
-            self.volumes.append(volume)
-            argv += ["-v", f"{volume}:{destination}"]
-        docker([*argv, image, *command], timeout=timeout, secrets=self.secrets)
-        self.created = True
-        LOG.info("drill: throwaway container %s from %s", self.name, image)
-
-    def copy_in(self, backup: Path) -> None:
-        """Extract a tar backup into the container's volumes (docker cp keeps owners)."""
-        with open(backup, "rb") as fh, decompressing(fh, self.doc["format"]) as gz:
-            with stream_into(["docker", "cp", "-", f"{self.name}:/"], timeout=self.settings.drill_timeout) as stream:
-                while chunk := gz.read(COPY_CHUNK):
-                    stream.pipe.write(chunk)
-
-    def start(self) -> None:
-        docker(["start", self.name], timeout=self.settings.docker_timeout)
-
-    def wait_until(self, probe: Any, what: str) -> None:
-        """Call probe() until it returns true; raise BackupError if the container dies or time runs out."""
-        deadline = time.monotonic() + self.settings.drill_timeout
-        while True:
-            with contextlib.suppress(BackupError):
-                if probe():
-                    return
-            state = parse_json(docker(["inspect", "--format", "{{json .State}}", self.name], timeout=self.settings.docker_timeout).stdout, "docker inspect")
-            if not state.get("Running"):
-                logs = docker(["logs", "--tail", "5", self.name], timeout=self.settings.docker_timeout, check=False)
-                tail = (logs.stdout + logs.stderr).decode(errors="replace").strip().replace("\n", " | ")
-                raise BackupError(f"drill: throwaway container exited ({state.get('Status')}) before {what}: {tail}")
-            if time.monotonic() > deadline:
-                raise BackupError(f"drill: {what} did not happen within {self.settings.drill_timeout:g}s (drill_timeout)")
-            time.sleep(0.3)
-
-    def __exit__(self, *exc_info: object) -> None:
-        with signals_deferred():
-            if self.created:
-                docker(["rm", "-f", "-v", self.name], timeout=self.settings.docker_timeout, check=False)
-            for volume in self.volumes:
-                docker(["volume", "rm", "-f", volume], timeout=self.settings.docker_timeout, check=False)
-
-
-def live_container(doc: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-    """Return `docker inspect` of the backed-up container (by id, then name), or None."""
-    for ref in (doc["container"].get("id"), doc["container"].get("name")):
-        if ref:
-            proc = docker(["inspect", "--type", "container", ref], timeout=timeout, check=False)
-            if proc.returncode == 0:
-                found = parse_json(proc.stdout, "docker inspect")
-                if found:
-                    return dict(found[0])
-    return None
-
-
-def compare(label: str, expected: Any, found: Any, lines: list[str]) -> bool:
-    same = bool(expected == found)
-    shown = [v[:16] + "..." if isinstance(v, str) and len(v) == 64 else v for v in (found, expected)]
-    lines.append(f"  {label}: {shown[0]} {'=' if same else '!='} {shown[1]}{'' if same else '   <- DIFFERS'}")
-    return same
-
-
-def drill_archive(doc: dict[str, Any], backup: Path, box: DrillContainer, engine: EngineInfo, lines: list[str]) -> int:
-    """Class E (and archive fallbacks): restore into fresh volumes, compare entries per mount."""
-    box.create(start=False)
-    box.copy_in(backup)
-    differences = 0
-    read_on_host = engine.local and not engine.rootless
-    clone = parse_json(docker(["inspect", box.name], timeout=box.settings.docker_timeout).stdout, "docker inspect")[0]
-    restored_mounts = {m.destination: m for m in plan_mounts(clone, read_on_host=read_on_host)[0]}
-    for mount in doc.get("mounts", []):
-        if mount["destination"] not in doc.get("archived_paths", [mount["destination"]]):
-            continue
-        restored = restored_mounts[mount["destination"]]
-        via_host = mount.get("read_via") == "host" and restored.via == "host"
-        stats = ArchiveStats()
-        item = ArchiveItem(restored.destination, restored.source if via_host else None, restored.destination)
-        others = [m["destination"] for m in doc["mounts"] if m["destination"] != mount["destination"]]
-        archive_items(TarWriter(_NullWriter()), box.name, [item], others, stats, box.settings.drill_timeout)
-        found = stats.summary().get(mount["destination"], {})
-        lines.append(f"{mount['destination']} (restored, read via {'host path' if via_host else 'docker cp'}):")
-        for key in ("members", "files", "bytes", "listing_sha256"):
-            differences += not compare(key, mount.get(key), found.get(key), lines)
-    return differences
-
-
-class _NullWriter(StreamSink):
-    """A sink that drops everything (the drill re-reads restored trees and keeps only their digests)."""
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        return len(data)
-
-
-def drill_postgres(doc: dict[str, Any], backup: Path, box: DrillContainer, lines: list[str]) -> int:
-    """Class A: load the dump into a fresh server from the same image, compare every count."""
-    if box.live is None:
-        raise BackupError(f"drill: container {doc['container']['name']} is gone; its image, command and environment are needed to start PostgreSQL")
-    box.create(start=True)
-    box.start()
-    target = dataclasses.replace(pg_target(box.live), container=box.name)
-    box.wait_until(lambda: pg_json(target, "postgres", "SELECT to_json(1)", box.settings.docker_timeout) == 1, "PostgreSQL accepted connections")
-    argv = exec_argv(box.name, ["psql", "-X", "-q", "-U", target.user, "-d", "postgres"], secrets=target.secrets, stdin=True)
-    with open(backup, "rb") as fh, decompressing(fh, doc["format"]) as gz:
-        with stream_into(argv, timeout=box.settings.drill_timeout, secrets=target.secrets, check=False) as stream:
-            while chunk := gz.read(COPY_CHUNK):
-                stream.pipe.write(chunk)
-    errors = [line for line in stream.stderr.decode("utf-8", "replace").splitlines() if re.search(r"\b(ERROR|FATAL|PANIC):", line)]
-    unexpected = [
-        e for e in errors
-        if not any((m := p.search(e)) and (m.groupdict().get("role") in (None, target.user)) for p in PG_HARMLESS_ERRORS)
-    ]
-    lines.append(f"psql: {len(errors)} error(s) while loading, {len(errors) - len(unexpected)} known to be harmless")
-    if unexpected:
-        raise BackupError(f"drill failed: psql reported {len(unexpected)} unexpected error(s), first: {unexpected[0].strip()}")
-    server, counts = pg_census(target, box.settings.docker_timeout)
-    differences = 0
-    lines.append(f"server {server['version']} (backup taken from {(doc.get('server') or {}).get('version')})")
-    expected_counts = doc.get("counts") or {}
-    for database in sorted(set(expected_counts) | set(counts)):
-        want, got = expected_counts.get(database, {}), counts.get(database, {})
-        lines.append(f"database {database}:")
-        for key in ("tables", "rows", "large_objects"):
-            differences += not compare(key, want.get(key), got.get(key), lines)
-        for table in sorted(set(want.get("row_counts", {})) | set(got.get("row_counts", {}))):
-            if want.get("row_counts", {}).get(table) != got.get("row_counts", {}).get(table):
-                differences += not compare(f"rows in {table}", want.get("row_counts", {}).get(table), got.get("row_counts", {}).get(table), lines)
-    return differences
-
-
-def drill_redis(doc: dict[str, Any], backup: Path, box: DrillContainer, settings: Settings, env: dict[str, str], lines: list[str]) -> int:
-    """Class B: start Redis from the same image on the restored files, compare keys per database."""
-    if box.live is None:
-        raise BackupError(f"drill: container {doc['container']['name']} is gone; its image, command and environment are needed to start Redis")
-    box.create(start=True)
-    box.copy_in(backup)
-    box.start()
-    target = dataclasses.replace(redis_target(box.live, settings, env), container=box.name)
-    box.wait_until(lambda: parse_info(redis_cli(target, "INFO", "persistence", timeout=settings.docker_timeout)).get("loading") == "0", "Redis loaded its data")
-    aof = (doc.get("contents") or {}).get("appendonly")
-    lines.append(f"loaded from {'the AOF (it takes precedence over the RDB)' if aof else 'the RDB file'}")
-    found = redis_keyspace(target, settings.docker_timeout)
-    differences = 0
-    for db in sorted(set(doc.get("counts") or {}) | set(found)):
-        differences += not compare(f"{db} keys", (doc.get("counts") or {}).get(db), found.get(db), lines)
-    return differences
-
-
-DRILL_ENGINE_NOTES = {
-    "snap": "Vault is not started for a drill: structure, SHA256SUMS and contents listing only; "
-            "restore with `vault operator raft snapshot restore`",
-    "dump": "Meilisearch is not started for a drill: structure and contents listing only; "
-            "restore by starting Meilisearch with --import-dump",
-}
-
-
-def drill_listing(doc: dict[str, Any], backup: Path, lines: list[str]) -> int:
-    """Engine-made single files (C, F dumps): check structure and list the contents."""
-    fmt = doc["format"]
-    lines.append(DRILL_ENGINE_NOTES[fmt])
-    with open(backup, "rb") as fh:
-        sizes, _, _ = read_tar_gz_files(fh, lambda name: False)
-    for name in sorted(sizes)[:DRILL_LISTING_MAX]:
-        lines.append(f"  {sizes[name]:>12}  {name}")
-    if len(sizes) > DRILL_LISTING_MAX:
-        lines.append(f"  ... and {len(sizes) - DRILL_LISTING_MAX} more")
-    return int(not compare("members", doc.get("verification", {}).get("members"), len(sizes), lines))
-
-
-def drill_groups(doc: dict[str, Any], backup: Path, lines: list[str]) -> int:
-    """Archives of several sources (G's compose project): re-read and compare every group."""
-    groups = doc.get("contents", {}).get("groups") or {}
-    lines.append("structure and contents listing only: every group of the archive re-read and compared with the manifest")
-    if doc.get("contents", {}).get("follow_up"):
-        lines.append(doc["contents"]["follow_up"])
-    stats = ArchiveStats()
-    prefixes = sorted(groups, key=len, reverse=True)
-    try:
-        with open(backup, "rb") as fh, decompressing(fh, doc["format"]) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-            for member in tar:
-                name = member.name.rstrip("/")
-                group = next((p for p in prefixes if name == p or name.startswith(p + "/")), "(outside every group)")
-                stats.count(group, entry_of(member, name, member.linkname))
-                _forget_members(tar)
-    except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
-        raise BackupError(f"drill: {backup.name} is not a complete {doc['format']} ({exc})") from None
-    found = stats.summary()
-    differences = 0
-    for group in sorted(set(groups) | set(found)):
-        lines.append(f"{group}:")
-        for key in ("members", "files", "bytes", "listing_sha256"):
-            differences += not compare(key, groups.get(group, {}).get(key), found.get(group, {}).get(key), lines)
-    return differences
-
 
 def drill_backup(path: Path, settings: Settings, env: dict[str, str], out: IO[str]) -> int:
-    """Restore a backup into a throwaway container and compare it with its manifest.
+    """Restore a backup the way its procedure says and compare it with its manifest.
 
     Return EXIT_OK if everything matches. Raise BackupError if the restore fails or
-    anything differs; the throwaway container and volumes are always removed.
+    anything differs; throwaway containers and volumes are always removed.
     """
     backup, doc = load_manifest(path)
     for check, passed, detail in verify_backup(backup):
         if not passed:
             raise BackupError(f"drill refused: {backup.name} fails --verify ({check}: {detail})")
-    procedure = doc.get("procedure")
-    lines = [f"drill of {backup.name} (class {doc.get('class')}, {procedure})"]
-    if doc.get("format") in SINGLE_FILE_SCANS:
-        differences = drill_listing(doc, backup, lines)
-    elif doc.get("contents", {}).get("groups"):
-        differences = drill_groups(doc, backup, lines)
-    else:
-        engine = engine_info(settings.docker_timeout)
-        live = live_container(doc, settings.docker_timeout)
-        with DrillContainer(doc, live, settings) as box:
-            if procedure == "pg-dumpall":
-                differences = drill_postgres(doc, backup, box, lines)
-            elif procedure == "redis-bgsave":
-                differences = drill_redis(doc, backup, box, settings, env, lines)
-            else:
-                lines.append("(archive: restored into fresh volumes, then every entry's name, type, mode, owner and size compared)")
-                differences = drill_archive(doc, backup, box, engine, lines)
-            lines.insert(1, f"throwaway container {box.name} (removed afterwards), image {doc['container'].get('image')}")
-    out.write("\n".join(lines) + "\n")
+    procedure = procedure_for(doc, backup)
+    drill = Drill(backup, doc, settings, env, [f"drill of {backup.name} (class {doc.get('class')}, {doc.get('procedure')})"])
+    try:
+        differences = procedure.drill(drill)
+    finally:
+        out.write("\n".join(drill.lines) + "\n")
     if differences:
         raise BackupError(f"drill failed: {differences} difference(s) between the restored data and the manifest")
-    if doc.get("format") in SINGLE_FILE_SCANS or doc.get("contents", {}).get("groups"):
-        out.write("drill passed: structure and contents match the manifest (nothing was started)\n")
-    else:
-        out.write("drill passed: the restored data matches the manifest\n")
+    out.write(drill.passed + "\n")
     return EXIT_OK
 
 
@@ -3779,75 +5776,22 @@ def free_timestamp(dir_fd: int, module_id: str, suffixes: tuple[str, ...]) -> st
 def plan_steps(job: BackupJob) -> list[str]:
     """Return every docker command and path a real run of job would use (--dry-run).
 
-    What depends on the engine's answers (Redis's data dir, the buckets, a Meilisearch
-    dump uid) is shown as <placeholders>.
+    The procedure's own plan, then what every backup does: the pause around an archive,
+    the private partial file, the verification, the rename and the manifest. What depends
+    on the engine's answers (Redis's data dir, the buckets, a Meilisearch dump uid) is
+    shown as <placeholders>.
     """
-    name = job.container
-    tmp = f"/tmp/bba-{job.basename}"
-    fallback = f"fallback: {job.cls.fallback or 'none'}"
-    packed = job.compression.suffix
-    suffix, checks = f".tar.{packed}", f"{job.compression.format} complete, tar readable, entry count"
-    steps: list[str] = []
-    archive_mounts = job.procedure == "mounted-archive"
-    if job.procedure == "pg-dumpall":
-        suffix, checks = f".sql.{packed}", f"{job.compression.format} complete, trailer line present, size"
-        pg = pg_target(job.resolution.container)
-        psql = mask_argv(exec_argv(name, ["psql", "-X", "-A", "-t", "-q", "-U", pg.user, "-d", "<each database>", "-c", "<census query>"], secrets=pg.secrets))
-        dump = mask_argv(exec_argv(name, ["pg_dumpall", "-U", pg.user, "--clean", "--if-exists"], secrets=pg.secrets))
-        steps += [f"run: {psql}", f"run: {dump} | {job.compression.tool} -{job.compression.level} > <backup>.partial (mode 0600)"]
-    elif job.procedure == "redis-bgsave":
-        cli = mask_argv(exec_argv(name, ["redis-cli", "--no-auth-warning"], secrets=redis_target(job.resolution.container, job.settings, job.env).secrets))
-        for command in ("INFO keyspace", "LASTSAVE", "BGSAVE", "INFO persistence (until the save is done)", "CONFIG GET dir dbfilename appendonly appenddirname"):
-            steps.append(f"run: {cli} {command}")
-        steps.append(f"archive: <dir>/<dbfilename> and, with appendonly, <dir>/<appenddirname> ({fallback})")
-        checks += ", RDB magic, redis-check-rdb"
-    elif job.procedure == "vault-raft-snapshot":
-        suffix, checks = ".snap", "gzip'd tar, SHA256SUMS, vault operator raft snapshot inspect"
-        token_env = job.cls.options["token_env"]
-        if job.env.get(token_env):
-            vault = ["-e", "VAULT_ADDR", "-e", "VAULT_TOKEN", name, "vault", "operator", "raft", "snapshot"]
-            steps += [f"run: docker exec {shlex.join([*vault, 'save', tmp + '.snap'])}", f"run: docker exec {shlex.join([*vault, 'inspect', tmp + '.snap'])}",
-                      f"run: docker cp {name}:{tmp}.snap - > <backup>.partial", f"run: docker exec {name} rm -f {tmp}.snap"]
-        else:
-            steps.append(f"fall back: no {token_env} in the environment ({fallback})")
-            archive_mounts = True
-    elif job.procedure == "mc-mirror":
-        alias = job.env.get(job.cls.options["alias_env"])
-        if alias:
-            where = "mc (on this host if it is there, else docker exec -w <dir> " + name + " mc)"
-            steps += [f"run: {where} ls --json {alias}", f"run: {where} mirror --preserve --json {alias}/<bucket> <staging>/buckets/<bucket>",
-                      f"run: {where} admin cluster bucket export {alias} --json",
-                      f"stage in: {job.backup_dir}/.{job.basename}.mc-staging (0700, removed afterwards)"]
-        else:
-            steps.append(f"fall back: no {job.cls.options['alias_env']} in the environment ({fallback})")
-            archive_mounts = True
-    elif job.procedure == "search-engine":
-        kind = search_engine_kind(job)
-        if kind == "meilisearch" and job.cls.options["meilisearch_dump"]:
-            suffix, checks = ".dump", "gzip'd tar with metadata.json"
-            url = job.cls.options["meilisearch_url"]
-            steps += [f"run: docker exec -i {name} curl -K - (POST {url}/dumps; key on stdin)", f"run: ... GET {url}/tasks/<uid> until succeeded",
-                      f"run: docker cp {name}:<workdir>/dumps/<dumpUid>.dump - > <backup>.partial", f"run: docker exec {name} rm -f <that dump>"]
-        else:
-            steps.append(f"archive ({kind}): {'configuration mounts only (/etc/searxng)' if kind == 'searxng' else 'the mounted data'}")
-            archive_mounts = True
-    elif job.procedure == "compose-root-archive":
-        labels = compose_labels(job.resolution.container)
-        root = job.cls.options["compose_root"] or labels.get("com.docker.compose.project.working_dir", "<none: fallback>")
-        steps.append(f"read: compose root {root} -> compose-root/")
-        steps.append(f"read: the mounts of every container of compose project {labels.get('com.docker.compose.project', '<none>')} -> containers/<name>/")
-        if job.secondary:
-            steps.append(f"also take: {job.secondary} of {name} ({'dumps/pg_dumpall.sql.gz' if job.secondary == 'pg-dumpall' else 'BGSAVE first'})")
-    if archive_mounts:
-        for mount in job.mounts:
-            steps.append(f"read: {mount.source} -> {mount.destination} ({mount.type})" if mount.via == "host" else f"run: docker cp {name}:{mount.destination} -")
-    if job.pause and suffix.startswith(".tar."):
-        steps = [f"run: docker pause {name}", *steps, f"run: docker unpause {name}"]
-    final = job.backup_dir / (job.basename + suffix)
+    plan = PROCEDURES[job.procedure].plan(job)
+    steps = list(plan.steps)
+    if not plan.suffix:
+        return steps
+    if job.pause and plan.suffix.startswith(".tar."):
+        steps = [f"run: docker pause {job.container} (at most {job.settings.pause_timeout:g}s)", *steps, f"run: docker unpause {job.container}"]
+    final = job.backup_dir / (job.basename + plan.suffix)
     steps = [step.replace("<backup>", str(final)) for step in steps]
-    compressed = suffix.startswith((".tar.", ".sql."))
+    compressed = plan.suffix.startswith((".tar.", ".sql."))
     steps.append(f"write: {final}.partial (mode 0600{f', {job.compression.tool} level {job.compression.level}' if compressed else ''})")
-    return [*steps, f"verify: {checks}", f"rename: {final}", f"write: {job.backup_dir / (job.basename + MANIFEST_SUFFIX)}"]
+    return [*steps, f"verify: {plan.checks}", f"rename: {final}", f"write: {job.backup_dir / (job.basename + MANIFEST_SUFFIX)}"]
 
 
 def print_plan(job: BackupJob, out: IO[str], as_json: bool) -> None:
@@ -3871,31 +5815,14 @@ def print_plan(job: BackupJob, out: IO[str], as_json: bool) -> None:
             out.write(f"would {step}\n")
 
 
-def estimate_size(job: BackupJob) -> tuple[int | None, str]:
-    """Return (bytes, how) the backup may need before compression, or (None, why not).
-
-    Uncompressed sizes: a deliberate over-estimate, so that a nearly full disk is found
-    before anything is touched rather than halfway through.
-    """
-    if job.procedure == "pg-dumpall" and job.resolution.container.get("State", {}).get("Running"):
-        target = pg_target(job.resolution.container)
-        size = pg_json(target, "postgres", "SELECT to_json(coalesce(sum(pg_database_size(datname)), 0)) FROM pg_database", job.settings.docker_timeout)
-        return int(size), "pg_database_size of every database"
-    if job.procedure == "redis-bgsave" and job.resolution.container.get("State", {}).get("Running"):
-        with contextlib.suppress(BackupError):
-            redis = redis_target(job.resolution.container, job.settings, job.env)
-            info = parse_info(redis_cli(redis, "INFO", "memory", timeout=job.settings.docker_timeout))
-            if info.get("used_memory_dataset", "").isdigit():
-                return int(info["used_memory_dataset"]), "Redis used_memory_dataset"
-    mounts = [m for m in job.mounts if m.via == "host"]
-    if job.mounts and len(mounts) == len(job.mounts):
-        return sum(tree_size(m.source) for m in mounts), "size of the mounted data"
-    return None, "the mounted data is not readable from this host"
-
-
 def check_free_space(job: BackupJob) -> None:
-    """Refuse (exit 3) before touching the container when the backup may not fit."""
-    needed, how = estimate_size(job)
+    """Refuse (exit 3) before touching the container when the backup may not fit.
+
+    The procedure's estimate is of the data before compression: a deliberate
+    over-estimate, so that a nearly full disk is found before anything is touched rather
+    than halfway through.
+    """
+    needed, how = PROCEDURES[job.procedure].estimate(job)
     job.estimated_bytes = needed
     if needed is None:
         LOG.info("free space not checked: %s", how)
@@ -3923,10 +5850,10 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
     if module.statefulness == UNDECLARED:
         LOG.warning("%s does not declare spec.runtime.statefulness; backing up anyway", module.yaml_path)
     cls, pattern = classify(module.id, config)
-    procedure = args.procedure or cls.procedure
-    LOG.info("module %s: class %s (%s), matched by %s, procedure %s", module.id, cls.letter, cls.title, pattern, procedure)
-    if args.pause and procedure == "pg-dumpall":
-        raise UsageError("--pause does not apply to pg-dumpall: the dump needs the server answering (it is consistent without a pause)")
+    procedure = PROCEDURES[args.procedure or cls.procedure]
+    LOG.info("module %s: class %s (%s), matched by %s, procedure %s", module.id, cls.letter, cls.title, pattern, procedure.name)
+    if args.pause and not procedure.pausable:
+        raise UsageError(f"--pause does not apply to {procedure.name}: it needs the server answering (and is consistent without a pause)")
 
     timeout = settings.docker_timeout
     containers = list_containers(timeout)
@@ -3949,11 +5876,9 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
         LOG.info("skipping mount %s: %s", dest, reason)
 
     backup_dir = Path(settings.backup_dir or platform_root / "backups").absolute()
-    job = BackupJob(module, cls, procedure, resolution, engine, settings, mounts, skipped, backup_dir, utc_timestamp(), pause, env, containers)
-    job.compression = choose_compression(settings)
-    if procedure == "compose-root-archive":
-        also = classify(module.id, config, exclude=cls.letter)[0].procedure
-        job.secondary = also if also in ("pg-dumpall", "redis-bgsave") else None
+    job = BackupJob(module, cls, procedure.name, resolution, engine, settings, mounts, skipped, backup_dir, utc_timestamp(), pause, env, containers,
+                    compression=choose_compression(settings), options=procedure_options(procedure, cls), config=config)
+    job.rules = ArchiveRules(timeout=settings.stream_timeout, docker_timeout=timeout, backup_dir_paths=backup_dir_in_mounts(backup_dir, mounts))
     if args.dry_run:
         ensure_backup_dir(backup_dir, create=False)
         print_plan(job, out, args.json)
@@ -3965,10 +5890,14 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
     assert dir_fd is not None
     try:
         with module_lock(dir_fd, module.id, settings.lock_timeout):
+            here = os.fstat(dir_fd)
+            job.rules.backup_dir = (here.st_dev, here.st_ino)
+            job.journal = CleanupJournal(dir_fd, module.id)
+            job.journal.replay(settings)
             remove_stale_partials(dir_fd, module.id)
-            job.timestamp = free_timestamp(dir_fd, module.id, (*BACKUP_SUFFIXES, MANIFEST_SUFFIX))
+            job.timestamp = free_timestamp(dir_fd, module.id, (*backup_suffixes(), MANIFEST_SUFFIX))
             started = datetime.datetime.now(datetime.UTC)
-            result = PROCEDURES[procedure](job, dir_fd)
+            result = procedure.run(job, dir_fd)
             finished = datetime.datetime.now(datetime.UTC)
             manifest_path = backup_dir / (job.basename + MANIFEST_SUFFIX)
             manifest = build_manifest(job, result, started, finished, manifest_path)
@@ -3992,6 +5921,18 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
     else:
         out.write(f"{result.path}\n{manifest_path}\n")
     return EXIT_OK
+
+
+def backup_dir_in_mounts(backup_dir: Path, mounts: list[MountPlan]) -> tuple[str, ...]:
+    """Return the container paths at which the backup directory appears inside a mount (it is never archived)."""
+    real = os.path.realpath(backup_dir)
+    paths = []
+    for mount in mounts:
+        source = os.path.realpath(mount.source) if mount.source else ""
+        if source and _inside(real, [source]):
+            rel = os.path.relpath(real, source)
+            paths.append(mount.destination if rel == "." else posixpath.join(mount.destination, rel))
+    return tuple(paths)
 
 
 def cmd_verify(path: Path, as_json: bool, out: IO[str]) -> int:
@@ -4168,7 +6109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--backup-dir", metavar="DIR", help="where backups go (env BACKUP_DIR, default <platform-root>/backups)")
     parser.add_argument("--classes", metavar="FILE", type=Path, default=DEFAULT_CLASSES, help="class table (default: classes.toml beside this script)")
     parser.add_argument("--docker-timeout", metavar="SECONDS", help="timeout of each short docker call (env BBA_DOCKER_TIMEOUT)")
-    parser.add_argument("--pause-timeout", metavar="SECONDS", help="timeout of a streamed copy (env BBA_PAUSE_TIMEOUT)")
+    parser.add_argument("--pause-timeout", metavar="SECONDS", help="longest a --pause may freeze the container (env BBA_PAUSE_TIMEOUT)")
+    parser.add_argument("--stream-timeout", metavar="SECONDS", help="kill a dump or copy that sends nothing for this long (env BBA_STREAM_TIMEOUT)")
     parser.add_argument("--lock-timeout", metavar="SECONDS", help="wait this long for another run of the same module (env BBA_LOCK_TIMEOUT)")
     parser.add_argument("--compression", choices=("gzip", "zstd"), help="backup compression (env BBA_COMPRESSION; default gzip)")
     parser.add_argument("--compress-level", metavar="N", help="gzip level 1-9 (env BBA_COMPRESS_LEVEL)")
@@ -4253,18 +6195,19 @@ def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) ->
             return drill_backup(args.drill, settings, env, sys.stdout)
         return cmd_backup(args, config, settings, sys.stdout, env)
     except Interrupted as exc:
+        _log_run_summary()
         LOG.error("%s; cleaned up, no backup written", exc)
         return 128 + exc.signum
     except Exception as exc:
+        _log_run_summary()
         if args.debug:
             traceback.print_exc()
+        for line in getattr(exc, "details", []):
+            print(f"{PROG}: {line}", file=sys.stderr)
         print(f"{PROG}: {failure_line(exc)}", file=sys.stderr)
         return exc.exit_code if isinstance(exc, BackupError) else EXIT_FAILED
     finally:
-        if RUN_COUNTS:
-            LOG.debug("programs run: %s", ", ".join(f"{name} {count}x" for name, count in sorted(RUN_COUNTS.items())))
-            LOG.debug("peak memory: this process %d MiB, largest program it ran %d MiB",
-                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss >> 10)
+        _log_run_summary()  # after a success; a failure has logged it before its error line
         for signum, old in old_handlers.items():
             signal.signal(signum, old)
         os.umask(old_umask)
@@ -4272,8 +6215,21 @@ def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) ->
         LOG.propagate = old_propagate
 
 
+def _log_run_summary() -> None:
+    # Before the error line, which must stay the last line on stderr.
+    if RUN_COUNTS:
+        LOG.debug("programs run: %s", ", ".join(f"{name} {count}x" for name, count in sorted(RUN_COUNTS.items())))
+        LOG.debug("peak memory: this process %d MiB, largest program it ran %d MiB",
+                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss >> 10)
+        RUN_COUNTS.clear()
+
+
 def failure_line(exc: Exception) -> str:
-    """Return the one stderr line (after the program name) that reports exc."""
+    """Return the one stderr line (after the program name) that reports exc; never more than one line."""
+    return " | ".join(part.strip() for part in _failure_text(exc).splitlines() if part.strip())
+
+
+def _failure_text(exc: Exception) -> str:
     if isinstance(exc, BackupError):
         return f"{'refused' if isinstance(exc, RefusedError) else 'error'}: {exc}"
     if isinstance(exc, OSError):
@@ -4285,8 +6241,6 @@ def failure_line(exc: Exception) -> str:
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 

@@ -78,11 +78,15 @@ class FakeDocker:
         self.containers = containers
         self.calls: list[list[str]] = []
         self.fail_on: dict[str, str] = {}
+        self.hang_on: set[str] = set()  # subcommands that run past their timeout
 
     def __call__(self, argv: list[str], *, check: bool = True, timeout: float | None = None, input: bytes | None = None, secrets=None, cwd=None):
         assert argv[0] == "docker", argv
         self.calls.append(argv)
+        bba.RUN_COUNTS["docker"] += 1  # as the real run() counts
         sub = argv[1]
+        if sub in self.hang_on:
+            raise bba.CommandError(argv, None, b"")
         if sub in self.fail_on:
             if check:
                 raise bba.CommandError(argv, 1, self.fail_on[sub])

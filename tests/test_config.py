@@ -62,7 +62,7 @@ def test_load_config_shipped_file_every_class_has_restore_notes(config):
     assert config.default_class.letter == "E"
     for cls in config.classes.values():
         assert cls.restore.count("\n") >= 1, cls.letter
-        assert cls.procedure in bba.PROCEDURE_NAMES
+        assert cls.procedure in bba.PROCEDURES
 
 
 def test_classify_exact_beats_glob_and_longer_glob_beats_shorter(tmp_path):
@@ -109,7 +109,14 @@ restore = "x"
         (MINIMAL.replace("default = true\n", ""), "exactly one class must set default = true (found 0"),
         (MINIMAL.replace('patterns = []', 'patterns = ["postgres"]'), "'postgres' is already listed in classes.A"),
         (MINIMAL.replace("[classes.E]", "[classes.e1]"), "classes.e1: class names are single capital letters"),
-        ("[settings]\ndocker_timeout = \"soon\"\n" + MINIMAL, "settings.docker_timeout: expected float, got 'soon'"),
+        ("[settings]\ndocker_timeout = \"soon\"\n" + MINIMAL, "settings.docker_timeout: expected a finite number, got 'soon'"),
+        ("[settings]\ndocker_timeout = inf\n" + MINIMAL, "settings.docker_timeout: expected a finite number, got inf"),
+        ("[settings]\ndocker_timeout = nan\n" + MINIMAL, "settings.docker_timeout: expected a finite number, got nan"),
+        ("[settings]\ncompress_level = inf\n" + MINIMAL, "settings.compress_level: expected an integer, got inf"),
+        ("[settings]\ncompress_level = nan\n" + MINIMAL, "settings.compress_level: expected an integer, got nan"),
+        ("[settings]\ncompress_level = 6.5\n" + MINIMAL, "settings.compress_level: expected an integer, got 6.5"),
+        ("[settings]\ncompress_level = 1e300\n" + MINIMAL, "settings.compress_level: 1e+300 is outside 1..9"),
+        ("[settings]\nzstd_level = 99999999999999999999\n" + MINIMAL, "settings.zstd_level: 99999999999999999999 is outside 1..19"),
         ("[settings]\ncompress_level = 11\n" + MINIMAL, "settings.compress_level: 11 is outside 1..9"),
         ("[settings]\nbackup_dirs = \"/x\"\n" + MINIMAL, "settings.backup_dirs: unknown setting"),
     ],
@@ -141,7 +148,7 @@ def test_resolve_settings_flag_beats_env_beats_file(tmp_path):
 
 
 def test_resolve_settings_bad_env_value_names_variable(config):
-    with pytest.raises(bba.UsageError, match="environment BBA_COMPRESS_LEVEL: expected int"):
+    with pytest.raises(bba.UsageError, match="environment BBA_COMPRESS_LEVEL: expected an integer, got 'max'"):
         bba.resolve_settings(config, bba.parse_args(["--list"]), {"BBA_COMPRESS_LEVEL": "max"})
 
 

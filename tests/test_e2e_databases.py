@@ -71,7 +71,7 @@ def test_e2e_postgres_backup_verify_drill(postgres, tmp_path):
 
     verify = run_tool("--verify", str(dump), env=engine.env)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-    assert [line.split()[:2] for line in verify.stdout.splitlines()] == [["ok", "size"], ["ok", "private"], ["ok", "sha256"], ["ok", "structure"]]
+    assert [line.split()[:2] for line in verify.stdout.splitlines()] == [["ok", "size"], ["ok", "private"], ["ok", "sha256"], ["ok", "structure"], ["ok", "counts"]]
 
     with ArgvWatcher(PG_PASSWORD) as watcher:
         drill = run_tool("--drill", str(dump), env=engine.env)
@@ -177,25 +177,47 @@ def test_e2e_redis_backup_verify_drill(redis, tmp_path):
         drill = run_tool("--drill", str(archive), env=engine.env)
     assert drill.returncode == 0, drill.stdout + drill.stderr
     assert watcher.hits == []
-    assert "  db0 keys: 1500 = 1500" in drill.stdout and "  db3 keys: 25 = 25" in drill.stdout
-    assert ("from the AOF" in drill.stdout) is aof
+    assert "pass 1: Redis loaded /data/dump.rdb (the RDB of record)" in drill.stdout
+    assert drill.stdout.count("  db0 keys: 1500 = 1500") == (2 if aof else 1) and "  db3 keys: 25 = 25" in drill.stdout
+    assert ("pass 2: Redis loaded the archived AOF (/data/appendonlydir)" in drill.stdout) is aof
 
 
-def test_e2e_redis_bgsave_renamed_falls_back_loudly(docker_engine, tmp_path):
+def test_e2e_redis_bgsave_renamed_falls_back_to_the_rdb_on_disk_with_its_own_counts(docker_engine, tmp_path):
+    """The fallback archive holds the last RDB on disk: its keys are recorded, not the live server's, and its age is said."""
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, "redis")
+    engine.run_redis("redis", extra='rename-command BGSAVE ""')
+    engine.docker("exec", "-i", "redis", "redis-cli", input="".join(f"SET old:{i} x\n" for i in range(300)).encode())
+    engine.docker("exec", "redis", "redis-cli", "SAVE")
+    engine.docker("exec", "-i", "redis", "redis-cli", input="".join(f"SET new:{i} x\n" for i in range(200)).encode())  # only in memory
+    proc = backup(engine, platform, "redis", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    assert "BGSAVE NOT POSSIBLE" in proc.stderr and "FALLING BACK" in proc.stderr
+    assert re.search(r"FALLBACK: the archive holds /data/dump.rdb written at .* ago\); LASTSAVE .*: writes made since then are NOT in this backup", proc.stderr)
+    doc = json.loads(Path(proc.stdout.split()[1]).read_text())
+    assert doc["procedure"] == "redis-bgsave" and doc["configured_procedure"] == "redis-bgsave"
+    assert doc["fallback_used"]["procedure"] == "mounted-archive" and "unknown command" in doc["fallback_used"]["reason"]
+    assert doc["counts"] == {"db0": 300}  # what the archive holds; the live server has 500
+    assert doc["contents"]["rdb"] == "/data/dump.rdb" and doc["contents"]["lastsave"] > 0
+    assert doc["warnings"][0].startswith("fallback to mounted-archive")
+    assert run_tool("--verify", proc.stdout.split()[0], env=engine.env).returncode == 0
+    drill = run_tool("--drill", proc.stdout.split()[0], env=engine.env)
+    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert "  db0 keys: 300 = 300" in drill.stdout
+
+
+def test_e2e_redis_fallback_without_any_rdb_or_aof_is_no_backup(docker_engine, tmp_path):
     engine = docker_engine
     platform = tmp_path / "platform"
     write_module(platform, "redis")
     engine.run_redis("redis", extra='rename-command BGSAVE ""')
     engine.docker("exec", "redis", "redis-cli", "SET", "a", "1")
     proc = backup(engine, platform, "redis", tmp_path / "b")
-    assert proc.returncode == 0, proc.stderr
-    assert "BGSAVE NOT POSSIBLE" in proc.stderr and "FALLING BACK" in proc.stderr
-    doc = json.loads(Path(proc.stdout.split()[1]).read_text())
-    assert doc["procedure"] == "mounted-archive" and doc["configured_procedure"] == "redis-bgsave"
-    assert doc["fallback_used"]["procedure"] == "mounted-archive" and "unknown command" in doc["fallback_used"]["reason"]
-    assert doc["warnings"][0].startswith("fallback to mounted-archive")
-    drill = run_tool("--drill", proc.stdout.split()[0], env=engine.env)
-    assert drill.returncode == 0, drill.stdout + drill.stderr
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == ("backup-before-apply: error: the mounts of redis hold no dump.rdb and no AOF: "
+                                                    "this archive would not restore Redis; no backup written")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".redis.lock"]
 
 
 def test_e2e_class_e_drill_compares_restored_tree(docker_engine, tmp_path):

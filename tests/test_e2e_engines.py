@@ -72,7 +72,8 @@ def test_e2e_vault_falls_back_loudly(vault, tmp_path, setup, token, reason):
     assert "VAULT-RAFT-SNAPSHOT NOT POSSIBLE" in proc.stderr and "--pause" in proc.stderr
     archive, manifest = map(Path, proc.stdout.split())
     doc = json.loads(manifest.read_text())
-    assert doc["procedure"] == "mounted-archive" and reason in doc["fallback_used"]["reason"]
+    assert doc["procedure"] == "vault-raft-snapshot" and doc["fallback_used"]["procedure"] == "mounted-archive"
+    assert reason in doc["fallback_used"]["reason"]
     with tarfile.open(archive) as tar:
         assert "vault/data/raft.db" in tar.getnames()
     assert engine.docker("exec", "vault", "ls", "/tmp").stdout.strip() == ""
@@ -248,7 +249,8 @@ def test_e2e_agaria_compose_root_missing_falls_back(agaria, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "COMPOSE-ROOT-ARCHIVE NOT POSSIBLE" in proc.stderr
     doc = json.loads(Path(proc.stdout.split()[1]).read_text())
-    assert doc["procedure"] == "mounted-archive" and f"compose root {tmp_path / 'gone'} does not exist" in doc["fallback_used"]["reason"]
+    assert doc["procedure"] == "compose-root-archive" and doc["fallback_used"]["procedure"] == "mounted-archive"
+    assert f"compose root {tmp_path / 'gone'} does not exist" in doc["fallback_used"]["reason"]
     assert "Agaria-specific follow-up required" in doc["warnings"]
 
 
@@ -319,7 +321,8 @@ def test_e2e_minio_without_alias_falls_back_loudly(minio, tmp_path):
     assert "MC-MIRROR NOT POSSIBLE (no MINIO_MC_ALIAS in the environment)" in proc.stderr
     assert "same release and drive layout" in proc.stderr
     doc = json.loads(Path(proc.stdout.split()[1]).read_text())
-    assert doc["procedure"] == "mounted-archive" and doc["fallback_used"]["reason"] == "no MINIO_MC_ALIAS in the environment"
+    assert doc["procedure"] == "mc-mirror" and doc["fallback_used"] == {"procedure": "mounted-archive", "reason": "no MINIO_MC_ALIAS in the environment"}
+    assert run_tool("--verify", proc.stdout.split()[0], env=engine.env).returncode == 0  # read as the archive it is
 
 
 def test_e2e_minio_mc_on_the_host(minio, tmp_path):
@@ -343,4 +346,5 @@ def test_e2e_dry_run_shows_engine_commands_and_touches_nothing(vault, tmp_path):
     assert not (tmp_path / "b").exists()
     assert engine.docker("exec", "vault", "ls", "/tmp").stdout.strip() == ""
     without = tool(engine, platform, "vault", tmp_path / "b", "--dry-run")
-    assert "would fall back: no VAULT_TOKEN in the environment (fallback: mounted-archive)" in without.stdout
+    assert "would fall back to mounted-archive: no VAULT_TOKEN in the environment" in without.stdout
+    assert "would read: " in without.stdout and "-> /vault/data (volume)" in without.stdout

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -55,6 +57,56 @@ def test_stream_from_consumer_failure_kills_child():
         with bba.stream_from(["sh", "-c", "yes"]) as pipe:
             pipe.read(10)
             raise ValueError
+
+
+def test_stream_from_child_silent_past_its_timeout_is_killed():
+    started = time.monotonic()
+    with pytest.raises(bba.CommandError, match="timed out"):
+        with bba.stream_from(["sh", "-c", "echo start; exec sleep 60"], timeout=1) as pipe:
+            assert pipe.read(6) == b"start\n"
+            pipe.read()  # blocks until the watchdog kills the silent child
+    assert time.monotonic() - started < 15
+
+
+def test_stream_from_slow_but_steady_child_is_not_killed():
+    with bba.stream_from(["sh", "-c", "for i in 1 2 3 4; do echo $i; sleep 0.5; done"], timeout=1.5) as pipe:
+        assert pipe.read() == b"1\n2\n3\n4\n"
+
+
+def test_stream_into_child_that_stops_reading_is_killed():
+    with pytest.raises(bba.CommandError, match="timed out"):
+        with bba.stream_into(["sleep", "60"], timeout=1) as stream:
+            for _ in range(64):
+                stream.pipe.write(b"x" * (1 << 20))  # fills the pipe, then blocks until the child is killed
+
+
+def test_kill_exec_kills_every_marked_process_on_this_host():
+    """What a timed-out `docker exec` started on a local engine: found by its token, children included."""
+    token = f"BBA_EXEC={os.urandom(8).hex()}"
+    name, value = token.split("=")
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & sleep 60; wait"], env={**os.environ, name: value})
+    time.sleep(0.3)
+    children = [int(p) for p in os.listdir("/proc") if p.isdigit() and _environ_has(p, token)]
+    assert len(children) >= 2  # the shell and its sleeps
+    bba.kill_exec(["docker", "exec", "-e", token, "some-container", "sh"])
+    proc.wait(timeout=10)
+    time.sleep(0.2)
+    assert [p for p in os.listdir("/proc") if p.isdigit() and _environ_has(p, token)] == []
+
+
+def _environ_has(pid: str, token: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            return token.encode() in fh.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def test_run_command_error_keeps_the_whole_stderr_for_before_the_error_line():
+    with pytest.raises(bba.CommandError) as info:
+        bba.run(["sh", "-c", "for i in $(seq 1 12); do echo line$i >&2; done; exit 2"])
+    assert info.value.details[0] == "sh: line1" and info.value.details[-1] == "sh: line12"
+    assert "\n" not in str(info.value)
 
 
 def test_list_without_docker_prints_static_audit(tmp_path):

@@ -164,7 +164,11 @@ def test_archive_file_swapped_for_a_symlink_is_left_out_not_followed(tmp_path):
     swapped.symlink_to(secret)  # what lstat saw as a regular file is a link by the time it is opened
     stats, sink = bba.ArchiveStats(), Collect()
     writer = bba.TarWriter(sink)
-    assert bba._add_host_file(writer, str(swapped), "vol/app.conf", {}, stats) is None
+    parent = os.open(swapped.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert bba._add_host_file(writer, parent, "app.conf", "vol/app.conf", {}, stats) is None
+    finally:
+        os.close(parent)
     writer.close()
     assert b"root:x" not in sink.data
     assert stats.warnings == ["replaced by a link or socket while archiving, left out: /vol/app.conf"]
@@ -174,7 +178,11 @@ def test_archive_file_swapped_for_a_fifo_is_left_out_without_waiting(tmp_path):
     fifo = tmp_path / "queue"
     os.mkfifo(fifo)
     stats = bba.ArchiveStats()
-    assert bba._add_host_file(bba.TarWriter(Collect()), str(fifo), "queue", {}, stats) is None
+    parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert bba._add_host_file(bba.TarWriter(Collect()), parent, "queue", "queue", {}, stats) is None
+    finally:
+        os.close(parent)
     assert stats.warnings == ["replaced by a non-regular file while archiving, left out: /queue"]
 
 
