@@ -1,7 +1,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: test unit lint demo deps bench
+.PHONY: test unit fuzz lint demo deps bench
 
 # Everything: unit tests, run() against real commands, end to end on a private dockerd.
 test: deps
@@ -10,6 +10,11 @@ test: deps
 # Without a Docker engine (the end-to-end file is left out).
 unit: deps
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_e2e.py
+
+# The property tests (hypothesis) with random seeds and 20 times the examples (FUZZ_SCALE),
+# before a release; `make test` runs them with a fixed seed.
+fuzz: deps
+	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_yaml.py tests/test_hostile.py tests/test_tar.py
 
 lint:
 	$(PYTHON) -m pip install -q ruff mypy

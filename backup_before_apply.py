@@ -155,7 +155,7 @@ class CommandError(BackupError):
         status = "timed out (killed)" if returncode is None else f"exited {returncode}"
         detail = " | ".join(self.stderr_tail) or "no output on stderr"
         shown = lines[-STDERR_DETAIL_LINES:] if len(lines) > len(self.stderr_tail) else []
-        super().__init__(f"`{mask_argv(argv)}` {status}: {detail}", [f"{argv[0]}: {line}" for line in shown])
+        super().__init__(f"`{mask_argv(argv)}` {status}: {detail}", shown)
 
 
 class Interrupted(BaseException):
@@ -206,7 +206,8 @@ def _child_env(secrets: dict[str, str] | None) -> dict[str, str] | None:
 EXEC_MARK = "BBA_EXEC"
 KILL_ROUNDS = 100  # of 0.1 s: how long the bottom-up kill waits for parents to reap
 
-# Killed bottom-up, and only while each process's own (marked) parent is alive to reap it.
+# Stopped bottom-up (SIGTERM, then SIGKILL), and only while each process's own (marked)
+# parent is alive to reap it.
 # A process orphaned first is adopted by the container's PID 1, and when PID 1 is the
 # postmaster (as in the official postgres image) any child of its dying by a signal is
 # taken for a crashed backend: every connection is dropped and the cluster goes through
@@ -215,12 +216,12 @@ KILL_ROUNDS = 100  # of 0.1 s: how long the bottom-up kill waits for parents to 
 _KILL_TREE_SH = """m="$1"; seen=""; i=0
 while [ $i -lt KILL_ROUNDS ]; do i=$((i+1)); mine=""
   for d in /proc/[0-9]*; do grep -qs "$m" "$d/environ" && mine="$mine ${d#/proc/}"; done
-  z=""; for p in $seen; do [ -d "/proc/$p" ] && z=1; done
-  if [ -n "$z" ]; then sleep 0.1; continue; fi
+  z=""; for p in $seen; do [ -d "/proc/$p" ] && z="$z $p"; done
+  if [ -n "$z" ]; then sleep 1; for p in $z; do kill -9 "$p" 2>/dev/null; done; sleep 0.1; continue; fi
   [ -z "$mine" ] && exit 0; seen=""
   for p in $mine; do leaf=1
     for q in $mine; do [ "$(sed -n 's/^PPid:[[:space:]]*//p' "/proc/$q/status" 2>/dev/null)" = "$p" ] && leaf=0; done
-    [ $leaf = 1 ] && kill -9 "$p" 2>/dev/null && seen="$seen $p"
+    [ $leaf = 1 ] && kill -15 "$p" 2>/dev/null && seen="$seen $p"
   done; sleep 0.1
 done; exit 1""".replace("KILL_ROUNDS", str(KILL_ROUNDS))
 
@@ -249,21 +250,25 @@ def _marked_here(token: bytes) -> dict[int, int]:
 
 
 def _kill_tree_here(token: bytes) -> bool:
-    """Kill the marked processes of this host bottom-up; return False if none were found here."""
-    killed: set[int] = set()
+    """Stop the marked processes of this host bottom-up; return False if none were found here.
+
+    Each leaf first gets SIGTERM (pg_dump then cancels its query on the server and exits),
+    and SIGKILL after a second if it is still there.
+    """
+    signalled: dict[int, float] = {}
+    found_any = False
     for _ in range(KILL_ROUNDS):
-        if any(os.path.exists(f"/proc/{pid}") for pid in killed):
-            time.sleep(0.1)  # a parent has not reaped its killed child yet: its parent must wait
-            continue
         marked = _marked_here(token)
-        if not marked:
-            return bool(killed)
+        alive = {pid for pid in signalled if os.path.exists(f"/proc/{pid}")}
+        if not marked and not alive:
+            return found_any
+        found_any = True
         parents = set(marked.values())
-        killed = {pid for pid in marked if pid not in parents}
-        for pid in killed:
+        for pid in [pid for pid in marked if pid not in parents] + sorted(alive - set(marked)):
+            first = signalled.setdefault(pid, time.monotonic())
             with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
+                os.kill(pid, signal.SIGTERM if time.monotonic() - first < 1 else signal.SIGKILL)
+        time.sleep(0.1)  # a killed child must be reaped by its parent before that parent is stopped
     LOG.warning("processes started in the container (%s) did not go away; see `docker top`", token.decode())
     return True
 
@@ -812,7 +817,8 @@ class YamlError(UsageError):
 _PLAIN_INT_RE = re.compile(r"^[-+]?(0|[1-9][0-9]*)$")
 _PLAIN_FLOAT_RE = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
 _KEY_RE = re.compile(r"""^(?P<key>"(?:[^"\\]|\\.)*"|'(?:[^']|'')*'|[^\s"'#\-?:,\[\]{}&*!|>%@`][^:]*?|-[^\s:][^:]*?)\s*:(?:\s+|$)(?P<rest>.*)$""")
-_DQ_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", '"': '"', "\\": "\\", "/": "/", " ": " ", "e": "\x1b"}
+_DQ_ESCAPES = {"n": "\n", "t": "\t", "\t": "\t", "r": "\r", "0": "\0", '"': '"', "\\": "\\", "/": "/", " ": " ", "e": "\x1b", "a": "\a",
+               "b": "\b", "v": "\v", "f": "\f", "N": "\x85", "_": "\xa0", "L": "\u2028", "P": "\u2029"}
 
 
 @dataclasses.dataclass
@@ -822,20 +828,33 @@ class _Line:
     text: str
 
 
+# The keys the tool reads from module.yaml; the rest of the file is skipped, not judged.
+MODULE_KEYS: dict[str, Any] = {"metadata": {"id": None, "lifecycle": None}, "spec": {"runtime": {"statefulness": None, "container": None}}}
+
+
 class _YamlReader:
     """The block-style YAML that people write by hand in module.yaml.
 
-    Handles comments, plain/single/double-quoted scalars, nested maps, block sequences
-    (also at the parent key's indentation), one-line flow collections, and literal and
-    folded block scalars. Rejects tabs in indentation, duplicate keys, anchors, aliases,
-    tags, multi-line flow or quoted scalars and several documents, each with file:line.
+    Handles comments, plain/single/double-quoted scalars (also over several lines),
+    nested maps, block sequences (also at the parent key's indentation), flow
+    collections (also over several lines), literal and folded block scalars, a leading
+    `---` with directives before it and a closing `...`. Rejects, with file:line, tabs in
+    indentation, duplicate keys, anchors, aliases, tags and several documents.
+
+    With wanted (a tree of keys, None for a leaf), only the paths to those keys are read,
+    strictly: the value of any other key is skipped whatever it holds (anchors, tags,
+    long strings, things this reader does not parse), and only what makes a wanted key
+    ambiguous is an error: a duplicate of it, a merge key (<<) beside it, an anchor, alias
+    or tag on it, a second document.
     """
 
-    def __init__(self, text: str, filename: str) -> None:
+    def __init__(self, text: str, filename: str, wanted: dict[str, Any] | None = None) -> None:
         self.filename = filename
         self.raw = text.split("\n")
         self.pos = 0
         self.in_document = False  # a '---' before the first content line is allowed
+        self.ended = False  # a '...' ended the document
+        self.wanted = wanted
         self.key_lines: dict[tuple[str, ...], int] = {}
 
     def fail(self, number: int, why: str) -> YamlError:
@@ -852,14 +871,19 @@ class _YamlReader:
             return None
         if body.startswith("\t"):
             raise self.fail(index + 1, "tab character in indentation (YAML allows spaces only)")
+        while text.startswith("-\t"):  # a tab after a sequence dash separates, as a space does
+            text = "- " + text[2:].lstrip("\t")
         return _Line(index + 1, len(raw) - len(body), text)
 
     def peek(self) -> _Line | None:
-        while self.pos < len(self.raw):
+        while self.pos < len(self.raw) and not self.ended:
             line = self._structural(self.pos)
             if line is not None:
-                if self.in_document and line.indent == 0 and line.text in ("---", "..."):
-                    raise self.fail(line.number, "a second YAML document in one file is not supported")
+                if self.in_document and line.indent == 0 and line.text.split(" ", 1)[0] in ("---", "..."):
+                    if line.text.startswith("---"):
+                        raise self.fail(line.number, "a second YAML document in one file is not supported")
+                    self.ended = True
+                    return None
                 return line
             self.pos += 1
         return None
@@ -867,36 +891,53 @@ class _YamlReader:
     # -- document
 
     def document(self) -> Any:
+        while (line := self.peek()) is not None and line.indent == 0 and line.text.startswith("%"):
+            self.pos += 1  # a directive (%YAML 1.2); the '---' it needs comes next
         line = self.peek()
-        if line is not None and line.indent == 0 and line.text.startswith("---"):
-            if line.text != "---":
-                raise self.fail(line.number, "content after '---' is not supported")
-            self.pos += 1
+        if line is not None and line.indent == 0 and line.text.split(" ", 1)[0] == "---":
+            if line.text == "---":
+                self.pos += 1
+            else:  # "--- {...}" or "--- text": the document starts on the marker's line
+                raw = self.raw[self.pos]
+                self.raw[self.pos] = raw[3:].lstrip(" ")
         self.in_document = True
         line = self.peek()
         if line is None:
             return None
         if line.indent != 0:
             raise self.fail(line.number, "the document must start at column 1")
-        value = self.block(0, ())
+        if line.text[0] in "[{":
+            self.pos += 1
+            value = self.inline(self._whole(line.text, line), line.number, self.wanted)
+        else:
+            value = self.block(0, (), self.wanted)
         leftover = self.peek()
         if leftover is not None:
             raise self.fail(leftover.number, "unexpected indentation or content")
+        if self.ended:
+            self.pos += 1
+            self.ended = False
+            after = self.peek()
+            if after is not None:
+                raise self.fail(after.number, "content after the document end marker '...'")
         return value
 
-    def block(self, indent: int, path: tuple[str, ...]) -> Any:
+    def block(self, indent: int, path: tuple[str, ...], wanted: dict[str, Any] | None) -> Any:
         line = self.peek()
         assert line is not None and line.indent == indent
         if line.text == "-" or line.text.startswith("- "):
             return self.sequence(indent, path)
-        return self.mapping(indent, path)
+        return self.mapping(indent, path, wanted)
 
-    def mapping(self, indent: int, path: tuple[str, ...]) -> dict[str, Any]:
+    def mapping(self, indent: int, path: tuple[str, ...], wanted: dict[str, Any] | None = None) -> dict[str, Any]:
         result: dict[str, Any] = {}
         while (line := self.peek()) is not None and line.indent == indent:
             if line.text == "-" or line.text.startswith("- "):
                 raise self.fail(line.number, "a list item where a 'key: value' line was expected")
             match = _KEY_RE.match(line.text)
+            if wanted is not None and (match is None or self._key_name(match["key"], line.number) not in wanted):
+                self._skip_entry(line, match, wanted, path)
+                continue
             if not match:
                 raise self.fail(line.number, f"expected 'key: value', got {line.text!r}")
             key = str(self.scalar(match["key"], line.number, is_key=True))
@@ -904,25 +945,153 @@ class _YamlReader:
                 raise self.fail(line.number, f"duplicate key {key!r} (first on line {self.key_lines[(*path, key)]})")
             self.key_lines[(*path, key)] = line.number
             self.pos += 1
-            result[key] = self.value_after_key(match["rest"], line, (*path, key))
+            inner = wanted[key] if wanted is not None else None
+            if wanted is not None and match["rest"][:1] in ("&", "*", "!"):
+                raise self.fail(line.number, f"anchors, aliases and tags are not supported on {'.'.join((*path, key))}, a key this tool reads")
+            result[key] = self.value_after_key(match["rest"], line, (*path, key), inner)
         line = self.peek()
         if line is not None and line.indent > indent:
             raise self.fail(line.number, "unexpected indentation")
         return result
 
-    def value_after_key(self, rest: str, line: _Line, path: tuple[str, ...]) -> Any:
+    def _key_name(self, text: str, number: int) -> str | None:
+        try:
+            return str(self.scalar(text, number, is_key=True))
+        except YamlError:
+            return None  # not a name this reader needs, whatever it is
+
+    def _skip_entry(self, line: _Line, match: re.Match[str] | None, wanted: dict[str, Any], path: tuple[str, ...]) -> None:
+        """Move past a key this reader does not need, and all of its value, whatever that holds."""
+        raw = self.raw[line.number - 1]
+        if line.text == "?" or line.text.startswith(("? ", "?\t")):  # a complex key, then ": value" at the same indentation
+            if line.text[1:].strip() in wanted:
+                raise self.fail(line.number, f"a complex key (?) naming {line.text[1:].strip()!r}, a key this tool reads, is not supported")
+            self.pos = line.number
+            self._skip_value(line.indent, raw[line.indent + 1:], allow_sequence=False, complex_key=True)
+            return
+        if match is None:
+            match = re.match(r"(?P<key>.+?)\s*:(?:\s+|$)(?P<rest>.*)$", line.text)
+            if match is None:
+                raise self.fail(line.number, f"expected 'key: value', got {line.text!r}")
+        key = match["key"].strip()
+        if key == "<<":
+            raise self.fail(line.number, f"a merge key (<<) in {'.'.join(path) or 'the document'} makes the keys this tool reads there ambiguous")
+        self.pos = line.number
+        # Only properties (an anchor, a tag) on the key's line: the value, maybe a block sequence at the key's
+        # own indentation, starts on the next line.
+        bare = not re.sub(r"(?:^|\s)[&!]\S*", "", match["rest"]).strip()
+        self._skip_value(line.indent, raw[line.indent + match.start("rest"):], allow_sequence=bare)
+
+    def _skip_value(self, owner: int, first: str, *, allow_sequence: bool, complex_key: bool = False) -> None:
+        """Skip the value that starts with first (the rest of its key's line) and the lines that belong to it.
+
+        A value ends at the first line back at its key's indentation or less (a block
+        sequence may sit at the key's own indentation), unless that line is inside a quoted
+        scalar, a flow collection or a block scalar that is still open.
+        """
+        lexer = _SkipLexer()
+        block, plain = lexer.value(first, 0, owner)
+        while self.pos < len(self.raw):
+            raw = self.raw[self.pos]
+            if lexer.open():
+                lexer.continuation(raw)
+                self.pos += 1
+                continue
+            stripped = raw.strip()
+            if not stripped or stripped.startswith("#"):
+                self.pos += 1
+                continue
+            indent = len(raw) - len(raw.lstrip(" "))
+            if complex_key and indent == owner and (stripped == ":" or stripped[:2] in (": ", ":\t")):
+                complex_key = False  # the value of the complex key: part of this entry
+                block, plain = lexer.value(raw, indent + 1, owner)
+                self.pos += 1
+                continue
+            if indent <= owner and not (allow_sequence and indent == owner and (stripped == "-" or stripped[:2] in ("- ", "-\t"))):
+                return
+            if block is not None and indent > block or plain is not None and indent > plain:
+                self.pos += 1  # the lines of a block scalar, the continuation of a plain one
+                continue
+            block, plain = lexer.line(raw, indent)
+            self.pos += 1
+
+    def value_after_key(self, rest: str, line: _Line, path: tuple[str, ...], wanted: dict[str, Any] | None = None) -> Any:
         if rest:
             if rest[0] in "|>":
                 return self.block_scalar(rest, line)
-            return self.inline(rest, line.number)
+            if rest[0] in "[{\"'":
+                return self.inline(self._whole(rest, line), line.number, wanted)
+            return self.inline(self._continue_plain(rest, line.indent), line.number)
         nxt = self.peek()
         if nxt is None:
             return None
         if nxt.indent > line.indent:
-            return self.block(nxt.indent, path)
+            return self.block(nxt.indent, path, wanted)
         if nxt.indent == line.indent and (nxt.text == "-" or nxt.text.startswith("- ")):
             return self.sequence(line.indent, path)
         return None
+
+    def _whole(self, rest: str, line: _Line) -> str:
+        """Return a quoted scalar or flow collection that starts in rest, as one line, with the lines it goes on over.
+
+        rest is the end of line's text; self.pos is the line after it. Line breaks fold as
+        YAML folds them: into a space, an empty line inside a quoted scalar into a newline,
+        and a backslash ending a line of a double-quoted scalar joins the next line directly.
+        """
+        raw = self.raw[line.number - 1]
+        lexer = _SkipLexer()
+        pieces = [raw[line.indent + len(line.text) - len(rest):]]  # the same place in the raw line, comment included
+        lexer.value(pieces[0], 0, line.indent)
+        states = [lexer.quote]
+        while lexer.open():
+            if self.pos >= len(self.raw):
+                raise self.fail(line.number, f"unclosed {rest[0]!r} (a flow collection that never ends)" if rest[0] in "[{" else "unterminated quoted string")
+            pieces.append(self.raw[self.pos])
+            lexer.continuation(self.raw[self.pos])
+            states.append(lexer.quote)
+            self.pos += 1
+        if len(pieces) == 1:
+            return rest
+        text, breaks, direct = "", 0, False
+        for index, piece in enumerate(pieces):
+            inside_before = bool(states[index - 1]) if index else False
+            body = piece if index == 0 else piece.lstrip(" \t") if inside_before else piece.strip(" \t")
+            if states[index]:  # the line ends inside a quoted scalar: a backslash there, or trailing blanks, are folding
+                body = body.rstrip(" \t") if not (states[index] == '"' and _escaped_break(body)) else body.rstrip(" \t")[:-1]
+            if index and inside_before and not body and states[index]:
+                breaks += 1
+                continue
+            if index:
+                text += "" if direct else ("\n" * breaks if breaks and inside_before else " ")
+            text += body
+            breaks = 0
+            direct = states[index] == '"' and _escaped_break(piece.rstrip("\n"))
+        tail = lexer.after
+        return text[:len(text) - len(tail)] + _strip_comment(tail).rstrip() if tail and text.endswith(tail) else text.rstrip()
+
+    def _continue_plain(self, text: str, owner: int) -> str:
+        """Return a plain scalar joined with its continuation lines (more indented than owner), folded."""
+        parts, breaks = [text], 0
+        while self.pos < len(self.raw):
+            raw = self.raw[self.pos]
+            stripped = raw.strip()
+            if not stripped:
+                breaks += 1
+                self.pos += 1
+                continue
+            indent = len(raw) - len(raw.lstrip(" "))
+            if indent <= owner or stripped.startswith("#"):
+                break
+            content = _strip_comment(stripped).rstrip()
+            if ": " in content or content.endswith(":"):
+                raise self.fail(self.pos + 1, f"unexpected ':' in {content!r} (quote the value)")
+            parts.append(("\n" * breaks) if breaks else " ")
+            parts.append(content)
+            breaks = 0
+            self.pos += 1
+            if content != stripped:
+                break  # a comment ends a plain scalar
+        return "".join(parts)
 
     def sequence(self, indent: int, path: tuple[str, ...]) -> list[Any]:
         items: list[Any] = []
@@ -934,19 +1103,22 @@ class _YamlReader:
             if not rest:
                 self.pos += 1
                 nxt = self.peek()
-                items.append(self.block(nxt.indent, item_path) if nxt is not None and nxt.indent > indent else None)
+                items.append(self.block(nxt.indent, item_path, None) if nxt is not None and nxt.indent > indent else None)
             elif _KEY_RE.match(rest) or rest == "-" or rest.startswith("- "):
                 # "- key: value" (or "- - item"): the item is a block whose first line
                 # starts at the column of "key"; the line is re-read with that indentation.
                 column = indent + len(line.text) - len(rest)
                 self.raw[self.pos] = " " * column + self.raw[self.pos][column:]
-                items.append(self.block(column, item_path))
+                items.append(self.block(column, item_path, None))
             elif rest[0] in "|>":
                 self.pos += 1
                 items.append(self.block_scalar(rest, line))
+            elif rest[0] in "[{\"'":
+                self.pos += 1
+                items.append(self.inline(self._whole(rest, line), line.number))
             else:
                 self.pos += 1
-                items.append(self.inline(rest, line.number))
+                items.append(self.inline(self._continue_plain(rest, indent), line.number))
         return items
 
     def block_scalar(self, header: str, line: _Line) -> str:
@@ -983,9 +1155,9 @@ class _YamlReader:
 
     # -- scalars and flow collections
 
-    def inline(self, text: str, number: int) -> Any:
+    def inline(self, text: str, number: int, wanted: dict[str, Any] | None = None) -> Any:
         if text[0] in "[{":
-            value, end = self.flow(text, 0, number)
+            value, end = self.flow(text, 0, number, wanted)
             if text[end:].strip():
                 raise self.fail(number, f"unexpected text after flow collection: {text[end:].strip()!r}")
             return value
@@ -1035,20 +1207,32 @@ class _YamlReader:
                 raise self.fail(number, f"unknown escape \\{code} in double-quoted string")
         return "".join(out)
 
-    def flow(self, text: str, i: int, number: int) -> tuple[Any, int]:
-        """Parse a flow collection starting at text[i]; return (value, index after it)."""
+    def flow(self, text: str, i: int, number: int, wanted: dict[str, Any] | None = None) -> tuple[Any, int]:
+        """Parse a flow collection starting at text[i]; return (value, index after it).
+
+        With wanted, a mapping keeps only those keys (the values of the others are skipped
+        whatever they hold) and a sequence is skipped: nothing the tool reads is in it.
+        """
         opener = text[i]
         closer = "]" if opener == "[" else "}"
+        if wanted is not None and opener == "[":
+            return [], _skip_flow_value(text, i)
         items: list[Any] = []
         mapping: dict[str, Any] = {}
         i += 1
         while True:
             i = _skip_spaces(text, i)
             if i >= len(text):
-                raise self.fail(number, f"unclosed {opener!r} (multi-line flow collections are not supported)")
+                raise self.fail(number, f"unclosed {opener!r} (a flow collection that never ends)")
             if text[i] == closer:
                 return (items if opener == "[" else mapping), i + 1
+            if wanted is not None and text[i:i + 2] in ("? ", "?\t"):
+                i = _skip_spaces(text, i + 2)  # an explicit key, as PyYAML writes long ones
             if text[i] in "[{":
+                if wanted is not None:
+                    i = _skip_flow_value(text, _skip_flow_value(text, i) if opener == "{" else i)
+                    i = _skip_flow_entry_end(text, i, closer, number, self)
+                    continue
                 value, i = self.flow(text, i, number)
                 key = None
             else:
@@ -1059,36 +1243,225 @@ class _YamlReader:
                 value = None
             i = _skip_spaces(text, i)
             if opener == "{":
+                name = (self._key_name(key, number) if wanted is not None else str(self.scalar(key, number, is_key=True))) if key is not None else None
+                if wanted is not None and (name not in wanted or i >= len(text) or text[i] != ":"):
+                    if name == "<<":
+                        raise self.fail(number, "a merge key (<<) in a mapping this tool reads makes its keys ambiguous")
+                    i = _skip_flow_value(text, i + 1) if i < len(text) and text[i] == ":" else i
+                    i = _skip_flow_entry_end(text, i, closer, number, self)
+                    continue
                 if key is None or i >= len(text) or text[i] != ":":
                     raise self.fail(number, "expected 'key: value' inside {...}")
-                name = str(self.scalar(key, number, is_key=True))
+                assert name is not None
                 if name in mapping:
                     raise self.fail(number, f"duplicate key {name!r}")
                 i = _skip_spaces(text, i + 1)
+                inner = wanted[name] if wanted is not None else None
                 if i < len(text) and text[i] in "[{":
-                    mapping[name], i = self.flow(text, i, number)
+                    mapping[name], i = self.flow(text, i, number, inner)
                 else:
                     token, i = _flow_token(text, i)
                     mapping[name] = self.scalar(token, number) if token else None
             else:
                 items.append(value if key is None else self.scalar(key, number))
-            i = _skip_spaces(text, i)
-            if i < len(text) and text[i] == ",":
+            i = _skip_flow_entry_end(text, i, closer, number, self)
+
+
+def _skip_flow_entry_end(text: str, i: int, closer: str, number: int, reader: _YamlReader) -> int:
+    i = _skip_spaces(text, i)
+    if i < len(text) and text[i] == ",":
+        return i + 1
+    if i < len(text) and text[i] != closer:
+        raise reader.fail(number, f"expected ',' or {closer!r} in flow collection")
+    return i
+
+
+def _skip_flow_value(text: str, i: int) -> int:
+    """Return the index after the flow value at text[i] (a quoted or plain scalar, a nested collection), not parsing it."""
+    i = _skip_spaces(text, i)
+    while text[i:i + 1] in ("&", "!"):  # properties: an anchor, a tag
+        while i < len(text) and text[i] not in " ,]}":
+            i += 1
+        i = _skip_spaces(text, i)
+    if i >= len(text):
+        return i
+    if text[i] in "[{":
+        lexer = _SkipLexer()  # the one rule for where a quoted scalar begins
+        lexer.value(text, i, 0)
+        return len(text) if lexer.open() else len(text) - len(lexer.after)
+    _, end = _flow_token(text, i)
+    return end
+
+
+class _SkipLexer:
+    """Just enough of YAML's lexing to find where a value the reader skips ends.
+
+    It tracks a quoted scalar or flow collection that is still open across lines, and says
+    of each line whether its last value opens a block scalar or a plain scalar whose
+    continuation lines follow, and at which indentation they must stay deeper than.
+    """
+
+    def __init__(self) -> None:
+        self.quote = ""  # '"' or "'" while inside a quoted scalar
+        self.depth = 0  # open [ and { of a flow collection
+        self.after = ""  # what followed the value once it closed
+        self.expect = False  # the next line of an open flow collection starts where a value may begin
+
+    def open(self) -> bool:
+        return bool(self.quote) or self.depth > 0
+
+    def line(self, raw: str, indent: int) -> tuple[int | None, int | None]:
+        """Scan one line of structure; return (block owner, plain owner) for the lines after it."""
+        i = indent
+        owner = indent
+        while raw[i:i + 2] in ("- ", "-\t") or raw[i:].rstrip() == "-":
+            owner = i
+            i += 2
+            while i < len(raw) and raw[i] in " \t":
                 i += 1
-            elif i < len(text) and text[i] != closer:
-                raise self.fail(number, f"expected ',' or {closer!r} in flow collection")
+        if raw[i:i + 2] in ("? ", "?\t") or raw[i:i + 2] == ": ":
+            i += 2
+        end = _key_end(raw, i)
+        if end is not None:
+            owner, i = i, end
+        return self.value(raw, i, owner)
+
+    def value(self, raw: str, i: int, owner: int) -> tuple[int | None, int | None]:
+        """Scan a value from raw[i]; return (block owner, plain owner) as line() does."""
+        while i < len(raw) and raw[i] in " \t":
+            i += 1
+        while raw[i:i + 1] in ("&", "!"):  # properties: an anchor, a tag
+            while i < len(raw) and raw[i] not in " \t":
+                i += 1
+            while i < len(raw) and raw[i] in " \t":
+                i += 1
+        if i >= len(raw) or raw[i] == "#":
+            return None, None
+        if raw[i] in "|>":
+            return owner, None
+        if raw[i] in "\"'[{":
+            self._scan(raw, i, value_start=True)
+            rest = self.after.lstrip(" \t")
+            if not self.open() and rest[:1] == ":" and rest[1:2] in ("", " ", "\t"):
+                return self.value(rest, 1, owner)  # it was the key of a compact mapping: its value follows
+            return None, None
+        if raw[i] == "*":
+            return None, None
+        return None, owner
+
+    def continuation(self, raw: str) -> None:
+        """Scan a line inside an open quoted scalar or flow collection."""
+        self._scan(raw, 0, value_start=self.expect)
+
+    def _scan(self, raw: str, i: int, *, value_start: bool) -> None:
+        # expect: at a place where a flow scalar may begin (after [ { , ? or a ": "), so a quote opens one;
+        # in the middle of a plain scalar that runs over lines, a quote is just a character.
+        expect = value_start
+        while i < len(raw):
+            ch = raw[i]
+            if self.quote == '"':
+                if ch == "\\":
+                    i += 2
+                    continue
+                if ch == '"':
+                    self.quote = ""
+                    expect = False
+                    if not self.depth:
+                        self.after = raw[i + 1:]
+                        return
+                i += 1
+                continue
+            if self.quote == "'":
+                if ch == "'" and raw[i + 1:i + 2] == "'":
+                    i += 2
+                    continue
+                if ch == "'":
+                    self.quote = ""
+                    expect = False
+                    if not self.depth:
+                        self.after = raw[i + 1:]
+                        return
+                i += 1
+                continue
+            if ch in " \t":
+                i += 1
+                continue
+            if ch == "#" and (i == 0 or raw[i - 1] in " \t"):
+                break
+            if expect and ch in "\"'":
+                self.quote = ch
+            elif ch in "[{" and (expect or self.depth):
+                self.depth += 1
+                expect = True
+                i += 1
+                continue
+            elif self.depth and ch in "]}":
+                self.depth -= 1
+                if not self.depth:
+                    self.after = raw[i + 1:]
+                    self.expect = False
+                    return
+            elif self.depth and (ch == "," or ch in "?:" and raw[i + 1:i + 2] in ("", " ", "\t")):
+                expect = True
+                i += 1
+                continue
+            elif self.depth and ch in "&!" and expect:
+                while i < len(raw) and raw[i] not in " \t,]}":
+                    i += 1
+                continue
+            expect = False
+            i += 1
+        self.expect = expect if self.depth and not self.quote else False
+
+
+def _key_end(raw: str, i: int) -> int | None:
+    """Return the index after 'key:' if a block mapping key starts at raw[i], else None."""
+    if i >= len(raw) or raw[i] in "[{#&*!|>%@`?" or raw[i] == "-" and raw[i + 1:i + 2] in ("", " ", "\t"):
+        return None  # a flow collection, a comment, a property, a block scalar, an indicator: not a key
+    if raw[i] in "\"'":
+        quote, j = raw[i], i + 1
+        while j < len(raw):
+            if raw[j] == "\\" and quote == '"':
+                j += 2
+                continue
+            if raw[j] == quote:
+                if quote == "'" and raw[j + 1:j + 2] == "'":
+                    j += 2
+                    continue
+                break
+            j += 1
+        rest = raw[j + 1:].lstrip(" \t")
+        return len(raw) - len(rest) + 1 if rest[:1] == ":" and rest[1:2] in ("", " ", "\t") else None
+    j = i
+    while j < len(raw):
+        if raw[j] == ":" and raw[j + 1:j + 2] in ("", " ", "\t"):
+            return j + 1
+        if raw[j] == "#" and raw[j - 1] in " \t":
+            return None
+        j += 1
+    return None
+
+
+def _escaped_break(piece: str) -> bool:
+    stripped = piece.rstrip(" \t")
+    return stripped.endswith("\\") and _escaped(stripped, len(stripped))
 
 
 def _strip_comment(text: str) -> str:
     quote = ""
-    for i, ch in enumerate(text):
+    i = 0
+    while i < len(text):
+        ch = text[i]
         if quote:
-            if ch == quote and not (quote == '"' and _escaped(text, i)):
+            if quote == "'" and ch == "'" and text[i + 1:i + 2] == "'":
+                i += 1  # '' is a quote inside a single-quoted string
+            elif ch == quote and not (quote == '"' and _escaped(text, i)):
                 quote = ""
         elif ch in "\"'" and (i == 0 or text[i - 1] in " \t:[{,-"):
             quote = ch
         elif ch == "#" and (i == 0 or text[i - 1] in " \t"):
             return text[:i]
+        i += 1
     return text
 
 
@@ -1158,13 +1531,13 @@ def _plain_value(text: str) -> Any:
     return text
 
 
-def parse_yaml(text: str, filename: str) -> tuple[Any, dict[tuple[str, ...], int]]:
+def parse_yaml(text: str, filename: str, wanted: dict[str, Any] | None = None) -> tuple[Any, dict[tuple[str, ...], int]]:
     """Return the document in text and the line of every mapping key (by key path).
 
-    Raise YamlError with filename:line if the text holds anything the reader would
-    have to guess at.
+    With wanted, only those keys are read (see _YamlReader). Raise YamlError with
+    filename:line if the text holds anything the reader would have to guess at.
     """
-    reader = _YamlReader(text, filename)
+    reader = _YamlReader(text, filename, wanted)
     return reader.document(), reader.key_lines
 
 
@@ -1207,7 +1580,7 @@ def read_module(yaml_path: Path) -> Module:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise UsageError(f"{yaml_path}:{line}: not UTF-8 text") from None
-    doc, lines = parse_yaml(text.removeprefix("\ufeff"), str(yaml_path))
+    doc, lines = parse_yaml(text.removeprefix("\ufeff"), str(yaml_path), MODULE_KEYS)
     if not isinstance(doc, dict):
         raise UsageError(f"{yaml_path}: expected a mapping at the top level")
 
@@ -2146,12 +2519,14 @@ def locate(path: str, mounts: list[MountPlan]) -> ArchiveItem:
         return ArchiveItem(path, mount.source, mount.destination, rel=rel)  # fails loudly when it is read
     try:
         for name in rel[:-1]:
-            child = os.open(name, _DIR_FLAGS, dir_fd=fd)  # ELOOP/ENOTDIR: a symlink or a file on the way
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                LOG.info("%s: %s is %s inside mount %s; reading it through docker cp, inside the container", path, name,
+                         _what_is(fd, name), mount.destination)
+                return ArchiveItem(path, None, mount.destination, rel=rel)
             os.close(fd)
             fd = child
-    except OSError as exc:
-        LOG.info("%s: %s on the way inside mount %s; reading it through docker cp", path, os.strerror(exc.errno or 0), mount.destination)
-        return ArchiveItem(path, None, mount.destination, rel=rel)
     finally:
         os.close(fd)
     return ArchiveItem(path, mount.source, mount.destination, rel=rel)
@@ -2440,15 +2815,24 @@ def _open_item_root(item: ArchiveItem) -> int:
         for name in item.rel[:-1]:
             try:
                 child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                raise BackupError(f"{item.path}: {name!r} inside {item.host} changed into {'a symlink' if exc.errno == errno.ELOOP else 'something else'} "
-                                  "while the backup ran; nothing outside the mount is read") from None
+            except OSError:
+                raise BackupError(f"{item.path}: {name!r} inside {item.host} turned into {_what_is(fd, name)} while the backup ran; "
+                                  "nothing outside the mount is read") from None
             os.close(fd)
             fd = child
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _what_is(dir_fd: int, name: str) -> str:
+    """Say what name in dir_fd is, when it is not the plain directory expected."""
+    try:
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    return "a symlink" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode) else "not a directory"
 
 
 def _check_mounted_here(item: ArchiveItem, fd: int) -> None:
@@ -2683,8 +3067,9 @@ def _inventory(container: str, item: ArchiveItem, nested: list[str], rules: Arch
                 *names, tail = (tail + chunk).split(b"\0")
                 for raw in names:
                     name = os.fsdecode(raw).lstrip("/")
-                    if "/" + name == item.path or not _inside("/" + name, nested):
-                        keys.append(_name_key(name))
+                    if _left_out(name, item, nested, rules):
+                        continue
+                    keys.append(_name_key(name))
     except BackupError as exc:
         stats.inventories[item.group] = f"not taken: {exc}"
         return None
@@ -2697,6 +3082,16 @@ def _inventory(container: str, item: ArchiveItem, nested: list[str], rules: Arch
         stats.inventories[item.group] = f"not taken: {why}"
         return None
     return array.array("Q", sorted(keys))
+
+
+def _left_out(name: str, item: ArchiveItem, nested: list[str], rules: ArchiveRules) -> bool:
+    """Return whether an entry the container lists is left out of the archive on purpose (nested mount, backup directory, exclude)."""
+    path = "/" + name
+    if path != item.path and _inside(path, nested):
+        return True
+    if rules.backup_dir_paths and _inside(path, list(rules.backup_dir_paths)):
+        return True
+    return rules.exclude is not None and rules.exclude(name) is not None
 
 
 def _compare_inventory(container: str, item: ArchiveItem, nested: list[str], rules: ArchiveRules, stats: ArchiveStats,
@@ -3173,15 +3568,23 @@ def remove_stale_partials(dir_fd: int, module_id: str) -> None:
 
     Only called under the module lock.
     """
-    stale = re.compile(re.escape(module_id) + r"-[0-9]{8}T[0-9]{6}Z\.[a-z.]+\.partial")  # incl. class G's .pgdump.sql.gz
-    staging = re.compile(r"\." + re.escape(module_id) + r"-[0-9]{8}T[0-9]{6}Z\.[a-z]+-staging")
     for name in os.listdir(dir_fd):
-        if stale.fullmatch(name):
+        left = _left_by_a_run(name, module_id)
+        if left == "partial":
             LOG.warning("removing %s left by an interrupted run", name)
             os.unlink(name, dir_fd=dir_fd)
-        elif staging.fullmatch(name):
+        elif left == "staging":
             LOG.warning("removing %s/ left by an interrupted run", name)
             remove_tree_at(dir_fd, name)
+
+
+def _left_by_a_run(name: str, module_id: str) -> str | None:
+    """Return "partial" or "staging" for a name only a run of module_id makes, else None."""
+    if re.fullmatch(re.escape(module_id) + r"-[0-9]{8}T[0-9]{6}Z\.[a-z.]+\.partial", name):  # incl. class G's .pgdump.sql.gz
+        return "partial"
+    if re.fullmatch(r"\." + re.escape(module_id) + r"-[0-9]{8}T[0-9]{6}Z\.[a-z]+-staging", name):
+        return "staging"
+    return None
 
 
 def remove_tree_at(dir_fd: int, name: str) -> None:
@@ -3959,11 +4362,28 @@ def pg_census(target: PgTarget, databases: list[str], timeout: float) -> dict[st
     return counts
 
 
-def pg_dumpall_argv(job: BackupJob, target: PgTarget) -> list[str]:
-    # --lock-wait-timeout: a table held by an ALTER makes pg_dump fail clearly instead of
-    # waiting (and queueing every later lock of that table behind its own request).
-    return exec_argv(target.container, ["pg_dumpall", "-U", target.user, "--clean", "--if-exists",
+def pg_dumpall_argv(job: BackupJob, target: PgTarget, session: str = "<session>") -> list[str]:
+    # --lock-wait-timeout: a table held by an ALTER makes pg_dump fail instead of waiting
+    # (and queueing every later lock of that table behind its own request). PGAPPNAME names
+    # the dump's sessions, so that a dump that is stopped can have them ended on the server.
+    return exec_argv(target.container, ["env", f"PGAPPNAME={session}", "pg_dumpall", "-U", target.user, "--clean", "--if-exists",
                                         f"--lock-wait-timeout={int(job.settings.docker_timeout * 1000)}"], secrets=target.secrets)
+
+
+def end_sessions(target: PgTarget, session: str, timeout: float) -> None:
+    """End the server sessions of a dump that was stopped.
+
+    A backend waiting on a lock does not notice that its client is gone (only
+    client_connection_check_interval makes it look), so it would stay queued behind the
+    lock and block every session queued after it.
+    """
+    if not re.fullmatch(r"bba-[0-9a-f]+", session):
+        raise AssertionError(f"not a session name this tool made: {session!r}")
+    sql = f"SELECT to_json(count(pg_terminate_backend(pid))) FROM pg_stat_activity WHERE application_name = '{session}'"  # noqa: S608 (hex only)
+    with contextlib.suppress(BackupError):
+        ended = pg_json(target, "postgres", sql, timeout)
+        if ended:
+            LOG.info("ended %s session(s) of the stopped dump on the server", ended)
 
 
 def dump_cluster(job: BackupJob, target: PgTarget, out: PartialFile) -> tuple[int, DumpCensus]:
@@ -3973,15 +4393,30 @@ def dump_cluster(job: BackupJob, target: PgTarget, out: PartialFile) -> tuple[in
     """
     size, tail = 0, b""
     census = DumpCensus()
+    session = f"bba-{os.urandom(6).hex()}"
     LOG.info("dumping with pg_dumpall into %s.partial", out.path)
-    with compressing(out, job.compression) as packed, contextlib.closing(Progress("pg_dumpall", job.estimated_bytes)) as progress:
-        with stream_from(pg_dumpall_argv(job, target), timeout=job.settings.stream_timeout, secrets=target.secrets) as pipe:
-            while chunk := pipe.read(COPY_CHUNK):
-                packed.write(chunk)
-                census.feed(chunk)
-                progress.add(len(chunk))
-                size += len(chunk)
-                tail = (tail + chunk)[-PG_TAIL_BYTES:]
+    try:
+        with compressing(out, job.compression) as packed, contextlib.closing(Progress("pg_dumpall", job.estimated_bytes)) as progress:
+            with stream_from(pg_dumpall_argv(job, target, session), timeout=job.settings.stream_timeout, secrets=target.secrets) as pipe:
+                while chunk := pipe.read(COPY_CHUNK):
+                    packed.write(chunk)
+                    census.feed(chunk)
+                    progress.add(len(chunk))
+                    size += len(chunk)
+                    tail = (tail + chunk)[-PG_TAIL_BYTES:]
+    except CommandError as exc:
+        end_sessions(target, session, job.settings.docker_timeout)
+        locked = next((line for line in exc.stderr_tail if "Query was: LOCK TABLE" in line), None)
+        if locked and any("timeout" in line for line in exc.stderr_tail):
+            table = locked.split("LOCK TABLE", 1)[1].split(" IN ", 1)[0].strip()
+            raise BackupError(f"pg_dump could not lock {table} within {job.settings.docker_timeout:g}s (docker_timeout): another session holds it "
+                              "(an ALTER TABLE, a VACUUM FULL, a long transaction); try again once it is done",
+                              details=exc.details or exc.stderr_tail) from None
+        raise
+    except BaseException:
+        with signals_deferred():
+            end_sessions(target, session, job.settings.docker_timeout)
+        raise
     check_sql_dump(size, tail)
     return size, census
 
@@ -4451,8 +4886,9 @@ def redis_cli(target: RedisTarget, *args: str, timeout: float) -> str:
                timeout=timeout, secrets=target.secrets)
     reply = proc.stdout.decode("utf-8", "replace").strip()
     first = reply.splitlines()[0] if reply else "no reply"
-    if reply.startswith(("NOAUTH", "WRONGPASS")) or "AUTH failed" in proc.stderr.decode("utf-8", "replace"):
-        raise RedisReplyError(f"redis login to {target.container} failed: {first} ({target.auth})")
+    refused = next((line.split("AUTH failed:", 1)[1].strip() for line in proc.stderr.decode("utf-8", "replace").splitlines() if "AUTH failed:" in line), None)
+    if refused or reply.startswith(("NOAUTH", "WRONGPASS")):
+        raise RedisReplyError(f"redis login to {target.container} failed: {refused or first} ({target.auth})")
     if REDIS_ERROR_RE.match(reply) or not reply:
         raise RedisReplyError(f"redis {' '.join(args[:2])}: {first}")
     return reply
@@ -5856,6 +6292,9 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
         raise UsageError(f"--pause does not apply to {procedure.name}: it needs the server answering (and is consistent without a pause)")
 
     timeout = settings.docker_timeout
+    backup_dir = Path(settings.backup_dir or platform_root / "backups").absolute()
+    if not args.dry_run:
+        clean_up_after_killed_runs(backup_dir, module.id, settings)
     containers = list_containers(timeout)
     resolution = resolve_container(module, containers, args.container)
     LOG.info("container %s (%s), resolved by %s", resolution.name, resolution.state, resolution.rule)
@@ -5875,7 +6314,6 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
     for dest, reason in skipped:
         LOG.info("skipping mount %s: %s", dest, reason)
 
-    backup_dir = Path(settings.backup_dir or platform_root / "backups").absolute()
     job = BackupJob(module, cls, procedure.name, resolution, engine, settings, mounts, skipped, backup_dir, utc_timestamp(), pause, env, containers,
                     compression=choose_compression(settings), options=procedure_options(procedure, cls), config=config)
     job.rules = ArchiveRules(timeout=settings.stream_timeout, docker_timeout=timeout, backup_dir_paths=backup_dir_in_mounts(backup_dir, mounts))
@@ -5893,8 +6331,6 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
             here = os.fstat(dir_fd)
             job.rules.backup_dir = (here.st_dev, here.st_ino)
             job.journal = CleanupJournal(dir_fd, module.id)
-            job.journal.replay(settings)
-            remove_stale_partials(dir_fd, module.id)
             job.timestamp = free_timestamp(dir_fd, module.id, (*backup_suffixes(), MANIFEST_SUFFIX))
             started = datetime.datetime.now(datetime.UTC)
             result = procedure.run(job, dir_fd)
@@ -5921,6 +6357,27 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
     else:
         out.write(f"{result.path}\n{manifest_path}\n")
     return EXIT_OK
+
+
+def clean_up_after_killed_runs(backup_dir: Path, module_id: str, settings: Settings) -> None:
+    """Undo what a killed run of the module left (its journal, .partial files, staging), under its lock.
+
+    Runs before the container is looked at, so that a container a killed run left paused
+    is unpaused first rather than taken for one paused by someone else.
+    """
+    if not os.path.isdir(backup_dir):
+        return  # no run of any module has written here yet
+    with contextlib.suppress(OSError):
+        if not [name for name in os.listdir(backup_dir) if name == f".{module_id}.cleanup" or _left_by_a_run(name, module_id)]:
+            return  # nothing left over: touch nothing
+    dir_fd = ensure_backup_dir(backup_dir, create=True)
+    assert dir_fd is not None
+    try:
+        with module_lock(dir_fd, module_id, settings.lock_timeout):
+            CleanupJournal(dir_fd, module_id).replay(settings)
+            remove_stale_partials(dir_fd, module_id)
+    finally:
+        os.close(dir_fd)
 
 
 def backup_dir_in_mounts(backup_dir: Path, mounts: list[MountPlan]) -> tuple[str, ...]:

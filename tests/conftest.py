@@ -11,8 +11,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Property tests: `make test` runs them derandomized (a fixed seed per test, no example
+# database), so that CI cannot fail at random; `make fuzz` runs them with random seeds and
+# FUZZ_SCALE times the examples, before a release.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("fuzz", derandomize=False, database=None, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+FUZZ_SCALE = int(os.environ.get("FUZZ_SCALE", "20")) if os.environ.get("HYPOTHESIS_PROFILE") == "fuzz" else 1
+
+
+def examples(count: int) -> int:
+    """Return how many examples a property test runs: count, or FUZZ_SCALE times as many under `make fuzz`."""
+    return count * FUZZ_SCALE
 TOOL = REPO / "backup_before_apply.py"
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
@@ -94,8 +108,14 @@ class FakeDocker:
         if sub == "ps":
             out = "\n".join(c["Id"] for c in self.containers)
         elif sub == "inspect":
-            ids = argv[4:]
-            out = json.dumps([c for c in self.containers if c["Id"] in ids])
+            refs = [a for i, a in enumerate(argv[2:], 2) if not a.startswith("--") and argv[i - 1] not in ("--type", "--format")]
+            found = [c for c in self.containers if c["Id"] in refs or c["Name"].lstrip("/") in refs]
+            if "--format" in argv:  # the one format the tool asks for: {{json .State}}
+                if not found:
+                    raise bba.CommandError(argv, 1, "Error: No such container")
+                out = json.dumps(found[0]["State"])
+            else:
+                out = json.dumps(found)
         elif sub == "info":
             out = json.dumps({"ServerVersion": "99.0-fake", "SecurityOptions": ["name=seccomp"]})
         elif sub == "context":

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import backup_before_apply as bba
-from conftest import REPO
+from conftest import REPO, examples
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=examples(1000))
 @given(st.text(max_size=200))
 def test_validate_module_id_accepts_only_safe_ids(text):
     try:
@@ -28,7 +28,7 @@ def test_validate_module_id_accepts_only_safe_ids(text):
     assert not text.startswith(("-", ".")) and text == text.strip() and len(text) <= bba.MODULE_ID_MAX
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500))
 @given(st.text(max_size=60), st.lists(st.text(min_size=1, max_size=12), max_size=6))
 def test_classify_returns_a_class_or_a_usage_error(module_id, patterns):
     config = bba.load_config(REPO / "classes.toml")
@@ -46,7 +46,7 @@ def test_classify_returns_a_class_or_a_usage_error(module_id, patterns):
 CLASSES_PART = "[classes.A]" + (REPO / "classes.toml").read_text().split("[classes.A]", 1)[1]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300))
 @given(values=st.dictionaries(st.sampled_from(list(bba.SETTING_SOURCES)),
                               st.one_of(st.text(st.characters(blacklist_categories=("Cs",)), max_size=10), st.integers(), st.floats(), st.booleans()), max_size=4))
 def test_settings_values_are_checked_or_rejected_naming_file_and_key(values, tmp_path_factory):

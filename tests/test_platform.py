@@ -79,11 +79,11 @@ def test_load_module_platform_without_modules_dir(tmp_path):
 
 def test_discover_modules_collects_errors_and_skips_dirs_without_yaml(platform):
     write_module(platform, "good")
-    write_module(platform, "bad", yaml="a: 1\na: 2\n")
+    write_module(platform, "bad", yaml="spec:\n  runtime: {}\nspec: {}\n")
     (platform / "modules" / "empty").mkdir()
     modules, errors = bba.discover_modules(platform)
     assert [m.id for m in modules] == ["good"]
-    assert len(errors) == 1 and "bad/module.yaml:2: duplicate key 'a'" in errors[0]
+    assert len(errors) == 1 and "bad/module.yaml:3: duplicate key 'spec'" in errors[0]
 
 
 def test_example_platform_covers_every_class(config):

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import backup_before_apply as bba
+from conftest import examples
 
 KINDS = [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE]
 # Names as os.listdir returns them: any text, undecodable bytes as surrogates.
@@ -28,7 +29,7 @@ def reference_header(entry: bba.TarEntry) -> bytes:
     return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400))
 @given(
     name=NAMES, kind=st.sampled_from(KINDS), mode=st.integers(0, 0o177777),
     uid=st.integers(0, 2**40), gid=st.integers(0, 2**40), mtime=st.integers(-(2**40), 2**40),
