@@ -71,10 +71,8 @@ class Sandbox:
         return env
 
     def docker(self, *args: str, check: bool = True, input: bytes | None = None, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            ["docker", *args], env={**self.env, **(env_extra or {})}, input=input.decode() if input else None,
-            capture_output=True, text=True, timeout=300,
-        )
+        raw = subprocess.run(["docker", *args], env={**self.env, **(env_extra or {})}, input=input, capture_output=True, timeout=300)
+        proc = subprocess.CompletedProcess(raw.args, raw.returncode, raw.stdout.decode(errors="replace"), raw.stderr.decode(errors="replace"))
         if check and proc.returncode != 0:
             raise RuntimeError(f"docker {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()}")
         return proc

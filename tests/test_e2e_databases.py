@@ -245,10 +245,12 @@ def test_e2e_redis_restore_notes_followed_literally(redis, tmp_path):
     engine.docker("stop", "cache")
     if aof:
         engine.docker("run", "--rm", "--network", "none", "--volumes-from", "cache", "bba-base:latest", "rm", "-rf", "/data/appendonlydir")
-    engine.docker(
-        "run", "--rm", "--network", "none", "--volumes-from", "cache", "-v", f"{archive}:/restore.tar.gz:ro",
-        "bba-base:latest", "tar", "-xzpf", "/restore.tar.gz", "--numeric-owner", "-C", "/",
-    )
+    doc = json.loads(Path(proc.stdout.split()[1]).read_text())
+    assert f"gunzip -c {archive} | docker run --rm -i --volumes-from cache \\\n" in doc["restore"]
+    assert "tar -xpf - --numeric-owner -C /" in doc["restore"]
+    unpacked = subprocess.run(["gunzip", "-c", archive], capture_output=True, check=True).stdout
+    engine.docker("run", "--rm", "-i", "--network", "none", "-v", "/usr:/usr:ro", "--volumes-from", "cache",
+                  "bba-base:latest", "tar", "-xpf", "-", "--numeric-owner", "-C", "/", input=unpacked)
     engine.docker("start", "cache")
     engine.wait_for("cache", ["sh", "-c", 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli info persistence | grep -q "^loading:0"'])
     keyspace = engine.docker("exec", "-e", "REDISCLI_AUTH", "cache", "redis-cli", "INFO", "keyspace", env_extra=auth).stdout
