@@ -204,7 +204,8 @@ def _child_env(secrets: dict[str, str] | None) -> dict[str, str] | None:
 # still queued on a lock, a redis-cli of a paused server); the token finds those processes
 # and their children, which inherit it, on this host or inside the container.
 EXEC_MARK = "BBA_EXEC"
-KILL_ROUNDS = 100  # of 0.1 s: how long the bottom-up kill waits for parents to reap
+KILL_ROUNDS = 100
+ENGINE_LOCAL: bool | None = None  # set by engine_info(): whether the engine's processes are this host's  # of 0.1 s: how long the bottom-up kill waits for parents to reap
 
 # Stopped bottom-up (SIGTERM, then SIGKILL), and only while each process's own (marked)
 # parent is alive to reap it.
@@ -259,16 +260,19 @@ def _kill_tree_here(token: bytes) -> bool:
     found_any = False
     for _ in range(KILL_ROUNDS):
         marked = _marked_here(token)
-        alive = {pid for pid in signalled if os.path.exists(f"/proc/{pid}")}
-        if not marked and not alive:
+        # A stopped process that is still there but no longer shows the token is a zombie its
+        # parent has not reaped yet: nothing above it may be stopped until it is gone.
+        dying = [pid for pid in signalled if pid not in marked and os.path.exists(f"/proc/{pid}")]
+        if not marked and not dying:
             return found_any
         found_any = True
-        parents = set(marked.values())
-        for pid in [pid for pid in marked if pid not in parents] + sorted(alive - set(marked)):
-            first = signalled.setdefault(pid, time.monotonic())
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGTERM if time.monotonic() - first < 1 else signal.SIGKILL)
-        time.sleep(0.1)  # a killed child must be reaped by its parent before that parent is stopped
+        if not dying:
+            parents = set(marked.values())
+            for pid in (pid for pid in marked if pid not in parents):
+                first = signalled.setdefault(pid, time.monotonic())
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGTERM if time.monotonic() - first < 1 else signal.SIGKILL)
+        time.sleep(0.1)
     LOG.warning("processes started in the container (%s) did not go away; see `docker top`", token.decode())
     return True
 
@@ -284,6 +288,8 @@ def kill_exec(argv: list[str]) -> None:
     mark = exec_mark(argv)
     if mark is None or _kill_tree_here(mark.encode()):
         return
+    if ENGINE_LOCAL and os.geteuid() == 0:
+        return  # this host's /proc shows every process of a local engine: nothing is left
     with contextlib.suppress(BackupError):
         run(["docker", "exec", exec_container(argv), "sh", "-c", _KILL_TREE_SH, "sh", mark], check=False, timeout=30)
 
@@ -418,7 +424,7 @@ class _Watchdog:
 
 @contextlib.contextmanager
 def _streaming(argv: list[str], *, into: bool, timeout: float | None, secrets: dict[str, str] | None, check: bool,
-               stdin: IO[bytes] | None = None) -> Iterator[Stream]:
+               stdin: IO[bytes] | None = None, cwd: str | None = None) -> Iterator[Stream]:
     LOG.debug("$ %s", mask_argv(argv))
     RUN_COUNTS[os.path.basename(argv[0])] += 1
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
@@ -429,6 +435,7 @@ def _streaming(argv: list[str], *, into: bool, timeout: float | None, secrets: d
                 stdout=out if into else subprocess.PIPE,
                 stderr=err,
                 env=_child_env(secrets),
+                cwd=cwd,
             )
         except FileNotFoundError:
             raise BackupError(f"{argv[0]}: command not found on PATH") from None
@@ -461,7 +468,8 @@ def _streaming(argv: list[str], *, into: bool, timeout: float | None, secrets: d
                 proc.kill()
                 proc.wait()
                 watchdog.stop()
-                kill_exec(argv)
+                if not watchdog.fired:
+                    kill_exec(argv)
             if watchdog.fired and isinstance(exc, (OSError, BackupError, tarfile.TarError, EOFError)):
                 err.seek(0)
                 raise CommandError(argv, None, err.read()) from None  # the pipe broke because the watchdog killed it
@@ -564,6 +572,8 @@ def engine_info(timeout: float) -> EngineInfo:
         proc = docker(["context", "inspect", "--format", "{{json .Endpoints.docker.Host}}"], timeout=timeout)
         endpoint = str(parse_json(proc.stdout, "docker context inspect"))
     security = " ".join(str(opt) for opt in info.get("SecurityOptions") or [])
+    global ENGINE_LOCAL
+    ENGINE_LOCAL = endpoint.startswith("unix://")
     return EngineInfo(
         version=str(info.get("ServerVersion", "unknown")),
         endpoint=endpoint,
@@ -1359,29 +1369,14 @@ class _SkipLexer:
         expect = value_start
         while i < len(raw):
             ch = raw[i]
-            if self.quote == '"':
-                if ch == "\\":
-                    i += 2
-                    continue
-                if ch == '"':
-                    self.quote = ""
-                    expect = False
-                    if not self.depth:
-                        self.after = raw[i + 1:]
-                        return
-                i += 1
-                continue
-            if self.quote == "'":
-                if ch == "'" and raw[i + 1:i + 2] == "'":
-                    i += 2
-                    continue
-                if ch == "'":
-                    self.quote = ""
-                    expect = False
-                    if not self.depth:
-                        self.after = raw[i + 1:]
-                        return
-                i += 1
+            if self.quote:
+                end = _quote_end(raw, i, self.quote)
+                if end < 0:
+                    break  # the quoted scalar goes on over the next line
+                self.quote, expect, i = "", False, end + 1
+                if not self.depth:
+                    self.after = raw[i:]
+                    return
                 continue
             if ch in " \t":
                 i += 1
@@ -1390,7 +1385,9 @@ class _SkipLexer:
                 break
             if expect and ch in "\"'":
                 self.quote = ch
-            elif ch in "[{" and (expect or self.depth):
+                i += 1
+                continue
+            if ch in "[{" and (expect or self.depth):
                 self.depth += 1
                 expect = True
                 i += 1
@@ -1414,23 +1411,32 @@ class _SkipLexer:
         self.expect = expect if self.depth and not self.quote else False
 
 
+def _quote_end(text: str, i: int, quote: str) -> int:
+    """Return the index of the quote that closes a quoted scalar whose text goes on at text[i], or -1 if the line ends first.
+
+    Inside double quotes a backslash escapes the next character; inside single quotes ''
+    is a quote.
+    """
+    while i < len(text):
+        if quote == '"' and text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == quote:
+            if quote == "'" and text[i + 1:i + 2] == "'":
+                i += 2
+                continue
+            return i
+        i += 1
+    return -1
+
+
 def _key_end(raw: str, i: int) -> int | None:
     """Return the index after 'key:' if a block mapping key starts at raw[i], else None."""
     if i >= len(raw) or raw[i] in "[{#&*!|>%@`?" or raw[i] == "-" and raw[i + 1:i + 2] in ("", " ", "\t"):
         return None  # a flow collection, a comment, a property, a block scalar, an indicator: not a key
     if raw[i] in "\"'":
-        quote, j = raw[i], i + 1
-        while j < len(raw):
-            if raw[j] == "\\" and quote == '"':
-                j += 2
-                continue
-            if raw[j] == quote:
-                if quote == "'" and raw[j + 1:j + 2] == "'":
-                    j += 2
-                    continue
-                break
-            j += 1
-        rest = raw[j + 1:].lstrip(" \t")
+        j = _quote_end(raw, i + 1, raw[i])
+        rest = raw[j + 1:].lstrip(" \t") if j >= 0 else ""
         return len(raw) - len(rest) + 1 if rest[:1] == ":" and rest[1:2] in ("", " ", "\t") else None
     j = i
     while j < len(raw):
@@ -2867,16 +2873,18 @@ def archive_from_host(tar: TarWriter, item: ArchiveItem, nested: list[str], stat
     parent = _open_item_root(item)
     top = item.path.strip("/")
     try:
-        if item.rel:
-            try:
-                st = os.stat(item.rel[-1], dir_fd=parent, follow_symlinks=False)
-            except FileNotFoundError:
-                raise BackupError(f"source of {item.path} vanished: {item.rel[-1]} is not in {item.host}") from None
-            _visit(tar, item, parent, item.rel[-1], top, st, nested, stats, rules, hard_links, frames)
-            os.close(parent)
-        else:
-            frames_root = os.fstat(parent)
-            _visit(tar, item, None, parent, top, frames_root, nested, stats, rules, hard_links, frames)
+        try:
+            if item.rel:
+                try:
+                    st = os.stat(item.rel[-1], dir_fd=parent, follow_symlinks=False)
+                except FileNotFoundError:
+                    raise BackupError(f"source of {item.path} vanished: {item.rel[-1]} is not in {item.host}") from None
+                _visit(tar, item, parent, item.rel[-1], top, st, nested, stats, rules, hard_links, frames)
+            else:
+                _visit(tar, item, None, parent, top, os.fstat(parent), nested, stats, rules, hard_links, frames)
+        finally:
+            if not frames or frames[0][0] != parent:
+                os.close(parent)  # unless the walk goes on from it
         while frames:
             fd, names, rel = frames[-1]
             if not names:
@@ -2927,7 +2935,8 @@ def _visit(tar: TarWriter, item: ArchiveItem, parent: int | None, name: str | in
             assert entry is not None
             names = sorted(os.listdir(fd), reverse=True)
         except BaseException:
-            os.close(fd)
+            if not isinstance(name, int):
+                os.close(fd)  # the caller closes a directory it handed in
             raise
         tar.add(entry)
         stats.count(item.group, entry)
@@ -3056,9 +3065,8 @@ def archive_through_docker(tar: TarWriter, container: str, item: ArchiveItem, ne
         _compare_inventory(container, item, nested, rules, stats, before, archived)
 
 
-def _inventory(container: str, item: ArchiveItem, nested: list[str], rules: ArchiveRules, stats: ArchiveStats) -> array.array[int] | None:
-    """Return the sorted name keys of every entry `find` lists under the item inside the container, or None (and why, recorded)."""
-    keys = array.array("Q")
+def _find_inside(container: str, item: ArchiveItem, rules: ArchiveRules, each: Callable[[str], None]) -> str | None:
+    """Hand each entry `find -xdev` lists under the item inside the container to each; return why it could not, or None."""
     argv = exec_argv(container, ["find", item.path, "-xdev", "-print0"])
     try:
         with _streaming(argv, into=False, timeout=rules.timeout, secrets=None, check=False) as stream:
@@ -3066,19 +3074,23 @@ def _inventory(container: str, item: ArchiveItem, nested: list[str], rules: Arch
             while chunk := stream.pipe.read(COPY_CHUNK):
                 *names, tail = (tail + chunk).split(b"\0")
                 for raw in names:
-                    name = os.fsdecode(raw).lstrip("/")
-                    if _left_out(name, item, nested, rules):
-                        continue
-                    keys.append(_name_key(name))
+                    each(os.fsdecode(raw).lstrip("/"))
     except BackupError as exc:
-        stats.inventories[item.group] = f"not taken: {exc}"
+        return str(exc)
+    if stream.returncode == 0:
         return None
-    if stream.returncode != 0:
-        why = " | ".join(stream.stderr.decode("utf-8", "replace").strip().splitlines()[-2:]) or f"find exited {stream.returncode}"
-        if stream.returncode in (126, 127) or b"executable file not found" in stream.stderr:
-            why = "no find in the container"
-        elif b"is not running" in stream.stderr or b"is paused" in stream.stderr:
-            why = "the container is not running"
+    if stream.returncode in (126, 127) or b"executable file not found" in stream.stderr:
+        return "no find in the container"
+    if b"is not running" in stream.stderr or b"is paused" in stream.stderr:
+        return "the container is not running"
+    return " | ".join(stream.stderr.decode("utf-8", "replace").strip().splitlines()[-2:]) or f"find exited {stream.returncode}"
+
+
+def _inventory(container: str, item: ArchiveItem, nested: list[str], rules: ArchiveRules, stats: ArchiveStats) -> array.array[int] | None:
+    """Return the sorted name keys of every entry the container lists under the item, or None (and why, recorded)."""
+    keys = array.array("Q")
+    why = _find_inside(container, item, rules, lambda name: None if _left_out(name, item, nested, rules) else keys.append(_name_key(name)))
+    if why is not None:
         stats.inventories[item.group] = f"not taken: {why}"
         return None
     return array.array("Q", sorted(keys))
@@ -3102,7 +3114,7 @@ def _compare_inventory(container: str, item: ArchiveItem, nested: list[str], rul
     if not missing:
         stats.inventories[item.group] = f"find inside the container listed {len(before)} entries; every one is in the archive"
         return
-    after = _inventory_names(container, item, nested, rules, missing)
+    after = _inventory_names(container, item, rules, missing)
     if after is None or not after:
         stats.inventories[item.group] = (f"find inside the container listed {len(before)} entries; {len(missing)} of them were "
                                          "gone before the copy ended (deleted while copying)")
@@ -3112,22 +3124,11 @@ def _compare_inventory(container: str, item: ArchiveItem, nested: list[str], rul
                       "not a complete backup", details=[f"not in the docker cp stream: /{name}" for name in sorted(after)[:STDERR_DETAIL_LINES]])
 
 
-def _inventory_names(container: str, item: ArchiveItem, nested: list[str], rules: ArchiveRules, wanted: set[int]) -> list[str] | None:
+def _inventory_names(container: str, item: ArchiveItem, rules: ArchiveRules, wanted: set[int]) -> list[str] | None:
     # The second look: which of the missing entries are still there once the copy is done.
     found: list[str] = []
-    argv = exec_argv(container, ["find", item.path, "-xdev", "-print0"])
-    try:
-        with _streaming(argv, into=False, timeout=rules.timeout, secrets=None, check=False) as stream:
-            tail = b""
-            while chunk := stream.pipe.read(COPY_CHUNK):
-                *names, tail = (tail + chunk).split(b"\0")
-                for raw in names:
-                    name = os.fsdecode(raw).lstrip("/")
-                    if _name_key(name) in wanted:
-                        found.append(name)
-    except BackupError:
-        return None
-    return found if stream.returncode == 0 else None
+    why = _find_inside(container, item, rules, lambda name: found.append(name) if _name_key(name) in wanted else None)
+    return found if why is None else None
 
 
 def _sorted_has(keys: array.array[int], key: int) -> bool:
@@ -4366,8 +4367,13 @@ def pg_dumpall_argv(job: BackupJob, target: PgTarget, session: str = "<session>"
     # --lock-wait-timeout: a table held by an ALTER makes pg_dump fail instead of waiting
     # (and queueing every later lock of that table behind its own request). PGAPPNAME names
     # the dump's sessions, so that a dump that is stopped can have them ended on the server.
-    return exec_argv(target.container, ["env", f"PGAPPNAME={session}", "pg_dumpall", "-U", target.user, "--clean", "--if-exists",
-                                        f"--lock-wait-timeout={int(job.settings.docker_timeout * 1000)}"], secrets=target.secrets)
+    return exec_argv(target.container, ["pg_dumpall", "-U", target.user, "--clean", "--if-exists",
+                                        f"--lock-wait-timeout={int(job.settings.docker_timeout * 1000)}"], secrets=dump_environment(target, session))
+
+
+def dump_environment(target: PgTarget, session: str) -> dict[str, str]:
+    """Return what a dump's docker exec passes by name: the password, and PGAPPNAME, which names its sessions."""
+    return {**target.secrets, "PGAPPNAME": session}
 
 
 def end_sessions(target: PgTarget, session: str, timeout: float) -> None:
@@ -4397,7 +4403,7 @@ def dump_cluster(job: BackupJob, target: PgTarget, out: PartialFile) -> tuple[in
     LOG.info("dumping with pg_dumpall into %s.partial", out.path)
     try:
         with compressing(out, job.compression) as packed, contextlib.closing(Progress("pg_dumpall", job.estimated_bytes)) as progress:
-            with stream_from(pg_dumpall_argv(job, target, session), timeout=job.settings.stream_timeout, secrets=target.secrets) as pipe:
+            with stream_from(pg_dumpall_argv(job, target, session), timeout=job.settings.stream_timeout, secrets=dump_environment(target, session)) as pipe:
                 while chunk := pipe.read(COPY_CHUNK):
                     packed.write(chunk)
                     census.feed(chunk)
@@ -4847,6 +4853,10 @@ class RedisReplyError(BackupError):
     """Redis answered with an error (renamed command, ACL, auth)."""
 
 
+class RedisLoginError(RedisReplyError):
+    """Redis refused the credentials: no fallback helps, the operator must fix them."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RedisTarget:
     """How to reach Redis inside a container, and where its credentials came from (for a failed login)."""
@@ -4888,7 +4898,7 @@ def redis_cli(target: RedisTarget, *args: str, timeout: float) -> str:
     first = reply.splitlines()[0] if reply else "no reply"
     refused = next((line.split("AUTH failed:", 1)[1].strip() for line in proc.stderr.decode("utf-8", "replace").splitlines() if "AUTH failed:" in line), None)
     if refused or reply.startswith(("NOAUTH", "WRONGPASS")):
-        raise RedisReplyError(f"redis login to {target.container} failed: {refused or first} ({target.auth})")
+        raise RedisLoginError(f"redis login to {target.container} failed: {refused or first} ({target.auth})")
     if REDIS_ERROR_RE.match(reply) or not reply:
         raise RedisReplyError(f"redis {' '.join(args[:2])}: {first}")
     return reply
@@ -4952,6 +4962,8 @@ def redis_bgsave(target: RedisTarget, timeout: float, docker_timeout: float) -> 
         before = redis_lastsave(target, docker_timeout)
         # LASTSAVE and ctime have one-second resolution: start only once the server's clock is past it.
         while (now := redis_time(target, docker_timeout)) < before + 1:
+            if time.monotonic() > deadline:
+                raise BackupError(f"the server's clock did not pass its LASTSAVE ({before}) within snapshot_timeout")
             time.sleep(0.1)
         info = parse_info(redis_cli(target, "INFO", "persistence", timeout=docker_timeout))
         command = ["BGSAVE", "SCHEDULE"] if info.get("aof_rewrite_in_progress") == "1" else ["BGSAVE"]
@@ -5004,6 +5016,11 @@ def redis_aof_path(version: str, directory: str, config: dict[str, str]) -> tupl
 def is_rdb_name(name: str) -> bool:
     base = posixpath.basename(name)
     return base.endswith(".rdb") and not REDIS_TEMP_FILE.fullmatch(base)
+
+
+def is_aof_name(name: str) -> bool:
+    """Whether a file is part of an AOF: appendonly.aof (before Redis 7), the files and manifest of an AOF directory."""
+    return name.endswith((".aof", ".aof.manifest"))
 
 
 def redis_exclude(name: str) -> str | None:
@@ -5067,9 +5084,9 @@ def procedure_redis_bgsave(job: BackupJob, dir_fd: int) -> BackupResult:
     try:
         bgsave = redis_bgsave(target, job.settings.snapshot_timeout, timeout)
         config = redis_config(target, timeout)
+    except RedisLoginError:
+        raise
     except RedisReplyError as exc:
-        if "login" in str(exc):
-            raise
         result = redis_fallback(job, dir_fd, target, str(exc))
         result.server = server
         return result
@@ -5092,8 +5109,9 @@ def procedure_redis_bgsave(job: BackupJob, dir_fd: int) -> BackupResult:
         if aof and (after.get("aof_rewrite_in_progress") != "0" or after.get("aof_rewrites") != before.get("aof_rewrites")):
             raise BackupError("an AOF rewrite ran during the copy; no backup written (try again)")
         info, warnings = _rdb_of_record(verification, rdb, bgsave["not_before"])
-        found.update(info=info, warnings=warnings, changes=int(after.get("rdb_changes_since_last_save", "0") or 0),
-                     aof=_aof_summary(verification, aof_path, aof_kind) if aof else None)
+        # Writes after this run's snapshot; unknown once another save (the server's own policy) came after it.
+        changes = int(after.get("rdb_changes_since_last_save", "0") or 0) if redis_lastsave(target, timeout) == bgsave["lastsave_after"] else None
+        found.update(info=info, warnings=warnings, changes=changes, aof=_aof_summary(verification, aof_path, aof_kind) if aof else None)
         check = run(exec_argv(job.container, ["redis-check-rdb", rdb]), timeout=job.settings.snapshot_timeout, check=False)
         if check.returncode in (126, 127) or b"executable file not found" in check.stderr:
             verification["redis_check_rdb"] = "not available in the container"
@@ -5148,9 +5166,10 @@ def redis_fallback(job: BackupJob, dir_fd: int, target: RedisTarget, reason: str
     if job.cls.fallback != "mounted-archive":
         raise BackupError(f"{job.procedure} is not possible ({reason}) and class {job.cls.letter} has no archive fallback")
     timeout = job.settings.docker_timeout
-    dbfilename, lastsave, aof_on = "dump.rdb", None, None
+    dbfilename, preferred, lastsave, aof_on = "dump.rdb", "", None, None
     with contextlib.suppress(BackupError):
-        dbfilename = redis_config(target, timeout)["dbfilename"]
+        config = redis_config(target, timeout)
+        dbfilename, preferred = config["dbfilename"], posixpath.join(config["dir"], config["dbfilename"]).lstrip("/")
     with contextlib.suppress(BackupError):
         lastsave = redis_lastsave(target, timeout)
     with contextlib.suppress(BackupError):
@@ -5163,8 +5182,8 @@ def redis_fallback(job: BackupJob, dir_fd: int, target: RedisTarget, reason: str
     found: dict[str, Any] = {}
 
     def check(verification: dict[str, Any]) -> None:
-        rdbs = sorted(name for name in verification.get("rdb", {}) if posixpath.basename(name) == dbfilename)
-        aofs = sorted(name for name in verification.get("files", {}) if name.endswith((".aof", ".manifest")))
+        rdbs = sorted((name for name in verification.get("rdb", {}) if posixpath.basename(name) == dbfilename), key=lambda name: name != preferred)
+        aofs = sorted(name for name in verification.get("files", {}) if is_aof_name(name))
         if not rdbs and not aofs:
             raise BackupError(f"the mounts of {job.container} hold no {dbfilename} and no AOF: this archive would not restore Redis; "
                               "no backup written")
@@ -5179,7 +5198,7 @@ def redis_fallback(job: BackupJob, dir_fd: int, target: RedisTarget, reason: str
             verification.pop(key, None)
 
     fmt = "tar." + job.compression.suffix
-    result = write_archive(job, dir_fd, mount_items(job), scan=scan_redis(fmt, lambda name: name.endswith((".aof", ".manifest"))), before_commit=check)
+    result = write_archive(job, dir_fd, mount_items(job), scan=scan_redis(fmt, is_aof_name), before_commit=check)
     info = found["info"]
     counts = rdb_counts(info) if info and "error" not in info else None
     ctime = int((info.get("aux") or {}).get("ctime", 0) or 0) if info else 0
@@ -5322,7 +5341,10 @@ def drill_redis(drill: Drill) -> int:
             differences += _compare_keys("RDB", _expected_keys(copy, loaded_at, time.monotonic() - started), found, lines)
     elif rdb:
         lines.append(f"pass 1 skipped: the keys of {rdb} were not counted at backup time ({(contents.get('rdb_file') or {}).get('error', 'unknown type')})")
-    if aof is not None:
+    appendonly = contents.get("appendonly")
+    if aof is not None and appendonly is False:
+        lines.append(f"the archive also holds {aof['path']}; Redis ran with appendonly no, so a restore does not load it")
+    elif aof is not None:
         with drill_container(drill, "Redis") as box:
             box.create(start=True)
             box.copy_in(drill.backup)
@@ -5330,17 +5352,18 @@ def drill_redis(drill: Drill) -> int:
             target = dataclasses.replace(redis_target(box.live or {}, settings, drill.env), container=box.name)
             found, _ = _redis_loaded(box, target, settings)
             trouble = [line for line in box.logs().splitlines() if any(word in line for word in REDIS_AOF_TROUBLE)]
-            lines.append(f"pass 2: Redis loaded the archived AOF ({aof['path']}), as a restore would:")
+            lines.append(f"pass 2: Redis loaded the archived AOF ({aof['path']}), as a restore would:" if appendonly else
+                         "pass 2: the whole archive restored as the restore notes say (whether Redis loads its AOF was not known at backup time):")
             if trouble:
                 differences += 1
                 lines.append(f"  the AOF did not load cleanly: {trouble[0].strip()}   <- DIFFERS")
-            if aof.get("keys") is not None:
+            if appendonly and aof.get("keys") is not None:
                 # An AOF replays keys whose TTL has passed and expires them afterwards: up to all of those may be gone.
                 with_ttl = (contents.get("rdb_file") or {}).get("expires", {})
                 differences += _compare_keys("AOF", {db: (n - with_ttl.get(db, 0), n) for db, n in aof["keys"].items()}, found, lines)
             else:
                 why = (f"it holds {aof.get('changes_after_snapshot')} write(s) made after the RDB snapshot"
-                       if aof.get("changes_after_snapshot") else "its incremental files were not counted")
+                       if aof.get("changes_after_snapshot") else "its writes after the RDB snapshot were not counted")
                 lines.append(f"  keys {dict(sorted(found.items()))} (not compared: {why})")
     if not rdb and aof is None:
         raise BackupError("drill: the manifest names no RDB and no AOF in this archive")
@@ -5510,14 +5533,15 @@ register(Procedure(
 MINIO_HINT = "MinIO supports restoring backend files only onto the same release and drive layout, with the server stopped"
 
 
-def mc_records(argv: list[str], what: str, timeout: float, secrets: dict[str, str], on_record: Callable[[dict[str, Any]], None]) -> None:
+def mc_records(argv: list[str], what: str, timeout: float, secrets: dict[str, str], on_record: Callable[[dict[str, Any]], None],
+               cwd: str | None = None) -> None:
     """Run mc with --json through the streaming helper, handing each object line to on_record as it comes.
 
     mc mirror goes on after a per-object error, so every line is read and any error line
     fails the step, as does the exit status. Raise BackupError on either.
     """
     errors: list[str] = []
-    with _streaming(argv, into=False, timeout=timeout, secrets=secrets, check=False) as stream:
+    with _streaming(argv, into=False, timeout=timeout, secrets=secrets, check=False, cwd=cwd) as stream:
         tail = b""
         while chunk := stream.pipe.read(COPY_CHUNK):
             *lines, tail = (tail + chunk).split(b"\n")
@@ -5566,9 +5590,7 @@ def procedure_mc_mirror(job: BackupJob, dir_fd: int) -> BackupResult:
 
     def mc(args: list[str], cwd: str, what: str, on_record: Callable[[dict[str, Any]], None]) -> None:
         argv = [host_mc, *args] if host_mc else exec_argv(job.container, ["mc", *args], secrets=secrets, workdir=cwd)
-        if host_mc:
-            argv = ["env", "-C", cwd, *argv]
-        mc_records(argv, what, job.settings.stream_timeout, secrets, on_record)
+        mc_records(argv, what, job.settings.stream_timeout, secrets, on_record, cwd=cwd if host_mc else None)
 
     staging_name = f".{job.basename}.mc-staging"
     os.mkdir(staging_name, 0o700, dir_fd=dir_fd)

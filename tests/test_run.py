@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -143,3 +144,38 @@ def test_tool_imports_without_side_effects():
     import subprocess
     out = subprocess.run([sys.executable, "-c", code], env={"CI": "true", "PATH": os.environ["PATH"]}, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "0o22" and out.stderr == ""
+
+
+PARENT_SLOW_TO_REAP = """
+import os, signal, subprocess, sys, time
+log = sys.argv[1]
+def stopped(signum, frame):
+    with open(log, "a") as fh:
+        fh.write(f"stopped {time.monotonic()}\\n")
+    os._exit(1)
+signal.signal(signal.SIGTERM, stopped)
+child = subprocess.Popen(["sleep", "60"])
+with open(log, "a") as fh:
+    fh.write("started\\n")
+time.sleep(2.5)  # a parent busy elsewhere: its killed child stays a zombie meanwhile
+child.wait()
+with open(log, "a") as fh:
+    fh.write(f"reaped {time.monotonic()}\\n")
+time.sleep(60)
+"""
+
+
+def test_kill_exec_never_stops_a_parent_before_it_has_reaped_its_killed_child(tmp_path):
+    """Were the parent stopped first, the zombie would go to the container's PID 1 (a postmaster restarts the cluster)."""
+    token = f"BBA_EXEC={os.urandom(8).hex()}"
+    name, value = token.split("=")
+    log = tmp_path / "log"
+    proc = subprocess.Popen([sys.executable, "-c", PARENT_SLOW_TO_REAP, str(log)], env={**os.environ, name: value})
+    while not log.exists() or "started" not in log.read_text():
+        time.sleep(0.05)
+    reaper = threading.Thread(target=proc.wait)  # as the engine reaps what it exec'd
+    reaper.start()
+    bba.kill_exec(["docker", "exec", "-e", token, "c", "x"])
+    reaper.join(timeout=30)
+    events = dict(line.split() for line in log.read_text().splitlines() if line != "started")
+    assert float(events["stopped"]) >= float(events["reaped"])
