@@ -3258,6 +3258,7 @@ def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb: Callable[[str], bool] |
                     name = raw_name.decode("utf-8", "surrogateescape")
                     if rdb is not None and rdb(name):
                         rdbs[name], used = _scan_rdb_member(tar, size)
+                        rdbs[name]["mtime"] = _tar_number(header[136:148])
                     elif keep is not None and keep(name):
                         files[name] = size
                         if size <= KEEP_MAX:
@@ -3792,33 +3793,42 @@ def copy_out_file(job: BackupJob, dir_fd: int, path: str, suffix: str, scan: Cal
     )
 
 
-def read_tar_gz_files(fh: IO[bytes], wanted: Callable[[str], bool]) -> tuple[dict[str, int], dict[str, str], dict[str, bytes]]:
-    """Read a tar.gz to its end: sizes and sha256 of every file, and the bytes of small wanted ones.
+@dataclasses.dataclass
+class TarFiles:
+    """What read_tar_gz_files found: per file its size, sha256 and lines, and the bytes of the small ones asked for."""
+
+    sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    digests: dict[str, str] = dataclasses.field(default_factory=dict)
+    lines: dict[str, int] = dataclasses.field(default_factory=dict)
+    kept: dict[str, bytes] = dataclasses.field(default_factory=dict)
+
+
+def read_tar_gz_files(fh: IO[bytes], wanted: Callable[[str], bool]) -> TarFiles:
+    """Read a tar.gz to its end: size, sha256 and lines of every file, and the bytes of small wanted ones.
 
     Raise BackupError if it is not a complete tar.gz.
     """
-    sizes: dict[str, int] = {}
-    digests: dict[str, str] = {}
-    kept: dict[str, bytes] = {}
+    found = TarFiles()
     try:
         with decompressing(fh, "tar.gz") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
             for member in tar:
                 if member.isreg():
                     extracted = tar.extractfile(member)
                     assert extracted is not None
-                    digest = hashlib.sha256()
+                    digest, lines = hashlib.sha256(), 0
                     keep = wanted(member.name) and member.size <= COPY_CHUNK
                     while chunk := extracted.read(COPY_CHUNK):
                         digest.update(chunk)
+                        lines += chunk.count(b"\n")
                         if keep:
-                            kept[member.name] = kept.get(member.name, b"") + chunk
-                    sizes[member.name], digests[member.name] = member.size, digest.hexdigest()
+                            found.kept[member.name] = found.kept.get(member.name, b"") + chunk
+                    found.sizes[member.name], found.digests[member.name], found.lines[member.name] = member.size, digest.hexdigest(), lines
                 _forget_members(tar)
             while raw.read(COPY_CHUNK):
                 pass
     except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
         raise BackupError(f"not a complete tar.gz ({exc})") from None
-    return sizes, digests, kept
+    return found
 
 
 # --------------------------------------------------------------------------- shared by drills
@@ -4059,7 +4069,7 @@ def drill_listing(drill: Drill, note: str) -> int:
     """Engine-made single files (C's snapshot, F's dump): check structure and list the contents."""
     drill.lines.append(note)
     with open(drill.backup, "rb") as fh:
-        sizes, _, _ = read_tar_gz_files(fh, lambda name: False)
+        sizes = read_tar_gz_files(fh, lambda name: False).sizes
     for name in sorted(sizes)[:DRILL_LISTING_MAX]:
         drill.lines.append(f"  {sizes[name]:>12}  {name}")
     if len(sizes) > DRILL_LISTING_MAX:
@@ -5152,7 +5162,7 @@ def _record_rdb_checks(verification: dict[str, Any], rdb: str) -> None:
 
 def _rdb_facts(info: dict[str, Any]) -> dict[str, Any]:
     aux = info.get("aux") or {}
-    return {"rdb_version": info.get("version"), "redis_version": aux.get("redis-ver"), "ctime": int(aux.get("ctime", 0) or 0),
+    return {"rdb_version": info.get("version"), "redis_version": aux.get("redis-ver"), "ctime": int(aux.get("ctime", 0) or 0), "mtime": info.get("mtime"),
             "keys": {name: db["keys"] for name, db in info.get("dbs", {}).items()},
             "expires": {name: db["expires"] for name, db in info.get("dbs", {}).items()}, "functions": info.get("functions", 0)}
 
@@ -5202,7 +5212,8 @@ def redis_fallback(job: BackupJob, dir_fd: int, target: RedisTarget, reason: str
     info = found["info"]
     counts = rdb_counts(info) if info and "error" not in info else None
     ctime = int((info.get("aux") or {}).get("ctime", 0) or 0) if info else 0
-    age = f"{found['rdb']} written at {_utc(ctime)} ({_age(ctime)} ago)" if ctime else "no RDB file"
+    mtime = f", file modified {_utc(info['mtime'])}" if info and info.get("mtime") else ""
+    age = f"{found['rdb']} written at {_utc(ctime)} ({_age(ctime)} ago{mtime})" if ctime else "no RDB file"
     saved = f"; LASTSAVE {_utc(lastsave)}" if lastsave else ""
     warning = (f"FALLBACK: the archive holds {age}{saved}: writes made since then are NOT in this backup"
                + ("; Redis loads the archived AOF instead (appendonly yes)" if found["aof"] and aof_on else ""))
@@ -5438,7 +5449,8 @@ def note_in_container(job: BackupJob, path: str) -> dict[str, str] | None:
 
 def scan_vault_snapshot(fh: IO[bytes]) -> dict[str, Any]:
     """Check a raft snapshot: a complete gzip'd tar whose SHA256SUMS match its members."""
-    sizes, digests, kept = read_tar_gz_files(fh, lambda name: name == "SHA256SUMS")
+    found = read_tar_gz_files(fh, lambda name: name == "SHA256SUMS")
+    sizes, digests, kept = found.sizes, found.digests, found.kept
     if "SHA256SUMS" not in kept:
         raise BackupError("snapshot has no SHA256SUMS member")
     listed = 0
@@ -5609,8 +5621,10 @@ def procedure_mc_mirror(job: BackupJob, dir_fd: int) -> BackupResult:
         bucket_names = [r["key"].rstrip("/") for r in listing if r.get("type") == "folder"]
         LOG.info("mc alias %s (mc %s): buckets %s", alias, "on this host" if host_mc else "in the container", ", ".join(bucket_names) or "none")
         objects: dict[str, int] = {}
+        listed: dict[str, array.array[int]] = {}
         for bucket in bucket_names:
             objects[bucket] = 0
+            listed[bucket] = mc_listing(mc, alias, bucket, work)
 
             def count(record: dict[str, Any], bucket: str = bucket) -> None:
                 objects[bucket] += bool(record.get("target"))
@@ -5624,6 +5638,7 @@ def procedure_mc_mirror(job: BackupJob, dir_fd: int) -> BackupResult:
             LOG.warning("bucket metadata not exported (%s); objects only", exc)
         if not host_mc:
             copy_staging_out(job, inside, staging)
+        inventory = {bucket: check_mirrored(mc, alias, bucket, work, listed[bucket], staging / "buckets" / bucket) for bucket in bucket_names}
         items = [ArchiveItem(f"/{b}", str(staging / "buckets"), f"buckets/{b}", prefix="buckets/", rel=(b,))
                  for b in bucket_names if (staging / "buckets" / b).is_dir()]
         items += [ArchiveItem(f"/{name}", str(staging / "metadata"), f"metadata/{name}", prefix="metadata/", rel=(name,))
@@ -5637,9 +5652,39 @@ def procedure_mc_mirror(job: BackupJob, dir_fd: int) -> BackupResult:
             if not host_mc:
                 remove_in_container(job, inside, noted)
     result.contents["groups"] = result.contents.pop("per_mount")
-    result.contents.update({"alias": alias, "mc": "host" if host_mc else "container", "bucket_export": bucket_export})
+    result.contents.update({"alias": alias, "mc": "host" if host_mc else "container", "bucket_export": bucket_export, "inventory": inventory})
     result.counts = {"objects": objects}
     return result
+
+
+McRunner = Callable[[list[str], str, str, Callable[[dict[str, Any]], None]], None]
+
+
+def mc_listing(mc: McRunner, alias: str, bucket: str, cwd: str) -> array.array[int]:
+    """Return the sorted keys (hashed) of every object `mc ls --recursive` lists in the bucket."""
+    keys = array.array("Q")
+    mc(["ls", "--recursive", "--json", f"{alias}/{bucket}"], cwd, f"mc ls --recursive {alias}/{bucket}",
+       lambda record: keys.append(_name_key(str(record.get("key", "")))) if record.get("type") == "file" else None)
+    return array.array("Q", sorted(keys))
+
+
+def check_mirrored(mc: McRunner, alias: str, bucket: str, cwd: str, listed: array.array[int], mirrored: Path) -> str:
+    """Fail if objects mc listed before the mirror, and lists again after it, are not in the mirror; return what was found.
+
+    The mirror's own report cannot show an object it never saw; the listing is the bucket
+    read a second way.
+    """
+    have = array.array("Q", sorted(_name_key(os.path.relpath(os.path.join(folder, name), mirrored))
+                                   for folder, _, names in os.walk(mirrored) for name in names))
+    missing = {key for key in listed if not _sorted_has(have, key)}
+    if missing:
+        again: list[str] = []
+        mc(["ls", "--recursive", "--json", f"{alias}/{bucket}"], cwd, f"mc ls --recursive {alias}/{bucket}",
+           lambda record: again.append(str(record["key"])) if record.get("type") == "file" and _name_key(str(record.get("key", ""))) in missing else None)
+        if again:
+            raise BackupError(f"mc mirror left out {len(again)} objects of bucket {bucket} that are there (first: {', '.join(sorted(again)[:3])}); "
+                              "not a complete backup")
+    return f"mc ls listed {len(listed)} objects; every one that is still there was mirrored"
 
 
 def mc_on_this_host(timeout: float) -> str | None:
@@ -5733,6 +5778,7 @@ def meilisearch_dump(job: BackupJob, dir_fd: int) -> BackupResult:
     """POST /dumps, wait for the task, copy <dumpUid>.dump out as <module>-<ts>.dump, verified."""
     env = container_env(job.resolution.container)
     key = env.get("MEILI_MASTER_KEY", "")
+    before = meili_documents(job, key)
     status, task = meili_request(job, "POST", "/dumps", key)
     if status != 202 or not isinstance(task, dict) or "taskUid" not in task:
         message = task.get("message") if isinstance(task, dict) else task
@@ -5759,25 +5805,61 @@ def meilisearch_dump(job: BackupJob, dir_fd: int) -> BackupResult:
     dump_dir = env.get("MEILI_DUMP_DIR") or "dumps/"
     path = posixpath.join(workdir, dump_dir, f"{dump_uid}.dump")
     noted = note_in_container(job, path)  # the dump was made for this backup only; leave the engine's disk as it was
+    after = meili_documents(job, key)
+    warnings: list[str] = []
     try:
-        result = copy_out_file(job, dir_fd, path, ".dump", scan_meilisearch_dump)
+        result = copy_out_file(job, dir_fd, path, ".dump", scan_meilisearch_dump,
+                               before_commit=lambda verification: warnings.extend(check_dump_documents(verification["documents"], before, after)))
     finally:
         remove_in_container(job, path, noted)
-    result.contents.update({"engine": "meilisearch", "task_uid": uid, "dump_uid": dump_uid})
+    result.warnings += warnings
+    result.counts = {"documents": result.verification["documents"]}
+    result.contents.update({"engine": "meilisearch", "task_uid": uid, "dump_uid": dump_uid, "server_documents": before})
     result.timings["dump_seconds"] = round(time.monotonic() - started, 3)
     return result
 
 
 def scan_meilisearch_dump(fh: IO[bytes]) -> dict[str, Any]:
     """Check a Meilisearch dump: a complete gzip'd tar with its metadata.json."""
-    sizes, _, kept = read_tar_gz_files(fh, lambda name: name.lstrip("./") == "metadata.json")
-    if not kept:
+    found = read_tar_gz_files(fh, lambda name: name.lstrip("./") == "metadata.json")
+    if not found.kept:
         raise BackupError("dump has no metadata.json")
     try:
-        metadata = json.loads(next(iter(kept.values())))
+        metadata = json.loads(next(iter(found.kept.values())))
     except ValueError:
         raise BackupError("dump metadata.json is not JSON") from None
-    return {"gzip_complete": True, "tar_readable": True, "members": len(sizes), "dump_version": metadata.get("dumpVersion")}
+    documents = {m["index"]: found.lines[name] for name in found.lines if (m := MEILI_DOCUMENTS.fullmatch(name.lstrip("./")))}
+    return {"gzip_complete": True, "tar_readable": True, "members": len(found.sizes), "dump_version": metadata.get("dumpVersion"),
+            "documents": dict(sorted(documents.items()))}
+
+
+MEILI_DOCUMENTS = re.compile(r"indexes/(?P<index>[^/]+)/documents\.jsonl")
+
+
+def meili_documents(job: BackupJob, key: str) -> dict[str, int] | None:
+    """Return the documents per index Meilisearch reports (GET /stats), or None if it does not answer."""
+    status, stats = meili_request(job, "GET", "/stats", key)
+    if status != 200 or not isinstance(stats, dict) or not isinstance(stats.get("indexes"), dict):
+        return None
+    return {uid: int(index.get("numberOfDocuments", 0)) for uid, index in sorted(stats["indexes"].items())}
+
+
+def check_dump_documents(dumped: dict[str, int], before: dict[str, int] | None, after: dict[str, int] | None) -> list[str]:
+    """Compare the documents of a dump with what Meilisearch reported before and after it; return warnings.
+
+    An index whose count did not move while the dump was made must be in the dump whole:
+    anything else fails the backup. A count that moved meanwhile is only a warning.
+    """
+    if before is None or after is None:
+        return ["Meilisearch did not answer GET /stats: the dump's documents could not be compared with the server's"]
+    warnings = []
+    for index in sorted(set(before) | set(after) | set(dumped)):
+        was, now, got = before.get(index), after.get(index), dumped.get(index, 0)
+        if was is not None and was == now and got != was:
+            raise BackupError(f"the dump holds {got} documents of index {index!r}, Meilisearch reports {was}: not a complete backup")
+        if was != now:
+            warnings.append(f"index {index!r} changed while it was dumped ({was} -> {now} documents); the dump holds {got}")
+    return warnings
 
 
 def searxng_mounts(job: BackupJob) -> tuple[list[MountPlan], list[tuple[str, str]]]:

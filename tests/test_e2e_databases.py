@@ -194,12 +194,14 @@ def test_e2e_redis_bgsave_renamed_falls_back_to_the_rdb_on_disk_with_its_own_cou
     proc = backup(engine, platform, "redis", tmp_path / "b")
     assert proc.returncode == 0, proc.stderr
     assert "BGSAVE NOT POSSIBLE" in proc.stderr and "FALLING BACK" in proc.stderr
-    assert re.search(r"FALLBACK: the archive holds /data/dump.rdb written at .* ago\); LASTSAVE .*: writes made since then are NOT in this backup", proc.stderr)
+    assert re.search(r"FALLBACK: the archive holds /data/dump.rdb written at .* ago, file modified .*\); LASTSAVE .*: "
+                     r"writes made since then are NOT in this backup", proc.stderr)
     doc = json.loads(Path(proc.stdout.split()[1]).read_text())
     assert doc["procedure"] == "redis-bgsave" and doc["configured_procedure"] == "redis-bgsave"
     assert doc["fallback_used"]["procedure"] == "mounted-archive" and "unknown command" in doc["fallback_used"]["reason"]
     assert doc["counts"] == {"db0": 300}  # what the archive holds; the live server has 500
     assert doc["contents"]["rdb"] == "/data/dump.rdb" and doc["contents"]["lastsave"] > 0
+    assert abs(doc["contents"]["rdb_file"]["mtime"] - doc["contents"]["rdb_file"]["ctime"]) <= 2
     assert doc["warnings"][0].startswith("fallback to mounted-archive")
     assert run_tool("--verify", proc.stdout.split()[0], env=engine.env).returncode == 0
     drill = run_tool("--drill", proc.stdout.split()[0], env=engine.env)

@@ -114,6 +114,7 @@ def test_e2e_meilisearch_dump_api(meili, tmp_path):
     doc = json.loads(manifest.read_text())
     assert doc["procedure"] == "search-engine" and doc["contents"]["engine"] == "meilisearch"
     assert doc["verification"]["dump_version"] == "V6" and doc["verification"]["members"] == 3
+    assert doc["counts"] == {"documents": {"bookmarks": 2}} and doc["contents"]["server_documents"] == {"bookmarks": 2}
     assert engine.docker("exec", "apps-meili-1", "ls", "/meili_data/dumps").stdout.strip() == ""  # its dump removed
     with tarfile.open(dump) as tar:
         assert tar.extractfile("indexes/bookmarks/documents.jsonl").read() == b'{"id":1}\n{"id":2}\n'
@@ -132,6 +133,17 @@ def test_e2e_meilisearch_failed_dump_task_exit_1(meili, tmp_path):
         "An internal error has occurred. `No space left on device (os error 28)`."
     )
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".karakeep-meilisearch.lock"]
+
+
+def test_e2e_meilisearch_dump_missing_documents_the_server_reports_fails(meili, tmp_path):
+    engine, platform, classes = meili
+    engine.docker("exec", "apps-meili-1", "touch", "/meili_data/.standin-dump-drops")
+    proc = tool(engine, platform, "karakeep-meilisearch", tmp_path / "b", "--classes", str(classes))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == ("backup-before-apply: error: the dump holds 1 documents of index 'bookmarks', "
+                                                    "Meilisearch reports 2: not a complete backup")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".karakeep-meilisearch.lock"]
+    assert engine.docker("exec", "apps-meili-1", "ls", "/meili_data/dumps").stdout.strip() == ""
 
 
 def test_e2e_meilisearch_wrong_key_exit_1(meili, tmp_path):
@@ -282,6 +294,8 @@ def test_e2e_minio_mirror_every_bucket_staging_removed(minio, tmp_path):
     doc = json.loads(Path(manifest).read_text())
     assert doc["procedure"] == "mc-mirror" and doc["counts"] == {"objects": {"docs": 2, "photos": 1}}
     assert doc["contents"]["mc"] == "container" and doc["contents"]["bucket_export"] == "ok"
+    assert doc["contents"]["inventory"] == {"docs": "mc ls listed 2 objects; every one that is still there was mirrored",
+                                            "photos": "mc ls listed 1 objects; every one that is still there was mirrored"}
     with tarfile.open(archive) as tar:
         names = tar.getnames()
         assert tar.getmember("buckets/docs/b.pdf").mtime == 1577934245  # --preserve kept the object's time
@@ -303,6 +317,17 @@ def test_e2e_minio_per_object_error_fails_and_cleans_up(minio, tmp_path):
         "backup-before-apply: error: mc mirror local/docs: 1 error(s), first: "
         "Failed to copy `local/docs/c.txt`. We encountered an internal error, please try again."
     )
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".minio.lock"]
+    assert engine.docker("exec", "minio", "ls", "/tmp").stdout.strip() == ""
+
+
+def test_e2e_minio_mirror_leaving_an_object_out_is_caught_by_the_listing(minio, tmp_path):
+    engine, platform, alias = minio
+    engine.docker("exec", "minio", "sh", "-c", "echo photos/2024/a.jpg > /data/.standin-skipped")
+    proc = tool(engine, platform, "minio", tmp_path / "b", extra_env=alias)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == ("backup-before-apply: error: mc mirror left out 1 objects of bucket photos that are there "
+                                                    "(first: 2024/a.jpg); not a complete backup")
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".minio.lock"]
     assert engine.docker("exec", "minio", "ls", "/tmp").stdout.strip() == ""
 
