@@ -7,6 +7,7 @@ container's own listing, the files of the host that must never enter the archive
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -112,19 +113,29 @@ def test_e2e_postgres_busy_server_counts_match_its_restore(pg, tmp_path):
     assert drill.stdout.strip().endswith(DRILL_PASSED)
 
 
+@contextlib.contextmanager
+def table_locked(engine):
+    """A session holding ACCESS EXCLUSIVE on table `locked` (as an ALTER TABLE would) while the block runs."""
+    psql(engine, "postgres", "postgres", "CREATE TABLE locked AS SELECT 1 AS x")
+    holder = subprocess.Popen(["docker", "exec", "postgres", "psql", "-U", "postgres", "-d", "postgres", "-c",
+                               "BEGIN; LOCK TABLE locked IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(120);"],
+                              env=engine.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def postmaster_started(engine) -> str:
     return psql(engine, "postgres", "postgres", "SELECT pg_postmaster_start_time()").strip()
 
 
 def test_e2e_postgres_dump_hung_on_a_lock_is_killed_in_the_container_and_the_server_keeps_running(pg, tmp_path):
     engine, platform = pg
-    psql(engine, "postgres", "postgres", "CREATE TABLE locked AS SELECT 1 AS x")
     started = postmaster_started(engine)
-    holder = subprocess.Popen(["docker", "exec", "postgres", "psql", "-U", "postgres", "-d", "postgres", "-c",
-                               "BEGIN; LOCK TABLE locked IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(120);"],
-                              env=engine.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(1)
+    with table_locked(engine):
         began = time.monotonic()
         proc = backup(engine, platform, "postgres", tmp_path / "b", "--stream-timeout", "3")
         assert time.monotonic() - began < 60
@@ -138,27 +149,16 @@ def test_e2e_postgres_dump_hung_on_a_lock_is_killed_in_the_container_and_the_ser
         assert postmaster_started(engine) == started  # no crash recovery: nothing was orphaned to the postmaster
         assert "terminated by signal" not in engine.docker("logs", "postgres").stderr
         assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".postgres.lock"]
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_e2e_postgres_lock_wait_fails_clearly_before_the_stream_timeout(pg, tmp_path):
     engine, platform = pg
-    psql(engine, "postgres", "postgres", "CREATE TABLE locked AS SELECT 1 AS x")
-    holder = subprocess.Popen(["docker", "exec", "postgres", "psql", "-U", "postgres", "-d", "postgres", "-c",
-                               "BEGIN; LOCK TABLE locked IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(120);"],
-                              env=engine.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        time.sleep(1)
+    with table_locked(engine):
         proc = backup(engine, platform, "postgres", tmp_path / "b", "--docker-timeout", "3")
         assert proc.returncode == 1
         assert last_line(proc) == ("backup-before-apply: error: pg_dump could not lock public.locked within 3s (docker_timeout): another session "
                                    "holds it (an ALTER TABLE, a VACUUM FULL, a long transaction); try again once it is done")
         assert "backup-before-apply: pg_dump: error: query failed: ERROR:  canceling statement due to statement timeout" in proc.stderr
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_e2e_postgres_interrupted_dump_never_restarts_the_server(pg, tmp_path):
