@@ -2756,7 +2756,6 @@ class ArchiveRules:
     """
 
     timeout: float = 600.0
-    docker_timeout: float = 60.0
     backup_dir: tuple[int, int] | None = None
     backup_dir_paths: tuple[str, ...] = ()
     exclude: Callable[[str], str | None] | None = None
@@ -3006,7 +3005,7 @@ def _name_key(name: str) -> int:
 
 
 def archive_through_docker(tar: TarWriter, container: str, item: ArchiveItem, nested: list[str], stats: ArchiveStats,
-                           rules: ArchiveRules | float) -> None:
+                           rules: ArchiveRules) -> None:
     """Stream a container path out with `docker cp` and add it under the same path.
 
     Works with any engine the docker CLI reaches (remote DOCKER_HOST, rootless), and
@@ -3017,8 +3016,6 @@ def archive_through_docker(tar: TarWriter, container: str, item: ArchiveItem, ne
     container, before and after. A bind mount that turns out to be one file is skipped,
     as on a local engine.
     """
-    if not isinstance(rules, ArchiveRules):
-        rules = ArchiveRules(timeout=rules)
     before = _inventory(container, item, nested, rules, stats) if rules.inventory else None
     # `docker cp C:/a/b -` names entries "b", "b/x": rebase them on "a".
     parent = posixpath.dirname(item.path.rstrip("/")).strip("/")
@@ -3137,10 +3134,8 @@ def _sorted_has(keys: array.array[int], key: int) -> bool:
 
 
 def archive_items(tar: TarWriter, container: str, items: list[ArchiveItem], skipped: list[str], stats: ArchiveStats,
-                  rules: ArchiveRules | float) -> None:
+                  rules: ArchiveRules) -> None:
     """Add every item to tar; a path that is its own item (or skipped) is not repeated."""
-    if not isinstance(rules, ArchiveRules):
-        rules = ArchiveRules(timeout=rules)
     for item in items:
         # Only paths of the same container (same prefix) can hide inside each other.
         paths = [i.path for i in items if i.prefix == item.prefix] + (skipped if not item.prefix else [])
@@ -3515,15 +3510,6 @@ class CleanupJournal:
         if entry in self.entries:
             self.entries.remove(entry)
             self._write()
-
-    @contextlib.contextmanager
-    def holding(self, **entry: str) -> Iterator[None]:
-        """Note entry for the duration of the block; struck off when the block ends (its cleanup has run)."""
-        noted = self.add(**entry)
-        try:
-            yield
-        finally:
-            self.done(noted)
 
     def replay(self, settings: Settings) -> None:
         """Clean up what a killed earlier run left, saying so; entries that cannot be cleaned stay for the next run."""
@@ -4450,6 +4436,8 @@ def procedure_pg_dumpall(job: BackupJob, dir_fd: int) -> BackupResult:
     """Class A: pg_dumpall of the whole cluster, streamed into <module>-<ts>.sql.gz, verified and counted."""
     require_running(job, "pg_dumpall")
     target = pg_target(job.resolution.container)
+    # Read again, not taken from the size estimate: the databases the dump is checked against
+    # are those of now, under the module's lock, not of before it.
     server = pg_server(target, job.settings.docker_timeout)
     expected, invalid = dumpable_databases(server)
     warnings = [f"database {name!r} is invalid (an interrupted DROP DATABASE): it cannot be dumped or restored; drop it" for name in invalid]
@@ -6420,7 +6408,7 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
 
     job = BackupJob(module, cls, procedure.name, resolution, engine, settings, mounts, skipped, backup_dir, utc_timestamp(), pause, env, containers,
                     compression=choose_compression(settings), options=procedure_options(procedure, cls), config=config)
-    job.rules = ArchiveRules(timeout=settings.stream_timeout, docker_timeout=timeout, backup_dir_paths=backup_dir_in_mounts(backup_dir, mounts))
+    job.rules = ArchiveRules(timeout=settings.stream_timeout, backup_dir_paths=backup_dir_in_mounts(backup_dir, mounts))
     if args.dry_run:
         ensure_backup_dir(backup_dir, create=False)
         print_plan(job, out, args.json)

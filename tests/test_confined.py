@@ -208,9 +208,10 @@ def test_cleanup_journal_entries_are_struck_off_and_replayed_by_the_next_run(tmp
     fd = os.open(backup_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         journal = bba.CleanupJournal(fd, "app")
-        with journal.holding(kind="container-path", container="app", path="/tmp/x"):
-            assert json.loads((backup_dir / ".app.cleanup").read_text()) == [{"kind": "container-path", "container": "app", "path": "/tmp/x"}]
-            assert stat.S_IMODE((backup_dir / ".app.cleanup").stat().st_mode) == 0o600
+        noted = journal.add(kind="container-path", container="app", path="/tmp/x")
+        assert json.loads((backup_dir / ".app.cleanup").read_text()) == [{"kind": "container-path", "container": "app", "path": "/tmp/x"}]
+        assert stat.S_IMODE((backup_dir / ".app.cleanup").stat().st_mode) == 0o600
+        journal.done(noted)
         assert not (backup_dir / ".app.cleanup").exists()
         journal.add(kind="paused", container="app")
         bba.CleanupJournal(fd, "app").replay(bba.Settings())

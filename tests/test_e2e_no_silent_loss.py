@@ -46,6 +46,14 @@ def last_line(proc) -> str:
     return proc.stderr.strip().splitlines()[-1]
 
 
+@pytest.fixture
+def app(docker_engine, tmp_path):
+    """A class E module "app" on the engine; each test starts its container as it needs."""
+    platform = tmp_path / "platform"
+    write_module(platform, "app")
+    return docker_engine, platform
+
+
 # ---------------------------------------------------------------- PostgreSQL
 
 
@@ -336,10 +344,8 @@ def test_e2e_redis_acl_user_and_a_failed_login_naming_the_variables(docker_engin
 # ---------------------------------------------------------------- mounts
 
 
-def test_e2e_bind_whose_source_is_a_symlink_archives_the_directory_docker_mounted(docker_engine, tmp_path):
-    engine = docker_engine
-    platform = tmp_path / "platform"
-    write_module(platform, "app")
+def test_e2e_bind_whose_source_is_a_symlink_archives_the_directory_docker_mounted(app, tmp_path):
+    engine, platform = app
     real = tmp_path / "real"
     (real / "sub").mkdir(parents=True)
     (real / "sub" / "data.db").write_text("x" * 1000)
@@ -385,10 +391,8 @@ os.execv(real, [real, *sys.argv[1:]])
 '''
 
 
-def test_e2e_docker_cp_that_leaves_entries_out_is_caught_by_the_inventory(docker_engine, tmp_path):
-    engine = docker_engine
-    platform = tmp_path / "platform"
-    write_module(platform, "app")
+def test_e2e_docker_cp_that_leaves_entries_out_is_caught_by_the_inventory(app, tmp_path):
+    engine, platform = app
     engine.run_container("app", "-v", "app-data:/data")
     engine.docker("exec", "app", "sh", "-c", "mkdir -p /data/a/deep && echo 1 > /data/a/keep && echo 2 > /data/a/deep/DROPME-1 && echo 3 > /data/DROPME-2")
     fake = tmp_path / "fakebin"
@@ -407,20 +411,16 @@ def test_e2e_docker_cp_that_leaves_entries_out_is_caught_by_the_inventory(docker
     assert doc["mounts"][0]["inventory"] == "find inside the container listed 6 entries; every one is in the archive"
 
 
-def test_e2e_docker_cp_of_a_container_without_find_says_so(docker_engine, tmp_path):
-    engine = docker_engine
-    platform = tmp_path / "platform"
-    write_module(platform, "app")
+def test_e2e_docker_cp_of_a_container_without_find_says_so(app, tmp_path):
+    engine, platform = app
     engine.run_container("app", "-v", "app-data:/data", "-e", "PATH=/nowhere", command=("/usr/bin/sleep", "infinity"))
     proc = backup(engine, platform, "app", tmp_path / "b", "--via-docker")
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"/data was read through docker cp and its entries could not be checked another way \(not taken: no find in the container\)", proc.stderr)
 
 
-def test_e2e_through_docker_single_file_binds_are_skipped_and_tmpfs_listed(docker_engine, tmp_path):
-    engine = docker_engine
-    platform = tmp_path / "platform"
-    write_module(platform, "app")
+def test_e2e_through_docker_single_file_binds_are_skipped_and_tmpfs_listed(app, tmp_path):
+    engine, platform = app
     conf = tmp_path / "app.conf"
     conf.write_text("setting = 1\n")
     engine.run_container("app", "-v", "app-data:/data", "-v", f"{conf}:/etc/app.conf", "--tmpfs", "/run/cache", "--tmpfs", "/data/scratch")
@@ -437,10 +437,8 @@ def test_e2e_through_docker_single_file_binds_are_skipped_and_tmpfs_listed(docke
     assert drill.returncode == 0, drill.stdout + drill.stderr
 
 
-def test_e2e_backup_directory_inside_a_mount_is_never_archived(docker_engine, tmp_path):
-    engine = docker_engine
-    platform = tmp_path / "platform"
-    write_module(platform, "app")
+def test_e2e_backup_directory_inside_a_mount_is_never_archived(app, tmp_path):
+    engine, platform = app
     data = tmp_path / "data"
     data.mkdir()
     (data / "app.db").write_text("x")
@@ -457,10 +455,8 @@ def test_e2e_backup_directory_inside_a_mount_is_never_archived(docker_engine, tm
 # ---------------------------------------------------------------- drills, cleanup, class G
 
 
-def test_e2e_drill_environment_never_reaches_the_host_docker_cli(docker_engine, tmp_path):
-    engine = docker_engine
-    platform = tmp_path / "platform"
-    write_module(platform, "app")
+def test_e2e_drill_environment_never_reaches_the_host_docker_cli(app, tmp_path):
+    engine, platform = app
     engine.run_container("app", "-v", "app-data:/data", "-e", "LD_PRELOAD=/nonexistent/bba-poison.so",
                          "-e", "DOCKER_HOST=tcp://127.0.0.1:9", "-e", "HTTPS_PROXY=http://127.0.0.1:9", "-e", "MULTI=line1\nline2")
     engine.docker("exec", "app", "sh", "-c", "echo x > /data/x")
@@ -474,10 +470,8 @@ def test_e2e_drill_environment_never_reaches_the_host_docker_cli(docker_engine, 
     assert not [n for n in set(os.listdir("/tmp")) - before if n.startswith("bba-drill-")]  # the env-file is gone
 
 
-def test_e2e_leftovers_of_a_killed_run_are_cleaned_by_the_next(docker_engine, tmp_path):
-    engine = docker_engine
-    platform = tmp_path / "platform"
-    write_module(platform, "app")
+def test_e2e_leftovers_of_a_killed_run_are_cleaned_by_the_next(app, tmp_path):
+    engine, platform = app
     engine.run_container("app", "-v", "app-data:/data")
     engine.docker("exec", "app", "sh", "-c", "echo x > /data/x && mkdir -p /tmp/bba-app-20260101T000000Z && echo s > /tmp/bba-app-20260101T000000Z/snap")
     engine.docker("pause", "app")
