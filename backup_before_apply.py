@@ -1851,7 +1851,11 @@ def plan_mounts(container: dict[str, Any], *, read_on_host: bool) -> tuple[list[
 
 
 def tree_size(path: str) -> int:
-    """Return the apparent size in bytes of the files under path (hard links once)."""
+    """Return the bytes the files under path hold (hard links once): apparent size, less holes.
+
+    A sparse file counts its allocated blocks, as its archive stores only its data: a
+    200 GiB hole must not make the free-space check refuse a volume holding 1 MiB.
+    """
     total = 0
     seen: set[tuple[int, int]] = set()
     stack = [path]
@@ -1871,7 +1875,7 @@ def tree_size(path: str) -> int:
             elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
                 if st.st_nlink > 1:
                     seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
+                total += min(st.st_size, st.st_blocks * 512)
     return total
 
 
@@ -2552,6 +2556,12 @@ class TarEntry:
     linkname: str = ""  # symlink target, or the first name of a hard-linked file
     devmajor: int = 0
     devminor: int = 0
+    xattrs: dict[str, bytes] | None = None  # every extended attribute (ACLs and capabilities are xattrs too)
+    sparse: tuple[tuple[int, int], ...] | None = None  # a sparse file's data regions (offset, length); size stays the apparent size
+
+    def stored(self) -> int:
+        """Return the bytes of data the archive holds for this entry (a sparse file's data regions only)."""
+        return sum(length for _, length in self.sparse) if self.sparse is not None else self.size
 
 
 def _tar_field(value: int, digits: int) -> bytes:
@@ -2564,11 +2574,12 @@ def _tar_field(value: int, digits: int) -> bytes:
     return (b"\x80" if value >= 0 else b"\xff") + (value % limit).to_bytes(digits - 1, "big")
 
 
-def _tar_block(name: bytes, kind: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, linkname: bytes, devices: bytes) -> bytes:
+def _tar_block(name: bytes, kind: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, linkname: bytes, devices: bytes,
+               tail: bytes = b"\0" * 167) -> bytes:
     block = b"".join((
         name[:100].ljust(100, b"\0"), _tar_field(mode & 0o7777, 8), _tar_field(uid, 8), _tar_field(gid, 8),
         _tar_field(size, 12), _tar_field(mtime, 12), b"        ", kind, linkname[:100].ljust(100, b"\0"),
-        tarfile.GNU_MAGIC, b"\0" * 64, devices, b"\0" * 167,
+        tarfile.GNU_MAGIC, b"\0" * 64, devices, tail,
     ))
     return block[:148] + b"%06o\0" % sum(block) + block[155:]
 
@@ -2578,20 +2589,87 @@ def _tar_long_name(name: bytes, kind: bytes) -> bytes:
     return _tar_block(b"././@LongLink", kind, 0, 0, 0, len(payload), 0, b"", b"\0" * 16) + payload + b"\0" * (-len(payload) % 512)
 
 
-def tar_header(entry: TarEntry) -> bytes:
-    """Return the GNU tar header block(s) of entry: what tarfile writes for it in GNU_FORMAT.
+def pax_record(key: bytes, value: bytes) -> bytes:
+    """Return one pax extended header record, "<length> key=value\\n", its length counting itself."""
+    body = b" " + key + b"=" + value + b"\n"
+    digits = 1
+    while len(str(len(body) + digits)) != digits:
+        digits += 1
+    return b"%d" % (len(body) + digits) + body
 
-    Names longer than 100 bytes get GNU long-name blocks first. Raise ValueError if a
-    number does not fit even in base-256.
+
+_ACL_TAGS = {0x01: "user", 0x02: "user", 0x04: "group", 0x08: "group", 0x10: "mask", 0x20: "other"}
+ACL_XATTRS = {"system.posix_acl_access": "SCHILY.acl.access", "system.posix_acl_default": "SCHILY.acl.default"}
+
+
+def acl_text(raw: bytes) -> str | None:
+    """Return a POSIX ACL xattr in the text form GNU tar stores (numeric ids), or None if it is not one."""
+    if len(raw) < 4 or (len(raw) - 4) % 8 or int.from_bytes(raw[:4], "little") != 2:
+        return None
+    lines = []
+    for offset in range(4, len(raw), 8):
+        tag, perm, ident = struct.unpack_from("<HHI", raw, offset)
+        if tag not in _ACL_TAGS:
+            return None
+        qualifier = str(ident) if tag in (0x02, 0x08) else ""
+        lines.append(f"{_ACL_TAGS[tag]}:{qualifier}:{'r' if perm & 4 else '-'}{'w' if perm & 2 else '-'}{'x' if perm & 1 else '-'}\n")
+    return "".join(lines)
+
+
+def _pax_header(entry: TarEntry) -> bytes:
+    # Extended attributes as GNU tar --xattrs --xattrs-include='*' --acls stores them: every
+    # xattr as SCHILY.xattr.<name> (raw value), and an ACL also as SCHILY.acl.* text.
+    assert entry.xattrs is not None
+    records = []
+    for key, value in sorted(entry.xattrs.items()):
+        records.append(pax_record(b"SCHILY.xattr." + key.encode("utf-8", "surrogateescape"), value))
+        if key in ACL_XATTRS and (text := acl_text(value)) is not None:
+            records.append(pax_record(ACL_XATTRS[key].encode(), text.encode()))
+    payload = b"".join(records)
+    return _tar_block(b"././@PaxHeader", tarfile.XHDTYPE, 0o644, 0, 0, len(payload), 0, b"", b"\0" * 16) + payload + b"\0" * (-len(payload) % 512)
+
+
+def _sparse_fields(regions: tuple[tuple[int, int], ...]) -> bytes:
+    return b"".join(_tar_field(offset, 12) + _tar_field(length, 12) for offset, length in regions)
+
+
+def _sparse_tail(entry: TarEntry) -> tuple[bytes, bytes]:
+    # The old GNU sparse member ('S'): four regions in the header, 21 in each extension block
+    # after it, and the apparent size in realsize; GNU tar --sparse writes it in GNU format.
+    assert entry.sparse is not None
+    regions = entry.sparse
+    first, rest = regions[:4], regions[4:]
+    tail = (b"\0" * 41 + _sparse_fields(first).ljust(96, b"\0") + (b"\1" if rest else b"\0")
+            + _tar_field(entry.size, 12) + b"\0" * 17)
+    blocks = []
+    while rest:
+        chunk, rest = rest[:21], rest[21:]
+        blocks.append(_sparse_fields(chunk).ljust(504, b"\0") + (b"\1" if rest else b"\0") + b"\0" * 7)
+    return tail, b"".join(blocks)
+
+
+def tar_header(entry: TarEntry) -> bytes:
+    """Return the tar header block(s) of entry: what tarfile writes for it in GNU_FORMAT, plus what it leaves out.
+
+    Names longer than 100 bytes get GNU long-name blocks first. Extended attributes go in a
+    pax extended header before the entry, and a sparse file is an old GNU sparse member (its
+    map in the header and extension blocks after it), as GNU tar writes both. Raise
+    ValueError if a number does not fit even in base-256.
     """
     name = (entry.name + "/" if entry.kind == tarfile.DIRTYPE else entry.name).encode("utf-8", "surrogateescape")
     linkname = entry.linkname.encode("utf-8", "surrogateescape")
     devices = (_tar_field(entry.devmajor, 8) + _tar_field(entry.devminor, 8)) if entry.kind in (tarfile.CHRTYPE, tarfile.BLKTYPE) else b"\0" * 16
     head = b""
+    if entry.xattrs:
+        head += _pax_header(entry)
     if len(linkname) > 100:
         head += _tar_long_name(linkname, tarfile.GNUTYPE_LONGLINK)
     if len(name) > 100:
         head += _tar_long_name(name, tarfile.GNUTYPE_LONGNAME)
+    if entry.sparse is not None:
+        tail, extension = _sparse_tail(entry)
+        return head + _tar_block(name, tarfile.GNUTYPE_SPARSE, entry.mode, entry.uid, entry.gid, entry.stored(), entry.mtime, linkname,
+                                 devices, tail) + extension
     return head + _tar_block(name, entry.kind, entry.mode, entry.uid, entry.gid, entry.size, entry.mtime, linkname, devices)
 
 
@@ -2642,39 +2720,56 @@ class TarWriter:
         the rest is zeros, as GNU tar does when a "file changed as we read it".
         """
         self._emit(tar_header(entry))
-        left = entry.size
+        if entry.sparse is None:
+            left = self._copy(fd, None, entry.size)
+        else:
+            left = 0
+            for offset, length in entry.sparse:  # each data region; a short one is padded, and so are those after it
+                short = self._copy(fd, offset, length)
+                if short:
+                    self._emit(b"\0" * short)
+                    left += short
+            self._emit(b"\0" * (-entry.stored() % 512))
+            return left == 0
+        return self._end_member(entry, left)
+
+    def _copy(self, fd: int, offset: int | None, size: int) -> int:
+        """Copy size bytes of fd (from offset, or from where it is); return how many it did not have."""
+        left = size
         if left <= SMALL_FILE:
             while left:
-                data = os.read(fd, left)
+                data = os.read(fd, left) if offset is None else os.pread(fd, left, offset + size - left)
                 if not data:
                     break
                 self.buffer += data
                 left -= len(data)
-        else:
-            self.flush()
-            while left:
-                if self.sink.fd is not None:
-                    sent = os.sendfile(self.sink.fd, fd, None, min(left, 64 * COPY_CHUNK))
+            return left
+        self.flush()
+        while left:
+            at = None if offset is None else offset + size - left
+            if self.sink.fd is not None:
+                sent = os.sendfile(self.sink.fd, fd, at, min(left, 64 * COPY_CHUNK))
+                self._done(sent)
+            else:
+                data = os.read(fd, min(left, COPY_CHUNK)) if at is None else os.pread(fd, min(left, COPY_CHUNK), at)
+                sent = len(data)
+                if sent:
+                    self.sink.write(data)
                     self._done(sent)
-                else:
-                    data = os.read(fd, min(left, COPY_CHUNK))
-                    sent = len(data)
-                    if sent:
-                        self.sink.write(data)
-                        self._done(sent)
-                if not sent:
-                    break
-                left -= sent
-        return self._end_member(entry, left)
+            if not sent:
+                break
+            left -= sent
+        return left
 
-    def add_stream(self, entry: TarEntry, source: IO[bytes]) -> bool:
+    def add_stream(self, entry: TarEntry, source: TarReader | IO[bytes]) -> bool:
         """Write a regular file read from source; like add_file, False if it was short."""
         self._emit(tar_header(entry))
-        left = entry.size
+        left = entry.stored()
         while left and (data := source.read(min(left, COPY_CHUNK))):
             self._emit(data)
             left -= len(data)
-        return self._end_member(entry, left)
+        self._emit(b"\0" * (left + (-entry.stored() % 512)))
+        return left == 0
 
     def _end_member(self, entry: TarEntry, left: int) -> bool:
         # Zeros for the left bytes a short file did not give, then up to the next 512-byte block.
@@ -2697,8 +2792,10 @@ class ArchiveStats:
     """What went into an archive, per mount and in total.
 
     listing_sha256 is an order-independent digest (a sum of per-entry hashes) of every
-    entry's name, type, mode, owner, size and link target, so that a drill can compare a
-    restored tree with the backup without holding the file list in memory.
+    entry's name, type, mode, owner, size, link target, extended attributes (ACLs and
+    capabilities among them) and sparse map, so that --verify and a drill can compare an
+    archive or a restored tree with the backup without holding the file list in memory.
+    An entry with neither xattrs nor holes hashes as it did before they were kept.
     """
 
     members: int = 0
@@ -2706,6 +2803,7 @@ class ArchiveStats:
     data_bytes: int = 0
     per_mount: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    sockets: int = 0  # left out, as GNU tar leaves them out ("socket ignored"), and said so
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # mounts found to be single files
     inventories: dict[str, str] = dataclasses.field(default_factory=dict)  # group -> what the docker cp inventory found
 
@@ -2722,6 +2820,10 @@ class ArchiveStats:
             tally["files"] += 1
             tally["bytes"] += entry.size
         line = f"{entry.name}\0{kind}\0{entry.mode & 0o7777:o}\0{entry.uid}\0{entry.gid}\0{entry.size if kind == 'f' else ''}\0{entry.linkname if kind == 'l' else ''}"
+        if entry.xattrs:
+            line += "\0x:" + ",".join(f"{key}={value.hex()}" for key, value in sorted(entry.xattrs.items()))
+        if entry.sparse is not None:
+            line += "\0s:" + ",".join(f"{offset}+{length}" for offset, length in entry.sparse)
         digest = int.from_bytes(hashlib.sha256(line.encode("utf-8", "surrogateescape")).digest(), "big")
         tally["listing_sha256"] = (tally["listing_sha256"] + digest) % _LISTING_MODULUS
 
@@ -2730,12 +2832,6 @@ class ArchiveStats:
             group: {**tally, "listing_sha256": f"{tally['listing_sha256']:064x}"}
             for group, tally in self.per_mount.items()
         }
-
-
-def _forget_members(tar: tarfile.TarFile) -> None:
-    # tarfile keeps every member it has read (~0.5 KiB each; not in the typed API);
-    # dropping them keeps memory constant whatever the number of files.
-    tar.members.clear()  # type: ignore[attr-defined]
 
 
 def _inside(path: str, parents: list[str]) -> bool:
@@ -2770,7 +2866,7 @@ def entry_for(name: str, st: os.stat_result, hard_links: dict[tuple[int, int], s
     linkname is a symlink's target.
     """
     mode = st.st_mode
-    entry = TarEntry(name, tarfile.REGTYPE, stat.S_IMODE(mode), st.st_uid, st.st_gid, int(st.st_mtime))
+    entry = TarEntry(name, tarfile.REGTYPE, stat.S_IMODE(mode), st.st_uid, st.st_gid, st.st_mtime_ns // 1_000_000_000)  # floored, as GNU tar
     if stat.S_ISREG(mode):
         key = (st.st_dev, st.st_ino)
         if st.st_nlink > 1 and key in hard_links:
@@ -2791,6 +2887,61 @@ def entry_for(name: str, st: os.stat_result, hard_links: dict[tuple[int, int], s
     else:
         return None
     return entry
+
+
+def read_xattrs(target: int | str) -> dict[str, bytes] | None:
+    """Return every extended attribute of an open fd or (not followed) a path, or None if it has none.
+
+    All namespaces root may read: user, trusted, security (file capabilities) and system
+    (POSIX ACLs), as GNU tar --xattrs --xattrs-include='*' stores them. A filesystem
+    without xattrs, or a file gone meanwhile, has none.
+    """
+    follow = isinstance(target, int)
+    try:
+        names = os.listxattr(target) if follow else os.listxattr(target, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+    found: dict[str, bytes] = {}
+    for key in names:
+        try:
+            found[key] = os.getxattr(target, key) if follow else os.getxattr(target, key, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENODATA, errno.ENOTSUP, errno.ENOENT):  # removed between the list and the read
+                raise
+    return found or None
+
+
+def sparse_map(fd: int, size: int) -> tuple[tuple[int, int], ...] | None:
+    """Return the data regions of a file with holes, found with SEEK_DATA/SEEK_HOLE, or None if it has none.
+
+    As GNU tar's map: (offset, length) of each region, then an empty region at the end of
+    the file. A filesystem without SEEK_DATA reports no holes.
+    """
+    regions: list[tuple[int, int]] = []
+    position = 0
+    try:
+        while position < size:
+            try:
+                data = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # nothing but a hole up to the end
+                    break
+                raise
+            if data >= size:
+                break
+            position = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+            regions.append((data, position - data))
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOTSUP):
+            return None
+        raise
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    if regions == [(0, size)]:
+        return None
+    return (*regions, (size, 0))
 
 
 def _raise_open_file_limit() -> None:
@@ -2932,6 +3083,7 @@ def _visit(tar: TarWriter, item: ArchiveItem, parent: int | None, name: str | in
             here = os.fstat(fd)
             entry = entry_for(arcname, here, hard_links)
             assert entry is not None
+            entry.xattrs = read_xattrs(fd)
             names = sorted(os.listdir(fd), reverse=True)
         except BaseException:
             if not isinstance(name, int):
@@ -2959,8 +3111,14 @@ def _visit(tar: TarWriter, item: ArchiveItem, parent: int | None, name: str | in
             return
         entry = entry_for(arcname, st, hard_links, linkname)
         if entry is None:
-            stats.warnings.append(f"socket ignored: /{rel}" if stat.S_ISSOCK(st.st_mode) else f"file type tar cannot hold, left out: /{rel}")
+            if stat.S_ISSOCK(st.st_mode):
+                stats.sockets += 1
+                stats.warnings.append(f"socket ignored: /{rel}")
+            else:
+                stats.warnings.append(f"file type tar cannot hold, left out: /{rel}")
             return
+        if entry.kind != tarfile.LNKTYPE:
+            entry.xattrs = read_xattrs(f"/proc/self/fd/{parent}/{name}")  # a link's own, never its target's
         tar.add(entry)
     if entry is not None:
         stats.count(item.group, entry)
@@ -2986,18 +3144,27 @@ def _add_host_file(tar: TarWriter, parent: int, name: str, arcname: str, hard_li
         assert entry is not None
         if entry.kind == tarfile.LNKTYPE:
             tar.add(entry)
-        elif not tar.add_file(entry, fd):
+            return entry
+        entry.xattrs = read_xattrs(fd)
+        if st.st_blocks * 512 < st.st_size:
+            entry.sparse = sparse_map(fd, st.st_size)
+        if not tar.add_file(entry, fd):
             stats.warnings.append(f"file changed as we read it: /{arcname}")
         return entry
     finally:
         os.close(fd)
 
 
-def entry_of(member: tarfile.TarInfo, name: str, linkname: str) -> TarEntry:
-    """Return the archive entry of a member read from a tar stream, under name and linkname."""
-    regular = member.isreg()
-    return TarEntry(name, tarfile.REGTYPE if regular else member.type, member.mode, member.uid, member.gid, int(member.mtime),
-                    member.size if regular else 0, linkname, member.devmajor, member.devminor)
+def _docker_cp_entries(pipe: IO[bytes], what: str) -> Iterator[tuple[TarReader, TarEntry]]:
+    """Yield the entries of a docker cp stream; one clear error if it holds no archive at all."""
+    entries = tar_entries(pipe)
+    try:
+        first = next(entries, None)
+    except BackupError as exc:
+        raise BackupError(f"docker cp of {what} gave no archive ({exc}): a path docker cp cannot read (a tmpfs mount?)") from None
+    if first is not None:
+        yield first
+        yield from entries
 
 
 def _name_key(name: str) -> int:
@@ -3022,42 +3189,33 @@ def archive_through_docker(tar: TarWriter, container: str, item: ArchiveItem, ne
     excluded = [p for p in rules.backup_dir_paths if _inside(p, [item.path])]
     archived = array.array("Q")
     first = True
-    try:
-        with stream_from(["docker", "cp", f"{container}:{item.path}", "-"], timeout=rules.timeout) as pipe:
-            with tarfile.open(fileobj=pipe, mode="r|") as source:
-                for member in source:
-                    name = posixpath.normpath(posixpath.join(parent, member.name)).lstrip("/")
-                    if first and item.kind == "bind" and not member.isdir():
-                        stats.skipped.append((item.path, "single-file bind"))
-                        LOG.info("skipping mount %s: single-file bind (found through docker cp)", item.path)
-                        return
-                    first = False
-                    if "/" + name != item.path and _inside("/" + name, nested):
-                        continue
-                    if excluded and _inside("/" + name, excluded):
-                        if "/" + name in excluded:
-                            stats.warnings.append(f"the backup directory itself is inside this mount and was left out: /{name}")
-                        continue
-                    if member.isreg() and rules.exclude is not None and (reason := rules.exclude(name)) is not None:
-                        stats.warnings.append(f"left out: /{name} ({reason})")
-                        continue
-                    linkname = member.linkname
-                    if member.islnk():
-                        linkname = item.prefix + posixpath.normpath(posixpath.join(parent, linkname)).lstrip("/")
-                    entry = entry_of(member, item.prefix + name, linkname)
-                    if member.isreg():
-                        data = source.extractfile(member)
-                        assert data is not None
-                        if not tar.add_stream(entry, data):
-                            stats.warnings.append(f"file cut short in the docker cp stream: /{entry.name}")
-                    else:
-                        tar.add(entry)
-                    _forget_members(source)
-                    stats.count(item.group, entry)
-                    archived.append(_name_key(name))
-    except tarfile.ReadError as exc:
-        raise BackupError(f"docker cp of {container}:{item.path} gave no archive ({exc}): a path docker cp cannot read "
-                          "(a tmpfs mount?)") from None
+    with stream_from(["docker", "cp", f"{container}:{item.path}", "-"], timeout=rules.timeout) as pipe:
+        for source, member in _docker_cp_entries(pipe, f"{container}:{item.path}"):
+            name = posixpath.normpath(posixpath.join(parent, member.name)).lstrip("/")
+            if first and item.kind == "bind" and member.kind != tarfile.DIRTYPE:
+                stats.skipped.append((item.path, "single-file bind"))
+                LOG.info("skipping mount %s: single-file bind (found through docker cp)", item.path)
+                return
+            first = False
+            if "/" + name != item.path and _inside("/" + name, nested):
+                continue
+            if excluded and _inside("/" + name, excluded):
+                if "/" + name in excluded:
+                    stats.warnings.append(f"the backup directory itself is inside this mount and was left out: /{name}")
+                continue
+            if member.kind == tarfile.REGTYPE and rules.exclude is not None and (reason := rules.exclude(name)) is not None:
+                stats.warnings.append(f"left out: /{name} ({reason})")
+                continue
+            member.name = item.prefix + name
+            if member.kind == tarfile.LNKTYPE:
+                member.linkname = item.prefix + posixpath.normpath(posixpath.join(parent, member.linkname)).lstrip("/")
+            if member.kind == tarfile.REGTYPE:
+                if not tar.add_stream(member, source):
+                    stats.warnings.append(f"file cut short in the docker cp stream: /{member.name}")
+            else:
+                tar.add(member)
+            stats.count(item.group, member)
+            archived.append(_name_key(name))
     if before is not None:
         _compare_inventory(container, item, nested, rules, stats, before, archived)
 
@@ -3206,63 +3364,211 @@ class _TarInput:
             self.null = None
 
 
+_NO_DATA = (tarfile.LNKTYPE, tarfile.SYMTYPE, tarfile.DIRTYPE, tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE)
+_REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE)
+
+
+class TarReader:
+    """The one tar reader of this tool: walks the headers of a tar stream and hands out each member's data.
+
+    Reads what GNU tar, Go's archive/tar (docker cp), busybox and this tool write: ustar
+    and GNU headers, GNU long names, pax extended headers (path, linkpath, size, owners,
+    mtime, SCHILY.xattr.*) and old GNU sparse members. Every header's checksum is checked
+    and every member's data must be there; BackupError otherwise. Entries come out as
+    TarEntry, names without a trailing "/", a sparse file's data packed as stored (its map
+    in entry.sparse), mtimes floored. Written for speed: tarfile parses every field of every
+    header and keeps a TarInfo per member, which costs as much as writing the archive
+    (README, "Where the time goes").
+    """
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.input = _TarInput(raw)
+        self.members = 0
+        self.left = 0  # data of the current member not read yet
+        self.padding = 0
+
+    def __iter__(self) -> Iterator[TarEntry]:
+        names: dict[bytes, bytes] = {}  # what GNU long-name (L, K) and pax (x) headers say of the next member
+        while True:
+            self._skip_rest()
+            header = self.input.read(512)
+            if len(header) < 512:
+                raise BackupError("the tar stream ends before its end-of-archive marker")
+            if header == _ZERO_BLOCK:
+                break
+            chksum = header[148:156]
+            if _tar_number(chksum) != sum(header) - sum(chksum) + 256:
+                raise BackupError(f"tar header {self.members + 1} has a bad checksum")
+            size, kind = _tar_number(header[124:136]), header[156:157]
+            if kind in (b"L", b"K", b"x", b"g", b"X"):
+                data = self.input.read((size + 511) // 512 * 512)
+                if len(data) < size:
+                    raise BackupError("the tar stream ends inside an extended header")
+                if kind == b"L":
+                    names[b"path"] = data[:size].split(b"\0", 1)[0]
+                elif kind == b"K":
+                    names[b"linkpath"] = data[:size].split(b"\0", 1)[0]
+                elif kind in (b"x", b"X"):
+                    names.update(_pax_records(data[:size]))
+                continue
+            self.members += 1
+            entry = self._entry(header, kind, size, names)
+            names = {}
+            yield entry
+        self._skip_rest()
+
+    def _entry(self, header: bytes, kind: bytes, size: int, pax: dict[bytes, bytes]) -> TarEntry:
+        name = pax.get(b"path")
+        if name is None:
+            name = header[:100].split(b"\0", 1)[0]
+            if header[257:263] == b"ustar\0" and header[345:346] != b"\0":  # POSIX ustar: a prefix; GNU: atime there
+                name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        linkname = pax.get(b"linkpath", header[157:257].split(b"\0", 1)[0])
+        mtime = pax.get(b"mtime")
+        entry = TarEntry(
+            _name_text(name),
+            tarfile.REGTYPE if kind in _REGULAR else kind,
+            _tar_number(header[100:108]) & 0o7777,
+            int(pax[b"uid"]) if b"uid" in pax else _tar_number(header[108:116]),
+            int(pax[b"gid"]) if b"gid" in pax else _tar_number(header[116:124]),
+            math.floor(float(mtime)) if mtime is not None else _tar_number(header[136:148]),
+            linkname=linkname.decode("utf-8", "surrogateescape"),
+        )
+        if b"size" in pax:
+            size = int(pax[b"size"])
+        if b"GNU.sparse.major" in pax or b"GNU.sparse.map" in pax or b"GNU.sparse.size" in pax:
+            raise BackupError(f"{entry.name}: a pax sparse file (GNU tar --format=posix --sparse); this reader takes old GNU sparse members only")
+        xattrs = {key[13:].decode("utf-8", "surrogateescape"): value for key, value in pax.items() if key.startswith(b"SCHILY.xattr.")}
+        entry.xattrs = xattrs or None
+        if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+            entry.devmajor, entry.devminor = _tar_number(header[329:337]), _tar_number(header[337:345])
+        if kind == tarfile.GNUTYPE_SPARSE:
+            entry.sparse = self._sparse_map(header)
+            entry.size = _tar_number(header[483:495])
+        elif entry.kind == tarfile.REGTYPE:
+            entry.size = size
+        self.left = 0 if kind in _NO_DATA else size
+        self.padding = -self.left % 512
+        return entry
+
+    def _sparse_map(self, header: bytes) -> tuple[tuple[int, int], ...]:
+        regions: list[tuple[int, int]] = []
+        fields, more = header[386:482], header[482]
+        while True:
+            for at in range(0, len(fields), 24):
+                if fields[at:at + 24].strip(b"\0"):
+                    regions.append((_tar_number(fields[at:at + 12]), _tar_number(fields[at + 12:at + 24])))
+            if not more:
+                return tuple(regions)
+            block = self.input.read(512)
+            if len(block) < 512:
+                raise BackupError("the tar stream ends inside a sparse map")
+            fields, more = block[:504], block[504]
+
+    def read(self, size: int) -> bytes:
+        """Return up to size bytes of the current member's data (b"" at its end)."""
+        size = min(size, self.left)
+        data = self.input.read(size)
+        if len(data) < size:
+            raise BackupError(f"the tar stream ends inside member {self.members}")
+        self.left -= size
+        return data
+
+    def _skip_rest(self) -> None:
+        want = self.left + self.padding
+        if want and self.input.skip(want) < want:
+            raise BackupError(f"the tar stream ends inside member {self.members}")
+        self.left = self.padding = 0
+
+    def finish(self) -> None:
+        """Read past the end-of-archive marker to the end of the stream (a record's padding, a compressor's trailer)."""
+        self.input.skip(-1)
+
+    def close(self) -> None:
+        self.input.close()
+
+
+def _name_text(name: bytes) -> str:
+    text = name.decode("utf-8", "surrogateescape")
+    return text.rstrip("/") or text
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    records: dict[bytes, bytes] = {}
+    at = 0
+    while at < len(data) and data[at:at + 1] != b"\0":
+        space = data.find(b" ", at)
+        try:
+            length = int(data[at:space])
+        except ValueError:
+            raise BackupError(f"a pax extended header record is malformed: {data[at:at + 40]!r}") from None
+        record = data[space + 1:at + length]
+        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
+            raise BackupError(f"a pax extended header record is malformed: {data[at:at + 40]!r}")
+        key, value = record[:-1].split(b"=", 1)
+        records[key] = value
+        at += length
+    return records
+
+
+def tar_entries(raw: IO[bytes]) -> Iterator[tuple[TarReader, TarEntry]]:
+    """Yield every entry of a decompressed tar stream with its reader (to read the entry's data), then read to its end."""
+    with contextlib.closing(TarReader(raw)) as tar:
+        for entry in tar:
+            yield tar, entry
+        tar.finish()
+
+
+class ArchiveGroups:
+    """Says which group (mount) an archive name belongs to: the longest group path that holds it."""
+
+    def __init__(self, groups: list[str]) -> None:
+        self.keys = sorted(((group.strip("/"), group) for group in groups), key=lambda pair: -len(pair[0]))
+
+    def of(self, name: str) -> str:
+        for key, group in self.keys:
+            if name == key or name.startswith(key + "/") or not key:
+                return group
+        return OUTSIDE_GROUPS
+
+
+OUTSIDE_GROUPS = "(outside every group)"
 KEEP_MAX = 64 << 10  # members a scan keeps whole (an AOF manifest); bigger ones are only measured
 
 
 def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb: Callable[[str], bool] | None = None,
-             keep: Callable[[str], bool] | None = None) -> dict[str, Any]:
+             keep: Callable[[str], bool] | None = None, groups: list[str] | None = None) -> dict[str, Any]:
     """Read a compressed tar to its end and return what it holds. Raise BackupError if it is not complete.
 
     The compressed stream must be complete (gzip CRC and length trailer, zstd frame) and
     the tar well-formed to its end-of-archive marker: every header's checksum, every
-    member's data present. Headers are walked directly (tarfile parses every field of
-    every header, which costs as much as writing the archive). Members that rdb picks are
-    walked as RDB files (result["rdb"][name]: read_rdb's answer, or its error); members
-    that keep picks are measured (result["files"]) and, when small, kept (result["kept"]).
+    member's data present. Members that rdb picks are walked as RDB files
+    (result["rdb"][name]: read_rdb's answer, or its error); members that keep picks are
+    measured (result["files"]) and, when small, kept (result["kept"]). With groups,
+    result["per_mount"] holds, per group, what ArchiveStats counts of the entries under it,
+    xattrs and sparse maps included, read back from the archive itself.
     """
-    members = 0
-    long_name: bytes | None = None
     rdbs: dict[str, Any] = {}
     files: dict[str, int] = {}
     kept: dict[str, bytes] = {}
+    stats = ArchiveStats()
+    grouping = ArchiveGroups(groups) if groups is not None else None
+    members = 0
     try:
-        with decompressing(fh, fmt) as raw, contextlib.closing(_TarInput(raw)) as tar:
-            while True:
-                header = tar.read(512)
-                if len(header) < 512:
-                    raise BackupError("the tar stream ends before its end-of-archive marker")
-                if header == _ZERO_BLOCK:
-                    break
-                chksum = header[148:156]
-                if _tar_number(chksum) != sum(header) - sum(chksum) + 256:
-                    raise BackupError(f"tar header {members + 1} has a bad checksum")
-                size, kind = _tar_number(header[124:136]), header[156:157]
-                blocks = (size + 511) // 512 * 512
-                if kind in (b"L", b"K", b"x", b"g"):  # a long name or extended header, not a member
-                    data = tar.read(blocks)
-                    if len(data) < blocks:
-                        raise BackupError("the tar stream ends inside an extended header")
-                    long_name = data[:size].rstrip(b"\0") if kind == b"L" else long_name
-                    continue
+        with decompressing(fh, fmt) as raw:
+            for tar, entry in tar_entries(raw):
                 members += 1
-                if kind in (b"1", b"2", b"5", b"3", b"4", b"6"):
-                    blocks = 0  # links, directories, devices and fifos have no data
-                used = 0
-                if blocks and (rdb is not None or keep is not None):
-                    raw_name = long_name or (header[345:500].rstrip(b"\0") + b"/" if header[345:346] != b"\0" else b"") + header[:100].rstrip(b"\0")
-                    name = raw_name.decode("utf-8", "surrogateescape")
-                    if rdb is not None and rdb(name):
-                        rdbs[name], used = _scan_rdb_member(tar, size)
-                        rdbs[name]["mtime"] = _tar_number(header[136:148])
-                    elif keep is not None and keep(name):
-                        files[name] = size
-                        if size <= KEEP_MAX:
-                            kept[name] = tar.read(size)
-                            used = len(kept[name])
-                long_name = None
-                if used + tar.skip(blocks - used) < blocks:
-                    raise BackupError(f"the tar stream ends inside member {members}")
-            tar.skip(-1)  # the rest of the record and the compressor's trailer
+                if grouping is not None:
+                    stats.count(grouping.of(entry.name), entry)
+                if entry.kind != tarfile.REGTYPE or not tar.left:
+                    continue
+                if rdb is not None and rdb(entry.name):
+                    rdbs[entry.name] = _scan_rdb_member(tar, tar.left)
+                    rdbs[entry.name]["mtime"] = entry.mtime
+                elif keep is not None and keep(entry.name):
+                    files[entry.name] = entry.size
+                    if entry.size <= KEEP_MAX:
+                        kept[entry.name] = tar.read(entry.size)
     except BackupError as exc:
         raise BackupError(f"archive is not a complete {fmt} ({exc})") from None
     except (OSError, EOFError, ValueError, zlib.error) as exc:
@@ -3272,11 +3578,13 @@ def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb: Callable[[str], bool] |
         result["rdb"] = rdbs
     if keep is not None:
         result.update(files=files, kept=kept)
+    if grouping is not None:
+        result["per_mount"] = stats.summary()
     return result
 
 
-def _scan_rdb_member(tar: _TarInput, size: int) -> tuple[dict[str, Any], int]:
-    """Walk one RDB member of a tar stream; return what read_rdb found (or its error) and the bytes consumed."""
+def _scan_rdb_member(tar: TarReader, size: int) -> dict[str, Any]:
+    """Walk one RDB member of a tar stream; return what read_rdb found (or its error)."""
     reader = _RdbReader(tar.read, size)
     found: dict[str, Any] = {}
     try:
@@ -3285,9 +3593,7 @@ def _scan_rdb_member(tar: _TarInput, size: int) -> tuple[dict[str, Any], int]:
             raise RdbError(f"{reader.unread()} bytes follow the RDB's end marker")
     except RdbError as exc:
         found.update(error=str(exc), unknown="unknown to this tool" in str(exc))
-    if reader.left is None:
-        raise AssertionError("a tar member has a size")
-    return found, size - reader.left
+    return found
 
 
 def scan_sql(fh: IO[bytes], fmt: str = "sql.gz") -> dict[str, Any]:
@@ -3665,20 +3971,25 @@ def write_archive(
     dir_fd: int,
     items: list[ArchiveItem],
     *,
-    scan: Callable[[IO[bytes]], dict[str, Any]] | None = None,
+    scan: Callable[[IO[bytes], list[str]], dict[str, Any]] | None = None,
     before_commit: Callable[[dict[str, Any]], None] | None = None,
 ) -> BackupResult:
     """Archive items into <module>-<ts>.tar.gz (paused with --pause), verify it as written, publish it.
 
-    scan replaces the plain tar scan (class B reads the RDB files as they pass);
-    before_commit may add to the verification results or raise to discard the archive.
+    The archive is read back as it is written, and every group (mount) must hold there
+    what was read from the source: entries, files, bytes and the listing digest (xattrs and
+    sparse maps included). scan replaces the plain tar scan (class B reads the RDB files as
+    they pass; it is given the groups); before_commit may add to the verification results
+    or raise to discard the archive.
     """
     stats = ArchiveStats()
     skipped = [d for d, _ in job.skipped]
     paused_seconds = None
     fmt = "tar." + job.compression.suffix
+    groups = list(dict.fromkeys(item.group for item in items))
+    scanner = scan or (lambda fh, groups: scan_tar(fh, fmt, groups=groups))
     with PartialFile(dir_fd, f"{job.basename}.{fmt}", job.backup_dir) as out, \
-            verifying(out, scan or (lambda fh: scan_tar(fh, fmt))) as verified, \
+            verifying(out, lambda fh: scanner(fh, groups)) as verified, \
             contextlib.closing(Progress("archive", job.estimated_bytes)) as progress:
         pause = paused(job.container, job.settings.docker_timeout, job.settings.pause_timeout, job.journal) if job.pause else contextlib.nullcontext(None)
         with pause as frozen:
@@ -3692,6 +4003,11 @@ def write_archive(
         verification = verified()
         if verification["members"] != stats.members:
             raise BackupError(f"verification failed: archive holds {verification['members']} entries, {stats.members} were written")
+        differences = listing_differences(stats.summary(), verification.pop("per_mount"))
+        if differences:
+            raise BackupError(f"verification failed: the archive as written does not hold what was read ({differences[0]})",
+                              details=differences[1:STDERR_DETAIL_LINES])
+        verification["listing"] = "every group's entries, owners, modes, sizes, xattrs and sparse maps read back as written"
         if stats.files == 0:
             stats.warnings.append("the archived paths hold no regular files: this archive contains directories only")
         for destination, reason in stats.skipped:
@@ -3756,18 +4072,15 @@ def copy_out_file(job: BackupJob, dir_fd: int, path: str, suffix: str, scan: Cal
     """Copy one file out of the container (docker cp) into <module>-<ts><suffix>, scan it, publish it."""
     name = job.basename + suffix
     with PartialFile(dir_fd, name, job.backup_dir) as out:
-        try:
-            with stream_from(["docker", "cp", f"{job.container}:{path}", "-"], timeout=job.settings.stream_timeout) as pipe:
-                with tarfile.open(fileobj=pipe, mode="r|") as tar:
-                    member = tar.next()
-                    if member is None or not member.isreg():
-                        raise BackupError(f"{job.container}:{path} is not a regular file")
-                    source = tar.extractfile(member)
-                    assert source is not None
-                    while chunk := source.read(COPY_CHUNK):
-                        out.write(chunk)
-        except tarfile.ReadError as exc:
-            raise BackupError(f"docker cp of {job.container}:{path} gave no archive ({exc})") from None
+        with stream_from(["docker", "cp", f"{job.container}:{path}", "-"], timeout=job.settings.stream_timeout) as pipe:
+            entries = _docker_cp_entries(pipe, f"{job.container}:{path}")
+            source, member = next(entries, (None, None))
+            if source is None or member is None or member.kind != tarfile.REGTYPE or member.sparse is not None:
+                raise BackupError(f"{job.container}:{path} is not a regular file")
+            while chunk := source.read(COPY_CHUNK):
+                out.write(chunk)
+            for _ in entries:  # to the end of the stream: a complete archive
+                pass
         with out.reopen_for_reading() as fh:
             verification = scan(fh)
         if before_commit is not None:
@@ -3796,23 +4109,18 @@ def read_tar_gz_files(fh: IO[bytes], wanted: Callable[[str], bool]) -> TarFiles:
     """
     found = TarFiles()
     try:
-        with decompressing(fh, "tar.gz") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-            for member in tar:
-                if member.isreg():
-                    extracted = tar.extractfile(member)
-                    assert extracted is not None
+        with decompressing(fh, "tar.gz") as raw:
+            for tar, member in tar_entries(raw):
+                if member.kind == tarfile.REGTYPE:
                     digest, lines = hashlib.sha256(), 0
                     keep = wanted(member.name) and member.size <= COPY_CHUNK
-                    while chunk := extracted.read(COPY_CHUNK):
+                    while chunk := tar.read(COPY_CHUNK):
                         digest.update(chunk)
                         lines += chunk.count(b"\n")
                         if keep:
                             found.kept[member.name] = found.kept.get(member.name, b"") + chunk
                     found.sizes[member.name], found.digests[member.name], found.lines[member.name] = member.size, digest.hexdigest(), lines
-                _forget_members(tar)
-            while raw.read(COPY_CHUNK):
-                pass
-    except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
+    except (BackupError, OSError, EOFError, zlib.error) as exc:
         raise BackupError(f"not a complete tar.gz ({exc})") from None
     return found
 
@@ -3908,6 +4216,30 @@ class DrillContainer:
                 while chunk := gz.read(COPY_CHUNK):
                     stream.pipe.write(chunk)
 
+    def restore_mounts(self, backup: Path, destinations: list[str]) -> str:
+        """Extract every archived mount into its fresh volume as the restore notes say; return how it was done.
+
+        On a local engine with GNU tar on this host, each mount is extracted by GNU tar
+        (xattrs, ACLs, capabilities, holes) straight into its volume's directory; otherwise
+        through docker cp, which restores owners, modes and security.capability only, and
+        writes holes as zeros.
+        """
+        engine = engine_info(self.settings.docker_timeout)
+        tar = gnu_tar()
+        if not engine.local or engine.rootless or tar is None:
+            self.copy_in(backup)
+            return ("restored through docker cp (" + ("the engine is not local" if tar else "no GNU tar on this host")
+                    + "): xattrs other than security.capability, ACLs and holes are not restored that way")
+        clone = parse_json(docker(["inspect", self.name], timeout=self.settings.docker_timeout).stdout, "docker inspect")[0]
+        sources = {m.destination: m.source for m in plan_mounts(clone, read_on_host=True)[0]}
+        for destination in destinations:
+            nested = [d for d in destinations if d != destination and _inside(d, [destination])]
+            with open(backup, "rb") as fh, decompressing(fh, self.doc["format"]) as raw:
+                with stream_into(gnu_tar_extract(tar, sources[destination], destination, nested), timeout=self.settings.drill_timeout) as stream:
+                    while chunk := raw.read(COPY_CHUNK):
+                        stream.pipe.write(chunk)
+        return f"restored with {tar} --xattrs --xattrs-include='*' --acls --numeric-owner into each fresh volume"
+
     def copy_in_tar(self, write: Callable[[TarWriter], None]) -> None:
         """Extract a tar stream that write() builds into the container's volumes."""
         with stream_into(["docker", "cp", "-", f"{self.name}:/"], timeout=self.settings.drill_timeout) as stream:
@@ -3949,6 +4281,37 @@ class DrillContainer:
                 docker(["rm", "-f", "-v", self.name], timeout=self.settings.docker_timeout, check=False)
             for volume in self.volumes:
                 docker(["volume", "rm", "-f", volume], timeout=self.settings.docker_timeout, check=False)
+
+
+def gnu_tar() -> str | None:
+    """Return the path of GNU tar on this host, or None (busybox and bsdtar restore neither xattrs nor holes the same way)."""
+    path = shutil.which("tar")
+    if path is None:
+        return None
+    with contextlib.suppress(BackupError):
+        if b"GNU tar" in run([path, "--version"], timeout=30).stdout:
+            return path
+    return None
+
+
+def _transform_to_dot(member: str) -> str:
+    # s<d>^<member, as a literal POSIX basic regex><d>.<d>S: the member's name becomes ".";
+    # symlink targets (S) are left alone. The delimiter is a character the name does not hold.
+    delimiter = next(c for c in "|,#:;%@!~=+\x01\x02" if c not in member)
+    literal = re.sub(r"([\\.\[\]*^$])", r"\\\1", member)
+    return f"s{delimiter}^{literal}{delimiter}.{delimiter}S"
+
+
+def gnu_tar_extract(tar: str, directory: str, destination: str, nested: list[str]) -> list[str]:
+    """Return GNU tar reading an archive on stdin and extracting the mount at destination into directory.
+
+    The mount's own entry becomes the directory itself (its owner, mode and xattrs too);
+    mounts nested in it are left for their own volumes.
+    """
+    member = destination.strip("/")
+    return [tar, "--extract", "--file=-", f"--directory={directory}", "--same-permissions", "--same-owner", "--numeric-owner",
+            "--xattrs", "--xattrs-include=*", "--acls", "--no-wildcards", "--anchored", f"--transform={_transform_to_dot(member)}",
+            *(f"--exclude={d.strip('/')}" for d in nested), "--", member]
 
 
 def live_container(doc: dict[str, Any], timeout: float) -> dict[str, Any] | None:
@@ -4030,18 +4393,8 @@ def drill_groups(drill: Drill) -> int:
     lines.append("structure and contents listing only: every group of the archive re-read and compared with the manifest")
     if doc.get("contents", {}).get("follow_up"):
         lines.append(doc["contents"]["follow_up"])
-    stats = ArchiveStats()
-    prefixes = sorted(groups, key=len, reverse=True)
-    try:
-        with open(backup, "rb") as fh, decompressing(fh, doc["format"]) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-            for member in tar:
-                name = member.name.rstrip("/")
-                group = next((p for p in prefixes if name == p or name.startswith(p + "/")), "(outside every group)")
-                stats.count(group, entry_of(member, name, member.linkname))
-                _forget_members(tar)
-    except (OSError, EOFError, tarfile.TarError, zlib.error) as exc:
-        raise BackupError(f"drill: {backup.name} is not a complete {doc['format']} ({exc})") from None
-    found = stats.summary()
+    with open(backup, "rb") as fh:
+        found = scan_tar(fh, doc["format"], groups=list(groups))["per_mount"]
     differences = 0
     for group in sorted(set(groups) | set(found)):
         lines.append(f"{group}:")
@@ -4064,12 +4417,48 @@ def drill_listing(drill: Drill, note: str) -> int:
     return int(not compare("members", drill.doc.get("verification", {}).get("members"), len(sizes), drill.lines))
 
 
+_LISTING_KEYS = ("members", "files", "bytes", "listing_sha256")
+
+
+def listing_differences(expected: dict[str, dict[str, Any]], found: dict[str, dict[str, Any]]) -> list[str]:
+    """Return a line per group and count where found differs from expected (empty when they agree)."""
+    lines = []
+    for group in sorted(set(expected) | set(found)):
+        for key in _LISTING_KEYS:
+            want, got = expected.get(group, {}).get(key), found.get(group, {}).get(key)
+            if want != got:
+                lines.append(f"{group}: {key} {got} where {want} was expected")
+    return lines
+
+
+def manifest_listing(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Return the per-group listing a manifest recorded (mounts, or D's and G's groups); empty for one that has none."""
+    groups = (doc.get("contents") or {}).get("groups")
+    if groups:
+        return {group: tally for group, tally in groups.items() if "listing_sha256" in tally}
+    archived = doc.get("archived_paths")
+    return {m["destination"]: m for m in doc.get("mounts") or []
+            if "listing_sha256" in m and (archived is None or m["destination"] in archived)}
+
+
+def listing_check(found: dict[str, Any], expected: dict[str, dict[str, Any]]) -> list[Check]:
+    """The --verify check that the archive's entries are, group by group, those the manifest recorded."""
+    if not expected:
+        return []
+    differences = listing_differences(expected, found["per_mount"])
+    detail = (f"{len(expected)} group(s): entries, owners, modes, sizes, xattrs and sparse maps as recorded" if not differences
+              else "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else ""))
+    return [("listing", not differences, detail)]
+
+
 def verify_archive(fh: IO[bytes], doc: dict[str, Any]) -> list[Check]:
-    """--verify of a tar archive: complete stream, every header, the entry count of the manifest."""
+    """--verify of a tar archive: complete stream, every header, the entry count and per-mount listing of the manifest."""
     fmt = str(doc.get("format", "tar.gz"))
-    found = scan_tar(fh, fmt)
+    expected_listing = manifest_listing(doc)
+    found = scan_tar(fh, fmt, groups=list(expected_listing))
     expected = doc.get("verification", {}).get("members")
-    return [("structure", found["members"] == expected, f"complete {compression_of(fmt)}, tar readable, {found['members']} entries (manifest {expected})")]
+    return [("structure", found["members"] == expected, f"complete {compression_of(fmt)}, tar readable, {found['members']} entries (manifest {expected})"),
+            *listing_check(found, expected_listing)]
 
 
 def estimate_mounts(job: BackupJob) -> tuple[int | None, str]:
@@ -4110,8 +4499,9 @@ def drill_mounted_archive(drill: Drill) -> int:
     """Restore the archive into fresh volumes of a throwaway container; compare every mount with the manifest."""
     with drill_container(drill, "") as box:
         box.create(start=False)
-        box.copy_in(drill.backup)
-        drill.lines.append("(archive: restored into fresh volumes, then every entry's name, type, mode, owner and size compared)")
+        how = box.restore_mounts(drill.backup, [m["destination"] for m in drill.doc.get("mounts", [])
+                                                 if m["destination"] in drill.doc.get("archived_paths", [m["destination"]])])
+        drill.lines.append(f"(archive {how}; then every entry's name, type, mode, owner, size, xattrs and sparse map compared)")
         return compare_restored_mounts(drill, box, drill.lines)
 
 
@@ -5026,9 +5416,9 @@ def redis_exclude(name: str) -> str | None:
     return "written by a save still running, not data" if REDIS_TEMP_FILE.fullmatch(posixpath.basename(name)) else None
 
 
-def scan_redis(fmt: str, aof_names: Callable[[str], bool]) -> Callable[[IO[bytes]], dict[str, Any]]:
+def scan_redis(fmt: str, aof_names: Callable[[str], bool]) -> Callable[[IO[bytes], list[str]], dict[str, Any]]:
     """Return the in-flight scan of a Redis archive: the tar checks, every RDB walked, AOF files measured."""
-    return lambda fh: scan_tar(fh, fmt, rdb=is_rdb_name, keep=aof_names)
+    return lambda fh, groups: scan_tar(fh, fmt, rdb=is_rdb_name, keep=aof_names, groups=groups)
 
 
 def _aof_summary(verification: dict[str, Any], aof_path: str, kind: str) -> dict[str, Any] | None:
@@ -5251,9 +5641,11 @@ def verify_redis(fh: IO[bytes], doc: dict[str, Any]) -> list[Check]:
     """--verify of a Redis archive: the tar checks, and the RDB of record read again to the same keys per database."""
     fmt = str(doc.get("format", "tar.gz"))
     contents = doc.get("contents") or {}
-    found = scan_tar(fh, fmt, rdb=is_rdb_name)
+    expected_listing = manifest_listing(doc)
+    found = scan_tar(fh, fmt, rdb=is_rdb_name, groups=list(expected_listing))
     expected = doc.get("verification", {}).get("members")
-    checks: list[Check] = [("structure", found["members"] == expected, f"complete {compression_of(fmt)}, tar readable, {found['members']} entries (manifest {expected})")]
+    checks: list[Check] = [("structure", found["members"] == expected, f"complete {compression_of(fmt)}, tar readable, {found['members']} entries (manifest {expected})"),
+                           *listing_check(found, expected_listing)]
     rdb = contents.get("rdb")
     if rdb:
         info = found["rdb"].get(rdb.lstrip("/"))
@@ -5270,16 +5662,14 @@ def verify_redis(fh: IO[bytes], doc: dict[str, Any]) -> list[Check]:
 
 def _extract_member(backup: Path, fmt: str, member: str, into: str) -> tuple[int, int]:
     """Copy one member of a tar backup into the file into (private, 0600); return its owner (uid, gid)."""
-    with open(backup, "rb") as fh, decompressing(fh, fmt) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
-        for entry in tar:
-            if entry.name.rstrip("/") == member and entry.isreg():
-                source = tar.extractfile(entry)
-                assert source is not None
+    with open(backup, "rb") as fh, decompressing(fh, fmt) as raw:
+        for tar, entry in tar_entries(raw):
+            if entry.name == member and entry.kind == tarfile.REGTYPE:
                 fd = os.open(into, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
                 with os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(source, out, COPY_CHUNK)
+                    while chunk := tar.read(COPY_CHUNK):
+                        out.write(chunk)
                 return entry.uid, entry.gid
-            _forget_members(tar)
     raise BackupError(f"drill: {backup.name} holds no {member}")
 
 
@@ -5686,20 +6076,17 @@ def mc_on_this_host(timeout: float) -> str | None:
 def copy_staging_out(job: BackupJob, inside: str, staging: Path) -> None:
     """Copy mc's staging directory out of the container into staging; refuse links and anything outside it."""
     with stream_from(["docker", "cp", f"{job.container}:{inside}/.", "-"], timeout=job.settings.stream_timeout) as pipe:
-        with tarfile.open(fileobj=pipe, mode="r|") as tar:
-            for member in tar:
-                _forget_members(tar)
-                target = os.path.normpath(os.path.join(staging, member.name))
-                if not _inside(target, [str(staging)]) or member.issym() or member.islnk():
-                    raise BackupError(f"mc staging copy: unexpected entry {member.name!r}")
-                if member.isdir():
-                    os.makedirs(target, mode=0o700, exist_ok=True)
-                elif member.isreg():
-                    source = tar.extractfile(member)
-                    assert source is not None
-                    with open(target, "xb") as fh:
-                        shutil.copyfileobj(source, fh, COPY_CHUNK)
-                    os.utime(target, (member.mtime, member.mtime))
+        for tar, member in _docker_cp_entries(pipe, f"{job.container}:{inside}"):
+            target = os.path.normpath(os.path.join(staging, member.name))
+            if not _inside(target, [str(staging)]) or member.kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) or member.sparse is not None:
+                raise BackupError(f"mc staging copy: unexpected entry {member.name!r}")
+            if member.kind == tarfile.DIRTYPE:
+                os.makedirs(target, mode=0o700, exist_ok=True)
+            elif member.kind == tarfile.REGTYPE:
+                with open(target, "xb") as fh:
+                    while chunk := tar.read(COPY_CHUNK):
+                        fh.write(chunk)
+                os.utime(target, (member.mtime, member.mtime))
 
 
 def plan_mc_mirror(job: BackupJob) -> Plan:
@@ -6058,7 +6445,7 @@ def procedure_compose_root_archive(job: BackupJob, dir_fd: int) -> BackupResult:
                 warnings.append(missing)
 
         fmt = "tar." + job.compression.suffix
-        scan = (lambda fh: scan_tar(fh, fmt, rdb=lambda name: name == rdb_member)) if rdb_member else None
+        scan = (lambda fh, groups: scan_tar(fh, fmt, rdb=lambda name: name == rdb_member, groups=groups)) if rdb_member else None
         result = write_archive(job, dir_fd, items, scan=scan, before_commit=count_rdb)
     result.contents.update(details)
     result.contents["groups"] = result.contents.pop("per_mount")
