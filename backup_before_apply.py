@@ -173,6 +173,19 @@ class Interrupted(BaseException):
 
 # Programs run in this process, by name: `--debug` reports the docker calls of a run.
 RUN_COUNTS: Counter[str] = Counter()
+PHASES: dict[str, float] = {}  # seconds per phase of a run, for --debug's "where the time went" (README, Performance)
+
+
+@contextlib.contextmanager
+def phase(name: str) -> Iterator[None]:
+    """Add the time the block takes to PHASES[name]."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        PHASES[name] = PHASES.get(name, 0.0) + time.monotonic() - started
+
+
 
 _SECRET_ARG_RE = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_]*=)(?P<value>.+)$")
 
@@ -320,7 +333,8 @@ def run(
     LOG.debug("$ %s", mask_argv(argv))
     RUN_COUNTS[os.path.basename(argv[0])] += 1
     try:
-        proc = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False, env=_child_env(secrets), cwd=cwd)
+        with phase(f"{os.path.basename(argv[0])} calls"):
+            proc = subprocess.run(argv, input=input, capture_output=True, timeout=timeout, check=False, env=_child_env(secrets), cwd=cwd)
     except FileNotFoundError:
         raise BackupError(f"{argv[0]}: command not found on PATH") from None
     except subprocess.TimeoutExpired as exc:
@@ -3220,16 +3234,24 @@ def archive_through_docker(tar: TarWriter, container: str, item: ArchiveItem, ne
         _compare_inventory(container, item, nested, rules, stats, before, archived)
 
 
-def _find_inside(container: str, item: ArchiveItem, rules: ArchiveRules, each: Callable[[str], None]) -> str | None:
-    """Hand each entry `find -xdev` lists under the item inside the container to each; return why it could not, or None."""
-    argv = exec_argv(container, ["find", item.path, "-xdev", "-print0"])
+# Every entry under a path, a socket marked "S" before its name (docker cp leaves sockets out, as GNU tar does).
+_FIND_ENTRIES = ["-xdev", "(", "-type", "s", "-exec", "printf", "S%s\\000", "{}", "+", ")", "-o", "-print0"]
+
+
+def _find_inside(container: str, item: ArchiveItem, rules: ArchiveRules, each: Callable[[str], None],
+                 socket: Callable[[str], None] = lambda name: None) -> str | None:
+    """Hand each entry `find -xdev` lists under the item inside the container to each (a socket to socket); return why it could not, or None."""
+    argv = exec_argv(container, ["find", item.path, *_FIND_ENTRIES])
     try:
         with _streaming(argv, into=False, timeout=rules.timeout, secrets=None, check=False) as stream:
             tail = b""
             while chunk := stream.pipe.read(COPY_CHUNK):
                 *names, tail = (tail + chunk).split(b"\0")
                 for raw in names:
-                    each(os.fsdecode(raw).lstrip("/"))
+                    if raw.startswith(b"S/"):
+                        socket(os.fsdecode(raw[1:]).lstrip("/"))
+                    else:
+                        each(os.fsdecode(raw).lstrip("/"))
     except BackupError as exc:
         return str(exc)
     if stream.returncode == 0:
@@ -3244,7 +3266,14 @@ def _find_inside(container: str, item: ArchiveItem, rules: ArchiveRules, each: C
 def _inventory(container: str, item: ArchiveItem, nested: list[str], rules: ArchiveRules, stats: ArchiveStats) -> array.array[int] | None:
     """Return the sorted name keys of every entry the container lists under the item, or None (and why, recorded)."""
     keys = array.array("Q")
-    why = _find_inside(container, item, rules, lambda name: None if _left_out(name, item, nested, rules) else keys.append(_name_key(name)))
+    sockets: list[str] = []
+    why = _find_inside(container, item, rules, lambda name: None if _left_out(name, item, nested, rules) else keys.append(_name_key(name)),
+                       lambda name: None if _left_out(name, item, nested, rules) else sockets.append(name))
+    for name in sockets[:STDERR_DETAIL_LINES]:
+        stats.warnings.append(f"socket ignored: /{name}")
+    if len(sockets) > STDERR_DETAIL_LINES:
+        stats.warnings.append(f"socket ignored: {len(sockets) - STDERR_DETAIL_LINES} more under {item.path}")
+    stats.sockets += len(sockets)
     if why is not None:
         stats.inventories[item.group] = f"not taken: {why}"
         return None
@@ -3334,11 +3363,10 @@ class _TarInput:
             self.null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
     def read(self, size: int) -> bytes:
-        if self.fd is None:
-            return self.raw.read(size)
-        data = os.read(self.fd, size)
-        while data and len(data) < size:  # a pipe hands over what it has
-            more = os.read(self.fd, size - len(data))
+        """Return size bytes, or fewer only at the end of the stream (a pipe, or a raw stream, hands over what it has)."""
+        data = os.read(self.fd, size) if self.fd is not None else self.raw.read(size)
+        while data and len(data) < size:
+            more = os.read(self.fd, size - len(data)) if self.fd is not None else self.raw.read(size - len(data))
             if not more:
                 break
             data += more
@@ -3651,6 +3679,7 @@ class BackupJob:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the procedure's, with the class's values
     config: Config | None = None  # the class table, for a procedure that asks what else a module is (class G)
     estimated_bytes: int | None = None  # from the free-space check, for the progress ETA
+    no_staging: str | None = None  # why --pause must freeze the container for the whole run (no room to stage a copy)
     journal: CleanupJournal | None = None  # what a killed run would leave behind, for the next run to clean up
     rules: ArchiveRules = dataclasses.field(default_factory=ArchiveRules)
 
@@ -3681,6 +3710,7 @@ class BackupResult:
     warnings: list[str]
     archived: list[str] = dataclasses.field(default_factory=list)
     paused_seconds: float | None = None
+    pause_mode: str | None = None  # "staged" or "whole run (<why>)", with --pause
     fallback: dict[str, str] | None = None
     server: dict[str, Any] | None = None
     counts: dict[str, Any] | None = None
@@ -3984,23 +4014,31 @@ def write_archive(
     """
     stats = ArchiveStats()
     skipped = [d for d, _ in job.skipped]
-    paused_seconds = None
+    paused_seconds: float | None = None
+    pause_mode: str | None = None
     fmt = "tar." + job.compression.suffix
     groups = list(dict.fromkeys(item.group for item in items))
     scanner = scan or (lambda fh, groups: scan_tar(fh, fmt, groups=groups))
     with PartialFile(dir_fd, f"{job.basename}.{fmt}", job.backup_dir) as out, \
             verifying(out, lambda fh: scanner(fh, groups)) as verified, \
             contextlib.closing(Progress("archive", job.estimated_bytes)) as progress:
-        pause = paused(job.container, job.settings.docker_timeout, job.settings.pause_timeout, job.journal) if job.pause else contextlib.nullcontext(None)
-        with pause as frozen:
-            with compressing(out, job.compression) as packed:
-                tar = TarWriter(packed, progress, check=frozen.check if frozen is not None else None)
-                archive_items(tar, job.container, items, skipped, stats, job.rules)
-                tar.close()
-            if frozen is not None:
-                frozen.check()
-                paused_seconds = frozen.seconds()
-        verification = verified()
+        if job.pause and job.no_staging is None:
+            with phase("archive: read, compress, write"):
+                paused_seconds = _archive_staged(job, dir_fd, items, skipped, stats, out, progress)
+            pause_mode = "staged"
+        else:
+            pause = paused(job.container, job.settings.docker_timeout, job.settings.pause_timeout, job.journal) if job.pause else contextlib.nullcontext(None)
+            with pause as frozen, phase("archive: read, compress, write"):
+                with compressing(out, job.compression) as packed:
+                    tar = TarWriter(packed, progress, check=frozen.check if frozen is not None else None)
+                    archive_items(tar, job.container, items, skipped, stats, job.rules)
+                    tar.close()
+                if frozen is not None:
+                    frozen.check()
+                    paused_seconds = frozen.seconds()
+                    pause_mode = f"whole run ({job.no_staging})"
+        with phase("verification (waiting for it)"):
+            verification = verified()
         if verification["members"] != stats.members:
             raise BackupError(f"verification failed: archive holds {verification['members']} entries, {stats.members} were written")
         differences = listing_differences(stats.summary(), verification.pop("per_mount"))
@@ -4015,7 +4053,8 @@ def write_archive(
             job.mounts = [m for m in job.mounts if m.destination != destination]
         if before_commit is not None:
             before_commit(verification)
-        path = out.commit()
+        with phase("fsync and publish"):
+            path = out.commit()
     per_mount = stats.summary()
     for group, found in stats.inventories.items():
         per_mount.setdefault(group, {})["inventory"] = found
@@ -4032,7 +4071,63 @@ def write_archive(
         warnings=stats.warnings,
         archived=[i.path for i in items if i.path not in {d for d, _ in stats.skipped}],
         paused_seconds=paused_seconds,
+        pause_mode=pause_mode,
     )
+
+
+class _FdSink(StreamSink):
+    """Writes to a regular file's fd (the staging copy); big files reach it by sendfile."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        _write_all(typing.cast(int, self.fd), data)
+        return len(data)
+
+
+def _archive_staged(job: BackupJob, dir_fd: int, items: list[ArchiveItem], skipped: list[str], stats: ArchiveStats,
+                    out: PartialFile, progress: Progress) -> float:
+    """--pause, the short way: the container is frozen only while its data is read; return how long it was.
+
+    The mounts are read, uncompressed, into a private staging copy in the backup directory
+    (.<module>-<ts>.pause-staging/, 0700, its file 0600; a plain tar is what GNU tar would
+    read): then the container is unpaused, and the copy is compressed, verified and hashed
+    as a direct archive is. The copy is removed whatever happens, and by the next run if
+    this one is killed.
+    """
+    staging = f".{job.basename}.pause-staging"
+    os.mkdir(staging, 0o700, dir_fd=dir_fd)
+    try:
+        staging_fd = os.open(staging, _DIR_FLAGS, dir_fd=dir_fd)
+        try:
+            fd = os.open("archive.tar", os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=staging_fd)
+        finally:
+            os.close(staging_fd)
+        try:
+            with paused(job.container, job.settings.docker_timeout, job.settings.pause_timeout, job.journal) as frozen:
+                tar = TarWriter(_FdSink(fd), progress, check=frozen.check)
+                try:
+                    archive_items(tar, job.container, items, skipped, stats, job.rules)
+                    tar.close()
+                except OSError as exc:
+                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise _write_error(exc, job.backup_dir / staging) from None
+                    raise
+                frozen.check()
+            seconds = frozen.seconds()
+            LOG.info("staged %s of data in %.1fs paused; compressing it with the container running", human_size(tar.offset), seconds)
+            with compressing(out, job.compression) as packed:
+                offset = 0
+                while chunk := os.pread(fd, COPY_CHUNK, offset):
+                    packed.write(chunk)
+                    offset += len(chunk)
+            return seconds
+        finally:
+            os.close(fd)
+    finally:
+        with signals_deferred():
+            remove_tree_at(dir_fd, staging)
 
 
 def mount_items(job: BackupJob) -> list[ArchiveItem]:
@@ -6535,6 +6630,7 @@ def build_manifest(job: BackupJob, result: BackupResult, started: datetime.datet
         "skipped_mounts": [{"destination": d, "reason": r} for d, r in job.skipped],
         "paused": job.pause,
         "paused_seconds": result.paused_seconds,
+        "pause_mode": result.pause_mode,
         "timings": {**result.timings, "duration_seconds": round((finished - started).total_seconds(), 3)},
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": finished.isoformat(timespec="seconds"),
@@ -6701,7 +6797,10 @@ def plan_steps(job: BackupJob) -> list[str]:
     if not plan.suffix:
         return steps
     if job.pause and plan.suffix.startswith(".tar."):
-        steps = [f"run: docker pause {job.container} (at most {job.settings.pause_timeout:g}s)", *steps, f"run: docker unpause {job.container}"]
+        staging = job.backup_dir / f".{job.basename}.pause-staging" / "archive.tar"
+        steps = [f"run: docker pause {job.container} (at most {job.settings.pause_timeout:g}s)", *steps,
+                 f"write: {staging} (uncompressed, mode 0600; without room for it the pause lasts the whole run)",
+                 f"run: docker unpause {job.container}", f"compress: {staging}, then remove it"]
     final = job.backup_dir / (job.basename + plan.suffix)
     steps = [step.replace("<backup>", str(final)) for step in steps]
     compressed = plan.suffix.startswith((".tar.", ".sql."))
@@ -6730,12 +6829,16 @@ def print_plan(job: BackupJob, out: IO[str], as_json: bool) -> None:
             out.write(f"would {step}\n")
 
 
+WHOLE_RUN_RATE_MIB = 40  # what gzip -6 reaches on 2 cores (README, Performance): for the warning's estimate of a whole-run pause
+
+
 def check_free_space(job: BackupJob) -> None:
     """Refuse (exit 3) before touching the container when the backup may not fit.
 
     The procedure's estimate is of the data before compression: a deliberate
     over-estimate, so that a nearly full disk is found before anything is touched rather
-    than halfway through.
+    than halfway through. With --pause the staging copy counts too; without room for it
+    the container stays paused for the whole run, with a warning that says so.
     """
     needed, how = PROCEDURES[job.procedure].estimate(job)
     job.estimated_bytes = needed
@@ -6754,6 +6857,11 @@ def check_free_space(job: BackupJob) -> None:
             f"not enough space for {job.module.id}: about {human_size(needed)} ({how}) plus a {human_size(margin)} margin "
             f"needed, {human_size(free)} free on the filesystem of {job.backup_dir} (override: --no-space-check)"
         )
+    if job.pause and free < 2 * needed + margin:
+        job.no_staging = f"no room for a staging copy: {human_size(2 * needed + margin)} needed with it, {human_size(free)} free"
+        LOG.warning("--pause: %s; %s stays PAUSED for the whole backup, compression included (about %.0fs at %d MiB/s, "
+                    "at most pause_timeout %gs)", job.no_staging, job.container, needed / (WHOLE_RUN_RATE_MIB << 20),
+                    WHOLE_RUN_RATE_MIB, job.settings.pause_timeout)
 
 
 def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out: IO[str], env: dict[str, str]) -> int:
@@ -6801,7 +6909,8 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
         print_plan(job, out, args.json)
         return EXIT_OK
     if not args.no_space_check:
-        check_free_space(job)
+        with phase("free-space walk"):
+            check_free_space(job)
 
     dir_fd = ensure_backup_dir(backup_dir, create=True)
     assert dir_fd is not None
@@ -7158,6 +7267,9 @@ def _log_run_summary() -> None:
         LOG.debug("peak memory: this process %d MiB, largest program it ran %d MiB",
                   resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss >> 10)
         RUN_COUNTS.clear()
+    if PHASES:
+        LOG.debug("where the time went: %s; the rest is start-up and Python", ", ".join(f"{name} {seconds:.2f}s" for name, seconds in PHASES.items()))
+        PHASES.clear()
 
 
 def failure_line(exc: Exception) -> str:

@@ -195,12 +195,53 @@ def test_backup_unpause_timing_out_says_still_paused(platform, tmp_path, kuma, c
     assert not list((tmp_path / "b").glob("*.tar.gz"))
 
 
-def test_backup_pause_longer_than_pause_timeout_is_unpaused_and_discarded(platform, tmp_path, data, kuma, capsys, monkeypatch):
-    (data["volume"] / "big").write_bytes(os.urandom(8 << 20))  # more than the pipes hold, so the archive waits on the compressor
+def stalling_pigz(tmp_path, monkeypatch) -> None:
     real = shutil.which("pigz")
     fake_program(tmp_path, monkeypatch, "pigz", f"#!/bin/sh\nsleep 3\nexec {real} \"$@\"\n")  # a compressor that stalls
+
+
+def no_room_to_stage(monkeypatch, backup_dir: Path, free: int) -> None:
+    """The backup's filesystem has room for the archive, not for a staging copy besides it."""
+    real = os.statvfs
+
+    def statvfs(path):
+        found = real(path)
+        if Path(path) not in (backup_dir, backup_dir.parent):
+            return found
+        return os.statvfs_result((*found[:4], free // found.f_frsize, *found[5:]))
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+
+
+def test_backup_pause_lasts_only_while_the_data_is_read(platform, tmp_path, data, kuma, capsys, monkeypatch):
+    """--pause stages an uncompressed copy, unpauses, then compresses: a compressor slower than pause_timeout does not matter."""
+    (data["volume"] / "big").write_bytes(os.urandom(8 << 20))
+    stalling_pigz(tmp_path, monkeypatch)
     started = time.monotonic()
-    code = backup(platform, tmp_path / "b", "--pause", "--pause-timeout", "1", env={"BBA_GZIP_TOOL": "pigz"})
+    assert backup(platform, tmp_path / "b", "--pause", "--pause-timeout", "1", env={"BBA_GZIP_TOOL": "pigz"}) == 0
+    assert time.monotonic() - started > 3
+    manifest = json.loads(next((tmp_path / "b").glob("*.manifest.json")).read_text())
+    assert manifest["pause_mode"] == "staged" and manifest["paused_seconds"] < 1
+    assert kuma.subcommands().count("unpause") == 1
+    assert not list((tmp_path / "b").glob(".*staging*"))
+
+
+def test_backup_pause_without_room_to_stage_pauses_the_whole_run_and_says_so(platform, tmp_path, data, kuma, capsys, monkeypatch):
+    (data["volume"] / "big").write_bytes(os.urandom(8 << 20))
+    no_room_to_stage(monkeypatch, tmp_path / "b", free=12 << 20)  # the 8 MiB archive fits once, not twice
+    assert backup(platform, tmp_path / "b", "--pause", "--space-margin-mb", "1") == 0
+    err = capsys.readouterr().err
+    assert "--pause: no room for a staging copy: " in err and "kuma stays PAUSED for the whole backup, compression included" in err
+    manifest = json.loads(next((tmp_path / "b").glob("*.manifest.json")).read_text())
+    assert manifest["pause_mode"].startswith("whole run (no room for a staging copy: ")
+
+
+def test_backup_pause_longer_than_pause_timeout_is_unpaused_and_discarded(platform, tmp_path, data, kuma, capsys, monkeypatch):
+    (data["volume"] / "big").write_bytes(os.urandom(8 << 20))  # more than the pipes hold, so the archive waits on the compressor
+    stalling_pigz(tmp_path, monkeypatch)
+    no_room_to_stage(monkeypatch, tmp_path / "b", free=12 << 20)  # so the pause lasts the whole run, compression included
+    started = time.monotonic()
+    code = backup(platform, tmp_path / "b", "--pause", "--pause-timeout", "1", "--space-margin-mb", "1", env={"BBA_GZIP_TOOL": "pigz"})
     assert code == 1
     assert time.monotonic() - started < 30
     err = capsys.readouterr().err
@@ -681,6 +722,6 @@ def test_backup_final_names_planted_as_symlinks_are_never_written_through(platfo
 def test_backup_restore_notes_decompress_with_the_backups_own_compression(platform, tmp_path, kuma, capsys, compression, command):
     assert backup(platform, tmp_path / "b", "--compression", compression, "--json") == 0
     doc = json.loads(capsys.readouterr().out)
-    assert f"{command} {doc['backup_path']} | docker run --rm -i --volumes-from kuma" in doc["restore"]
+    assert f"{command} {doc['backup_path']} | docker run --rm -i --cap-add SYS_ADMIN --volumes-from kuma" in doc["restore"]
     assert ("zstd" in doc["restore"]) is (compression == "zstd") and ("gunzip" in doc["restore"]) is (compression == "gzip")
     assert "{" not in doc["restore"]  # every placeholder filled in

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -248,11 +249,12 @@ def test_e2e_redis_restore_notes_followed_literally(redis, tmp_path):
     if aof:
         engine.docker("run", "--rm", "--network", "none", "--volumes-from", "cache", "bba-base:latest", "rm", "-rf", "/data/appendonlydir")
     doc = json.loads(Path(proc.stdout.split()[1]).read_text())
-    assert f"gunzip -c {archive} | docker run --rm -i --volumes-from cache \\\n" in doc["restore"]
-    assert "tar -xpf - --numeric-owner -C /" in doc["restore"]
+    assert f"gunzip -c {archive} | docker run --rm -i --cap-add SYS_ADMIN --volumes-from cache \\\n" in doc["restore"]
+    notes_tar = "tar --xattrs --xattrs-include='*' --acls --numeric-owner -xpf - -C /"
+    assert notes_tar in doc["restore"]
     unpacked = subprocess.run(["gunzip", "-c", archive], capture_output=True, check=True).stdout
-    engine.docker("run", "--rm", "-i", "--network", "none", "-v", "/usr:/usr:ro", "--volumes-from", "cache",
-                  "bba-base:latest", "tar", "-xpf", "-", "--numeric-owner", "-C", "/", input=unpacked)
+    engine.docker("run", "--rm", "-i", "--cap-add", "SYS_ADMIN", "--network", "none", "-v", "/usr:/usr:ro", "--volumes-from", "cache",
+                  "bba-base:latest", *shlex.split(notes_tar), input=unpacked)
     engine.docker("start", "cache")
     engine.wait_for("cache", ["sh", "-c", 'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli info persistence | grep -q "^loading:0"'])
     keyspace = engine.docker("exec", "-e", "REDISCLI_AUTH", "cache", "redis-cli", "INFO", "keyspace", env_extra=auth).stdout

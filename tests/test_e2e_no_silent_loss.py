@@ -478,6 +478,8 @@ def test_e2e_leftovers_of_a_killed_run_are_cleaned_by_the_next(app, tmp_path):
     backup_dir = tmp_path / "b"
     backup_dir.mkdir(mode=0o700)
     (backup_dir / ".app-20260101T000000Z.mc-staging").mkdir()
+    (backup_dir / ".app-20260101T000000Z.pause-staging").mkdir(mode=0o700)
+    (backup_dir / ".app-20260101T000000Z.pause-staging" / "archive.tar").write_bytes(b"\0" * 10240)  # --pause's uncompressed copy
     journal = [{"kind": "paused", "container": "app"}, {"kind": "container-path", "container": "app", "path": "/tmp/bba-app-20260101T000000Z"}]
     (backup_dir / ".app.cleanup").write_text(json.dumps(journal))  # what a run killed with SIGKILL leaves written down
     proc = backup(engine, platform, "app", backup_dir)
@@ -485,6 +487,8 @@ def test_e2e_leftovers_of_a_killed_run_are_cleaned_by_the_next(app, tmp_path):
     assert "container app was left PAUSED by an interrupted run; unpausing it" in proc.stderr
     assert "removing app:/tmp/bba-app-20260101T000000Z left by an interrupted run" in proc.stderr
     assert "removing .app-20260101T000000Z.mc-staging/ left by an interrupted run" in proc.stderr
+    assert "removing .app-20260101T000000Z.pause-staging/ left by an interrupted run" in proc.stderr
+    assert not (backup_dir / ".app-20260101T000000Z.pause-staging").exists()
     assert engine.inspect("app")["State"]["Paused"] is False
     assert engine.docker("exec", "app", "ls", "/tmp").stdout.strip() == ""
     assert not (backup_dir / ".app.cleanup").exists() and not (backup_dir / ".app-20260101T000000Z.mc-staging").exists()

@@ -49,8 +49,11 @@ def make_sparse(path: Path, size: int, regions: list[tuple[int, int]]) -> None:
 
 @pytest.fixture
 def source(tmp_path: Path) -> Path:
-    """A volume as services leave it: xattrs of every namespace, ACLs, a capability, holes, odd names."""
-    root = tmp_path / "vol"
+    return build_tree(tmp_path / "vol")
+
+
+def build_tree(root: Path, *, deep: bool = True) -> Path:
+    """A volume as services leave it: xattrs of every namespace, ACLs, a capability, holes, odd names, deep paths."""
     (root / "d").mkdir(parents=True)
     os.setxattr(root / "d", "system.posix_acl_default", DEFAULT_ACL)
     os.setxattr(root / "d", "user.dir", b"on a directory")
@@ -77,7 +80,14 @@ def source(tmp_path: Path) -> Path:
     os.utime(root / "old", ns=(-1_500_000_000, -1_500_000_000))  # 1.5 s before the epoch: GNU tar stores -2
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(root / "s.sock"))
-    # A path of 4,070 bytes in the container, over 4096 bytes on this host with the volume's prefix.
+    if deep:
+        build_deep_path(root)
+    os.chown(root / "d", 70000, 70001)
+    return root
+
+
+def build_deep_path(root: Path) -> None:
+    """A path of 4,070 bytes in the container, over 4096 bytes on this host with the volume's prefix."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     length = 0
     while length < 4060 - len("/leaf"):
@@ -91,8 +101,6 @@ def source(tmp_path: Path) -> Path:
     os.close(leaf)
     os.close(fd)
     assert len(str(root)) + length + len("/leaf") > 4096
-    os.chown(root / "d", 70000, 70001)
-    return root
 
 
 def walk(root: Path) -> dict[str, tuple]:
@@ -253,6 +261,34 @@ def test_verify_fails_an_archive_whose_entries_are_not_those_recorded(source, tm
 
 def test_space_estimate_counts_data_not_holes(source):
     assert bba.tree_size(str(source)) < 20 * MiB  # 420 MiB apparent
+
+
+class Trickle(io.RawIOBase):
+    """A pipe that hands over a few bytes at a time, as docker cp's stdout does."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        chunk = self.data.read(min(len(buffer), 7))
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_reader_takes_a_stream_that_trickles_in(source, tmp_path):
+    archive = tmp_path / "a.tar.gz"
+    stats = write(source, "tar.gz", archive)
+    with open(archive, "rb") as fh, bba.decompressing(fh, "tar.gz") as raw:
+        data = raw.read()
+    counted = bba.ArchiveStats()
+    for reader, entry in bba.tar_entries(Trickle(data)):
+        counted.count("/data", entry)
+        if entry.name == "data/dense":
+            assert reader.read(1 << 20) == (source / "dense").read_bytes()
+    assert counted.summary() == stats.summary()
 
 
 def test_reader_takes_pax_streams_as_docker_cp_sends_them():

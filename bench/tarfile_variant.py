@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""The tool with its hand-written parts swapped for the standard library's, for `make bench` only.
+
+BENCH_SWAP names what is swapped, comma-separated:
+- writer: the archive is written by tarfile (TarFile.add into the same compressor), not TarWriter;
+- reader: the in-flight verification reads the archive back with tarfile, not TarReader;
+- gzipfile: gzip is one gzip.GzipFile (one thread), not the threaded deflate (BBA_GZIP_TOOL=zlib).
+Everything else is the tool's own code: the same command line, docker calls, free-space walk,
+listing digests, hash, fsync and manifest. Never shipped as the product.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import backup_before_apply as bba  # noqa: E402
+
+
+def entry_of(info: tarfile.TarInfo, name: str) -> bba.TarEntry:
+    kind = tarfile.REGTYPE if info.isreg() else info.type
+    return bba.TarEntry(name, kind, info.mode & 0o7777, info.uid, info.gid, int(info.mtime), info.size if info.isreg() else 0,
+                        info.linkname, info.devmajor, info.devminor)
+
+
+class _Out:
+    """tarfile's file object: every write goes through the TarWriter's sink (flushing what it holds first)."""
+
+    def __init__(self, tar: bba.TarWriter) -> None:
+        self.tar = tar
+
+    def tell(self) -> int:
+        return self.tar.offset + len(self.tar.buffer)
+
+    def write(self, data: bytes) -> int:
+        self.tar.flush()
+        self.tar.sink.write(data)
+        self.tar._done(len(data))
+        return len(data)
+
+
+def archive_from_host(tar: bba.TarWriter, item: bba.ArchiveItem, nested: list[str], stats: bba.ArchiveStats,
+                      rules: bba.ArchiveRules | None = None) -> None:
+    assert item.host is not None and not item.rel and not nested, "the bench archives one whole mount"
+    # Not closed: TarWriter.close() writes the end of the archive. tarfile keeps a TarInfo per file it adds.
+    out = tarfile.open(fileobj=_Out(tar), mode="w:", format=tarfile.GNU_FORMAT)  # type: ignore[call-overload]  # noqa: SIM115
+
+    def numeric(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        info.uname = info.gname = ""
+        stats.count(item.group, entry_of(info, info.name.rstrip("/")))
+        return info
+
+    out.add(item.host, arcname=item.path.strip("/"), filter=numeric)
+    out.fileobj = None  # so that nothing of tarfile writes after this
+
+
+def scan_tar(fh: IO[bytes], fmt: str = "tar.gz", *, rdb: Any = None, keep: Any = None, groups: list[str] | None = None) -> dict[str, Any]:
+    stats = bba.ArchiveStats()
+    grouping = bba.ArchiveGroups(groups or [])
+    members = 0
+    with bba.decompressing(fh, fmt) as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+        for info in tar:
+            members += 1
+            name = info.name.rstrip("/")
+            stats.count(grouping.of(name), entry_of(info, name))
+            tar.members.clear()  # type: ignore[attr-defined]
+        while raw.read(bba.COPY_CHUNK):
+            pass
+    result: dict[str, Any] = {f"{bba.compression_of(fmt)}_complete": True, "tar_readable": True, "members": members}
+    if groups is not None:
+        result["per_mount"] = stats.summary()
+    return result
+
+
+class _GzipFileSink(bba.StreamSink):
+    def __init__(self, out: Any, level: int) -> None:
+        self.gz = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=level, mtime=0)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        return self.gz.write(data)
+
+
+real_compressing = bba.compressing
+
+
+@contextlib.contextmanager
+def compressing(out: Any, compression: bba.Compression) -> Iterator[bba.StreamSink]:
+    if compression.format != "gzip" or compression.tool != "zlib":
+        with real_compressing(out, compression) as sink:
+            yield sink
+        return
+    sink = _GzipFileSink(out, compression.level)
+    yield sink
+    sink.gz.close()
+
+
+def main() -> int:
+    swapped = {part for part in os.environ.get("BENCH_SWAP", "").split(",") if part}
+    if "writer" in swapped:
+        bba.archive_from_host = archive_from_host  # type: ignore[assignment]
+    if "reader" in swapped:
+        bba.scan_tar = scan_tar  # type: ignore[assignment]
+    if "gzipfile" in swapped:
+        bba.compressing = compressing  # type: ignore[assignment]
+    return bba.main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
