@@ -92,7 +92,7 @@ def test_backup_writes_private_archive_and_manifest(platform, tmp_path, kuma, ca
     import hashlib
     assert doc["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
     assert doc["verification"] == {"gzip_complete": True, "tar_readable": True, "members": 7,
-                                   "listing": "every group's entries, owners, modes, sizes, xattrs and sparse maps read back as written"}
+                                   "listing": "every mount's entries, files and bytes read back as written; its listing digest taken from the archive"}
     assert {m["destination"] for m in doc["mounts"]} == {"/app/data", "/app/conf"}
     skipped = {m["destination"]: m["reason"] for m in doc["skipped_mounts"]}
     assert skipped == {"/etc/tz": "single-file bind", "/usr": "read-only", "/run": "tmpfs mount", "/var/run/docker.sock": "docker socket"}

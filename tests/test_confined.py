@@ -69,20 +69,20 @@ def test_archive_a_planted_symlink_is_archived_as_a_link_never_followed(tmp_path
     assert "data/etc/shadow" not in members and b"HOST-SECRET" not in b"".join(m.name.encode() for m in members.values())
 
 
-def test_archive_a_directory_swapped_for_a_symlink_between_stat_and_open_is_left_out(tmp_path, host_secret, monkeypatch):
+def test_archive_a_directory_swapped_for_a_symlink_between_listing_and_open_is_left_out(tmp_path, host_secret, monkeypatch):
     volume = tmp_path / "volume"
     (volume / "b").mkdir(parents=True)
     (volume / "a").write_text("a")
-    real_stat = os.stat
+    real_entries = bba._entries
 
-    def swapping_stat(path, *args, **kwargs):
-        found = real_stat(path, *args, **kwargs)
-        if path == "b" and kwargs.get("dir_fd") is not None:
+    def swapping_entries(fd):
+        found = real_entries(fd)
+        if ("b", "d") in found:
             os.rmdir(volume / "b")
-            os.symlink(host_secret, volume / "b")  # the container wins the race
+            os.symlink(host_secret, volume / "b")  # the container wins the race: listed as a directory, now a link
         return found
 
-    monkeypatch.setattr(bba.os, "stat", swapping_stat)
+    monkeypatch.setattr(bba, "_entries", swapping_entries)
     members, stats = archive(bba.ArchiveItem("/data", str(volume), "/data"))
     monkeypatch.undo()
     assert "data/b/shadow" not in members and "data/b" not in members
