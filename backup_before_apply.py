@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import posixpath
 import queue
 import re
@@ -50,6 +51,7 @@ import time
 import tomllib
 import traceback
 import typing
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -184,7 +186,6 @@ def phase(name: str) -> Iterator[None]:
         yield
     finally:
         PHASES[name] = PHASES.get(name, 0.0) + time.monotonic() - started
-
 
 
 _SECRET_ARG_RE = re.compile(r"^(?P<key>[A-Za-z_][A-Za-z0-9_]*=)(?P<value>.+)$")
@@ -2430,33 +2431,46 @@ def _has_fd(fh: Any) -> bool:
 
 
 class StreamVerifier:
-    """Checks a backup from the bytes as they are written, on a second core.
+    """Checks a backup from the bytes as they are written, in a process of its own (a second core).
 
-    The bytes go into a pipe whose other end scan reads on a thread; for zstd that end is
-    the stdin of the `zstd -d` child itself, so the bytes never pass through Python again.
-    Reading the file back just after writing it would read the page cache, not the disk,
-    so this gives the same assurance without a second pass over the data.
+    The bytes go into a pipe whose other end scan reads in a child forked for it; for zstd
+    that end is the stdin of the `zstd -d` child itself, so the bytes never pass through
+    Python again. A process, not a thread: reading back a tar of small files is as much
+    Python work per file as writing it, and two threads would take turns on one interpreter
+    lock (README, "Where the time goes"). The child sends its result (or its one-line
+    error) back through a second pipe, and keeps taking bytes until the writer is done, so
+    that the writer never blocks. Reading the file back just after writing it would read
+    the page cache, not the disk, so this gives the same assurance without a second pass.
     """
 
     def __init__(self, scan: Callable[[IO[bytes]], dict[str, Any]]) -> None:
         read_end, self.fd = os.pipe()  # the pipe's size bounds what is in flight: constant memory
         _grow_pipe(self.fd)
-        self.source = os.fdopen(read_end, "rb")
+        answer_read, answer_write = os.pipe()
         self.result: dict[str, Any] | None = None
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(scan,), daemon=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12 warns on fork() beside threads; the child runs no thread's code
+            self.pid = os.fork()
+        if self.pid == 0:
+            _verifier_child(scan, read_end, self.fd, answer_write)
+        os.close(read_end)
+        os.close(answer_write)
+        self.thread = threading.Thread(target=self._wait, args=(answer_read,), daemon=True)
         self.thread.start()
 
-    def _run(self, scan: Callable[[IO[bytes]], dict[str, Any]]) -> None:
+    def _wait(self, answer: int) -> None:
+        # Blocks on the answer pipe (without the interpreter lock) until the child reports.
+        with os.fdopen(answer, "rb") as fh:
+            data = fh.read()
         try:
-            self.result = scan(self.source)
-        except BaseException as exc:  # re-raised by finish()
-            self.error = exc
-        finally:
-            with contextlib.suppress(OSError, ValueError):
-                while os.read(self.source.fileno(), COPY_CHUNK):
-                    pass  # keep taking bytes until the writer is done, so that it never blocks
-            self.source.close()
+            kind, value = pickle.loads(data)  # noqa: S301 - from our own forked child, through a pipe only it holds
+        except Exception:  # noqa: BLE001 - a child that died without answering
+            kind, value = "error", "the verification process died without an answer"
+        if kind == "ok":
+            self.result = value
+        else:
+            self.error = BackupError(value)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Hand data to the scan. Raise what the scan met, if it has failed already: the backup
@@ -2480,6 +2494,31 @@ class StreamVerifier:
             os.close(self.fd)  # the scan sees the end of the stream
             self.fd = -1
             self.thread.join()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)
+
+
+def _verifier_child(scan: Callable[[IO[bytes]], dict[str, Any]], read_end: int, write_end: int, answer: int) -> None:
+    """The forked verifier: scan the stream, send (kind, value) back, drain the rest, exit without running the parent's cleanup."""
+    try:
+        os.close(write_end)  # else the stream would never end
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles a Ctrl-C; this child ends when the stream does
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        source = os.fdopen(read_end, "rb")
+        try:
+            outcome: tuple[str, Any] = ("ok", scan(source))
+        except BackupError as exc:
+            outcome = ("error", str(exc))
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent as the failed check it is
+            outcome = ("error", f"the verification failed: {type(exc).__name__}: {exc}")
+        _write_all(answer, pickle.dumps(outcome))
+        os.close(answer)
+        with contextlib.suppress(OSError, ValueError):
+            while os.read(source.fileno(), COPY_CHUNK):
+                pass
+    finally:
+        os._exit(0)
 
 
 @contextlib.contextmanager
@@ -2706,8 +2745,10 @@ SMALL_FILE = 256 << 10  # read into the write buffer; bigger files go to the sin
 class TarWriter:
     """Writes a GNU tar stream to a StreamSink in large writes.
 
-    Byte for byte what tarfile writes in GNU_FORMAT, without its per-member costs
-    (a TarInfo copy, a member list that grows with every file, a write per header). Small
+    Byte for byte what tarfile writes in GNU_FORMAT for an entry without xattrs or holes
+    (and what GNU tar writes for those), without its per-member costs (a TarInfo copy, a
+    member list that grows with every file, a write per header): README, "Where the time
+    goes", says what that saves. Small
     files are gathered into one buffer; bigger ones are sent by the kernel when the sink is
     a pipe, and read a megabyte at a time otherwise.
     """
@@ -4077,9 +4118,10 @@ def write_archive(
 ) -> BackupResult:
     """Archive items into <module>-<ts>.tar.gz (paused with --pause), verify it as written, publish it.
 
-    The archive is read back as it is written, and every group (mount) must hold there
-    what was read from the source: entries, files, bytes and the listing digest (xattrs and
-    sparse maps included). scan replaces the plain tar scan (class B reads the RDB files as
+    The archive is read back as it is written: every group (mount) must hold there the
+    entries, files and bytes read from the source, and the listing digest the manifest
+    records (xattrs and sparse maps included) is taken from what was read back, the file
+    itself, as --verify takes it again later. scan replaces the plain tar scan (class B reads the RDB files as
     they pass; it is given the groups); before_commit may add to the verification results
     or raise to discard the archive.
     """
@@ -4139,7 +4181,8 @@ def write_archive(
         size=out.size,
         sha256=out.sha256.hexdigest(),
         verification=verification,
-        contents={"members": stats.members, "files": stats.files, "data_bytes": stats.data_bytes, "per_mount": per_mount},
+        contents={"members": stats.members, "files": stats.files, "data_bytes": stats.data_bytes, "sockets_ignored": stats.sockets,
+                  "per_mount": per_mount},
         warnings=stats.warnings,
         archived=[i.path for i in items if i.path not in {d for d, _ in stats.skipped}],
         paused_seconds=paused_seconds,
