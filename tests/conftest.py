@@ -85,8 +85,11 @@ def fake_container(name: str, mounts: list[dict[str, Any]] | None = None, labels
     }
 
 
+REAL_RUN = bba.run
+
+
 class FakeDocker:
-    """Stands in for `run` only: answers the docker CLI calls the tool makes."""
+    """Stands in for `run` only: answers the docker CLI calls the tool makes (other programs run for real)."""
 
     def __init__(self, containers: list[dict[str, Any]]) -> None:
         self.containers = containers
@@ -95,7 +98,8 @@ class FakeDocker:
         self.hang_on: set[str] = set()  # subcommands that run past their timeout
 
     def __call__(self, argv: list[str], *, check: bool = True, timeout: float | None = None, input: bytes | None = None, secrets=None, cwd=None):
-        assert argv[0] == "docker", argv
+        if argv[0] != "docker":  # a host tool (du, GNU tar): the real thing
+            return REAL_RUN(argv, check=check, timeout=timeout, input=input, secrets=secrets, cwd=cwd)
         self.calls.append(argv)
         bba.RUN_COUNTS["docker"] += 1  # as the real run() counts
         sub = argv[1]

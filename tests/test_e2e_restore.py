@@ -1,0 +1,128 @@
+"""--restore on a real engine: a bad apply undone, the undo undone, and every refusal touching nothing.
+
+What comes back is compared with what was there before by test_fidelity's lstat walk
+(owners, modes, mtimes, contents, xattrs, allocated blocks), not by the tool's own digest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TOOL, run_backup, run_tool, write_module
+from test_fidelity import build_tree, walk
+
+MODULE = "keeper"
+
+
+def mountpoint(engine, volume: str) -> Path:
+    return Path(json.loads(engine.docker("volume", "inspect", volume).stdout)[0]["Mountpoint"])
+
+
+@pytest.fixture
+def keeper(docker_engine, tmp_path):
+    engine = docker_engine
+    platform = tmp_path / "platform"
+    write_module(platform, MODULE)
+    engine.docker("volume", "create", "keeper-data")
+    build_tree(mountpoint(engine, "keeper-data"), deep=False)
+    engine.run_container(MODULE, "-v", "keeper-data:/data")
+    return engine, platform
+
+
+def restore(engine, platform: Path, path: str, *args: str):
+    return run_tool("--restore", path, "--platform-root", str(platform), *args, env=engine.env, timeout=600)
+
+
+def without_socket(tree: dict) -> dict:
+    return {name: entry for name, entry in tree.items() if entry[0] != stat.S_IFSOCK}
+
+
+def bad_apply(volume: Path) -> None:
+    (volume / "dense").unlink()
+    (volume / "d" / "f").write_bytes(b"changed by the apply\n")
+    (volume / "new-after-the-backup").write_text("x")
+    os.chmod(volume / "old", 0o600)
+    shutil.rmtree(volume / "d")
+
+
+def started_at(engine) -> str:
+    return engine.inspect(MODULE)["State"]["StartedAt"]
+
+
+def test_e2e_restore_undoes_a_bad_apply_and_the_safety_backup_undoes_the_restore(keeper, tmp_path):
+    engine, platform = keeper
+    volume = mountpoint(engine, "keeper-data")
+    proc = run_backup(engine, platform, MODULE, tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    archive = proc.stdout.split()[0]
+    before = without_socket(walk(volume))
+    bad_apply(volume)
+    broken = walk(volume)
+
+    done = restore(engine, platform, archive, "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "restored and compared: equal" in done.stdout and "container keeper stopped" in done.stdout
+    assert without_socket(walk(volume)) == before  # the file the apply added is gone; the ones it removed are back
+    assert engine.inspect(MODULE)["State"]["Running"] is True
+    safety = next(line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("safety backup of the state before"))
+    doc = json.loads(Path(safety.replace(".tar.gz", ".manifest.json")).read_text())
+    assert doc["taken_before_restore"] == {"restoring": archive}
+    assert "to undo this restore: python3 " in done.stdout and f"--restore {safety}" in done.stdout
+
+    undo = restore(engine, platform, safety, "--yes", "--no-safety-backup")
+    assert undo.returncode == 0, undo.stdout + undo.stderr
+    assert "NO safety backup (--no-safety-backup)" in undo.stdout
+    assert without_socket(walk(volume)) == without_socket(broken)
+
+
+def test_e2e_restore_refusals_touch_nothing(keeper, tmp_path):
+    engine, platform = keeper
+    volume = mountpoint(engine, "keeper-data")
+    proc = run_backup(engine, platform, MODULE, tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    archive, manifest = proc.stdout.split()
+    bad_apply(volume)
+    broken, started = walk(volume), started_at(engine)
+
+    unconfirmed = restore(engine, platform, archive)  # no terminal, no --yes
+    assert unconfirmed.returncode == 3
+    assert unconfirmed.stderr.strip().splitlines()[-1].endswith("confirm it by typing the module id on a terminal, or pass --yes")
+
+    dry = restore(engine, platform, archive, "--dry-run")
+    assert dry.returncode == 0 and "would docker stop keeper" in dry.stdout and "would empty /data" in dry.stdout
+
+    tampered = tmp_path / "tampered"
+    tampered.mkdir(mode=0o700)
+    copy = tampered / Path(archive).name
+    data = bytearray(Path(archive).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    copy.chmod(0o600)
+    shutil.copy(manifest, tampered / Path(manifest).name)
+    bad = restore(engine, platform, str(copy), "--yes")
+    assert bad.returncode == 1 and "fails --verify" in bad.stderr and "the container was not touched" in bad.stderr
+    assert sorted(p.name for p in tampered.iterdir() if not p.name.startswith(".")) == sorted([copy.name, Path(manifest).name])  # no safety backup
+
+    other = json.loads(Path(manifest).read_text())
+    other["procedure"] = "pg-dumpall"  # a class whose restore is not built: refused with the notes
+    (tampered / Path(manifest).name).write_text(json.dumps(other))
+    unsupported = restore(engine, platform, str(tampered / Path(manifest).name), "--yes")
+    assert unsupported.returncode == 2 and "follow the restore notes above" in unsupported.stderr
+
+    ci = run_tool_under_ci(engine, platform, archive)
+    assert ci.returncode == 3
+
+    assert walk(volume) == broken and started_at(engine) == started  # never stopped, nothing written
+
+
+def run_tool_under_ci(engine, platform: Path, archive: str):
+    """As run_tool, without --allow-ci: CI=true must refuse a restore."""
+    return subprocess.run([sys.executable, str(TOOL), "--restore", archive, "--yes", "--platform-root", str(platform)],
+                          env={**engine.env, "CI": "true"}, capture_output=True, text=True, timeout=120)
