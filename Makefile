@@ -22,7 +22,8 @@ lint:
 	$(PYTHON) -m mypy --strict --ignore-missing-imports backup_before_apply.py
 
 # A private dockerd with example services from examples/platform: --list, then a real
-# backup of every running class E module into ./demo-backups.
+# backup of every running class A, B and E module into ./demo-backups, three drills, and a
+# --restore of uptime-kuma after a simulated bad apply.
 demo: deps
 	$(PYTHON) tests/sandbox.py demo
 

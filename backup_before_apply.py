@@ -7302,7 +7302,7 @@ def cmd_restore(args: argparse.Namespace, config: Config, settings: Settings, ou
             LOG.info("%s", line)
         if safety is not None:
             LOG.error("the restore did not finish; the state before it is in %s; to go back to it: %s", safety, undo)
-        if isinstance(exc, BackupError) and not isinstance(exc, Interrupted):
+        if isinstance(exc, BackupError):
             exc.details = [*getattr(exc, "details", []), f"safety backup: {safety or 'none'}"]
         raise
     finally:

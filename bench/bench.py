@@ -176,7 +176,8 @@ def level_table(corpora: dict[str, list[str]], work: Path, env: dict[str, str]) 
 
 def verdict(what: str, value: float, target: str, met: bool) -> str:
     shown = f"{value:.0f}" if float(value).is_integer() else f"{value:.3f}"
-    return f"| {what} | {shown} | {target} | {'met' if met else 'NOT MET'} |"
+    label = what.replace("|", "\\|")  # a shell pipe inside a table cell
+    return f"| {label} | {shown} | {target} | {'met' if met else 'NOT MET'} |"
 
 
 def phase_table(title: str, phases: dict[str, str], medians: dict[str, dict[str, float]]) -> list[str]:

@@ -218,7 +218,7 @@ DEMO_PASSWORD = "demo-only-password"  # a sandbox secret; the tool never puts it
 
 
 def demo() -> int:
-    """Start the sandbox, run example services, audit them, back up and drill them."""
+    """Start the sandbox, run example services, audit them, back up and drill them, roll one back after a bad apply."""
     repo = Path(__file__).resolve().parent.parent
     tool = [sys.executable, str(repo / "backup_before_apply.py")]
     out = repo / "demo-backups"
@@ -253,7 +253,16 @@ def demo() -> int:
         for module in ("postgres", "redis", "uptime-kuma"):
             print(f"\n$ backup_before_apply.py --drill {written[module]}", file=sys.stderr)
             subprocess.run([*tool, "--drill", written[module], "--allow-ci", "-q"], env=box.env, check=True)
-        print(f"\ndemo: {len(targets)} backups in {out}, 3 of them drilled:", file=sys.stderr)
+        # A bad apply on uptime-kuma, then the rollback.
+        bad_apply = "rm -f /app/data/uptime-kuma.db; echo 'written by a bad apply' > /app/data/broken.txt"
+        print(f"\n$ docker exec uptime-kuma sh -c {bad_apply!r}   # a bad apply", file=sys.stderr)
+        box.docker("exec", "uptime-kuma", "sh", "-c", bad_apply)
+        print(f"\n$ backup_before_apply.py --restore {written['uptime-kuma']} --yes", file=sys.stderr)
+        subprocess.run([*tool, "--restore", written["uptime-kuma"], "--yes", *common, "-q"], env=box.env, check=True)
+        back = box.docker("exec", "uptime-kuma", "ls", "/app/data").stdout.split()
+        if "uptime-kuma.db" not in back or "broken.txt" in back:
+            raise SystemExit(f"demo: the restore did not put /app/data back: {back}")
+        print(f"\ndemo: {len(targets)} backups in {out}, 3 of them drilled, uptime-kuma rolled back after a bad apply:", file=sys.stderr)
         subprocess.run(["ls", "-l", str(out)], check=True)
         return 0
     finally:

@@ -237,7 +237,7 @@ def test_e2e_signal_while_paused_cleans_up(kuma, tmp_path, signame, status):
     assert sorted(p.name for p in backup_dir.iterdir()) == [".kuma.lock"]
 
 
-def test_make_demo_backs_up_and_drills(engine):
+def test_make_demo_backs_up_drills_and_rolls_back(engine):
     """`make demo`, the README's first command, end to end (its own private dockerd)."""
     import subprocess
 
@@ -247,7 +247,8 @@ def test_make_demo_backs_up_and_drills(engine):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.count("drill passed: the restored data matches the manifest") == 3
     assert "low-blast first candidates: forgejo, uptime-kuma" in proc.stdout
-    assert "demo: 5 backups in" in proc.stderr
+    assert "demo: 5 backups in" in proc.stderr and "uptime-kuma rolled back after a bad apply" in proc.stderr
+    assert "restored and compared: equal" in proc.stdout
 
 
 def test_e2e_mount_source_vanished_exit_1_no_file(kuma, tmp_path):
