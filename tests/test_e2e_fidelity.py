@@ -26,16 +26,19 @@ def mountpoint(engine, volume: str) -> Path:
     return Path(json.loads(engine.docker("volume", "inspect", volume).stdout)[0]["Mountpoint"])
 
 
-@pytest.fixture
-def vault_like(docker_engine, tmp_path):
-    """A module whose volume holds what test_fidelity's tree holds."""
-    engine = docker_engine
+def keeper_module(engine, tmp_path: Path, *, deep: bool = True):
+    """Module "keeper": a container whose volume at /data holds what test_fidelity's tree holds."""
     platform = tmp_path / "platform"
     write_module(platform, "keeper")
     engine.docker("volume", "create", "keeper-data")
-    build_tree(mountpoint(engine, "keeper-data"))
+    build_tree(mountpoint(engine, "keeper-data"), deep=deep)
     engine.run_container("keeper", "-v", "keeper-data:/data")
     return engine, platform
+
+
+@pytest.fixture
+def vault_like(docker_engine, tmp_path):
+    return keeper_module(docker_engine, tmp_path)
 
 
 def entries(archive: str) -> dict[str, bba.TarEntry]:

@@ -15,25 +15,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TOOL, run_backup, run_tool, write_module
-from test_fidelity import build_tree, walk
+from conftest import TOOL, run_backup, run_tool
+from test_e2e_fidelity import keeper_module, mountpoint
+from test_fidelity import walk
 
 MODULE = "keeper"
 
 
-def mountpoint(engine, volume: str) -> Path:
-    return Path(json.loads(engine.docker("volume", "inspect", volume).stdout)[0]["Mountpoint"])
-
-
 @pytest.fixture
 def keeper(docker_engine, tmp_path):
-    engine = docker_engine
-    platform = tmp_path / "platform"
-    write_module(platform, MODULE)
-    engine.docker("volume", "create", "keeper-data")
-    build_tree(mountpoint(engine, "keeper-data"), deep=False)
-    engine.run_container(MODULE, "-v", "keeper-data:/data")
-    return engine, platform
+    return keeper_module(docker_engine, tmp_path, deep=False)
 
 
 def restore(engine, platform: Path, path: str, *args: str):
