@@ -3877,6 +3877,7 @@ class Restore:
     container: dict[str, Any]  # docker inspect of the live container, as resolved now
     engine: EngineInfo
     lines: list[str] = dataclasses.field(default_factory=list)
+    terminate_connections: bool = False  # class A: end other sessions on the databases the dump replaces
 
     @property
     def name(self) -> str:
@@ -3895,7 +3896,8 @@ class Procedure:
     owns_fallback that verify and drill also read this procedure's fallback backups (else
     the fallback procedure's own do); restore puts a module back to the backup on its
     live container and returns the number of differences found when comparing afterwards
-    (None: this procedure's backups are restored by hand, from the restore notes).
+    (None: this procedure's backups are restored by hand, from the restore notes), and
+    restore_plan says what it would do.
     """
 
     name: str
@@ -3909,6 +3911,7 @@ class Procedure:
     pausable: bool = True
     owns_fallback: bool = False
     restore: Callable[[Restore], int] | None = None
+    restore_plan: Callable[[Restore], list[str]] | None = None  # restore's --dry-run: its steps
 
 
 PROCEDURES: dict[str, Procedure] = {}
@@ -4796,6 +4799,15 @@ def restore_mounted_archive(job: Restore) -> int:
     return differences
 
 
+def plan_restore_mounted_archive(job: Restore) -> list[str]:
+    running = bool((job.container.get("State") or {}).get("Running"))
+    archived = [m["destination"] for m in job.doc.get("mounts", []) if m["destination"] in job.doc.get("archived_paths", [m["destination"]])]
+    return [f"docker stop {job.name}" if running else f"leave {job.name} stopped, as it is",
+            *[f"empty {d} and extract it from {job.backup.name} with GNU tar" for d in archived],
+            "read every restored mount again and compare it with the manifest",
+            *([f"docker start {job.name}, wait for its healthcheck"] if running else [])]
+
+
 def empty_directory(path: str, keep: list[str]) -> None:
     """Remove everything inside the directory path (not path itself), by directory descriptors, never following a link.
 
@@ -4823,6 +4835,7 @@ register(Procedure(
     drill=drill_mounted_archive,
     suffixes=("tar.gz", "tar.zst"),
     restore=restore_mounted_archive,
+    restore_plan=plan_restore_mounted_archive,
 ))
 
 
@@ -5009,10 +5022,14 @@ def pg_conninfo(database: str) -> str:
 
 def pg_json(target: PgTarget, database: str, sql: str, timeout: float) -> Any:
     """Return the single JSON value sql produces in database."""
+    return parse_json(pg_sql(target, database, sql, timeout), f"psql in {target.container}")
+
+
+def pg_sql(target: PgTarget, database: str, sql: str, timeout: float) -> bytes:
+    """Run one SQL statement in database with psql (stopping at the first error); return what it printed."""
     argv = exec_argv(target.container, ["psql", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-U", target.user,
                                         "-d", pg_conninfo(database), "-c", sql], secrets=target.secrets)
-    proc = run(argv, timeout=timeout, secrets=target.secrets)
-    return parse_json(proc.stdout, f"psql in {target.container}")
+    return run(argv, timeout=timeout, secrets=target.secrets).stdout
 
 
 def pg_server(target: PgTarget, timeout: float) -> dict[str, Any]:
@@ -5211,25 +5228,38 @@ def drill_pg_dumpall(drill: Drill) -> int:
         box.start()
         target = dataclasses.replace(pg_target(box.live), container=box.name)
         box.wait_until(lambda: pg_json(target, "postgres", "SELECT to_json(1)", drill.settings.docker_timeout) == 1, "PostgreSQL accepted connections")
-        argv = exec_argv(box.name, ["psql", "-X", "-q", "-U", target.user, "-d", "postgres"], secrets=target.secrets, stdin=True)
-        with open(drill.backup, "rb") as fh, decompressing(fh, doc["format"]) as raw:
-            with stream_into(argv, timeout=drill.settings.drill_timeout, secrets=target.secrets, check=False) as stream:
-                while chunk := raw.read(COPY_CHUNK):
-                    stream.pipe.write(chunk)
-        errors = [line for line in stream.stderr.decode("utf-8", "replace").splitlines() if re.search(r"\b(ERROR|FATAL|PANIC):", line)]
-        unexpected = [
-            e for e in errors
-            if not any((m := p.search(e)) and (m.groupdict().get("role") in (None, target.user)) for p in PG_HARMLESS_ERRORS)
-        ]
-        lines.append(f"psql: {len(errors)} error(s) while loading, {len(errors) - len(unexpected)} known to be harmless")
-        if unexpected:
-            raise BackupError(f"drill failed: psql reported {len(unexpected)} unexpected error(s), first: {unexpected[0].strip()}",
-                              details=[f"psql: {e.strip()}" for e in unexpected[:STDERR_DETAIL_LINES]])
+        load_dump(target, drill.backup, doc["format"], drill.settings.drill_timeout, lines, "drill failed")
         restored = pg_server(target, drill.settings.docker_timeout)
         counts = pg_census(target, dumpable_databases(restored)[0], drill.settings.docker_timeout)
-    differences = 0
     lines.append(f"server {restored['version']} (backup taken from {(doc.get('server') or {}).get('version')})")
-    expected_counts = doc.get("counts") or {}
+    return compare_counts(doc.get("counts") or {}, counts, lines)
+
+
+def load_dump(target: PgTarget, backup: Path, fmt: str, timeout: float, lines: list[str], failed: str) -> None:
+    """Load a pg_dumpall script into target's server with psql, as the restore notes say (no ON_ERROR_STOP).
+
+    Only the known-harmless errors are accepted (PG_HARMLESS_ERRORS); any other raises
+    BackupError starting with failed, every such psql line in its details.
+    """
+    argv = exec_argv(target.container, ["psql", "-X", "-q", "-U", target.user, "-d", "postgres"], secrets=target.secrets, stdin=True)
+    with open(backup, "rb") as fh, decompressing(fh, fmt) as raw:
+        with stream_into(argv, timeout=timeout, secrets=target.secrets, check=False) as stream:
+            while chunk := raw.read(COPY_CHUNK):
+                stream.pipe.write(chunk)
+    errors = [line for line in stream.stderr.decode("utf-8", "replace").splitlines() if re.search(r"\b(ERROR|FATAL|PANIC):", line)]
+    unexpected = [
+        e for e in errors
+        if not any((m := p.search(e)) and (m.groupdict().get("role") in (None, target.user)) for p in PG_HARMLESS_ERRORS)
+    ]
+    lines.append(f"psql: {len(errors)} error(s) while loading, {len(errors) - len(unexpected)} known to be harmless")
+    if unexpected:
+        raise BackupError(f"{failed}: psql reported {len(unexpected)} unexpected error(s), first: {unexpected[0].strip()}",
+                          details=[f"psql: {e.strip()}" for e in unexpected[:STDERR_DETAIL_LINES]])
+
+
+def compare_counts(expected_counts: dict[str, Any], counts: dict[str, Any], lines: list[str]) -> int:
+    """Compare, per database, tables, rows, large objects and every table's rows; return the number of differences."""
+    differences = 0
     for database in sorted(set(expected_counts) | set(counts)):
         want, got = expected_counts.get(database, {}), counts.get(database, {})
         lines.append(f"database {database}:")
@@ -5241,6 +5271,86 @@ def drill_pg_dumpall(drill: Drill) -> int:
     return differences
 
 
+PG_SESSIONS_SQL = """
+SELECT coalesce(json_agg(json_build_object('pid', pid, 'database', datname, 'user', usename, 'application', application_name,
+                                           'client', coalesce(client_addr::text, 'local'), 'state', state) ORDER BY pid), '[]'::json)
+FROM pg_stat_activity WHERE datname = ANY(%s) AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+"""
+
+
+def _sql_text_array(values: list[str]) -> str:
+    """Return values as an SQL text[] of quoted literals (a name's ' doubled)."""
+    return "ARRAY[" + ",".join("'" + value.replace("'", "''") + "'" for value in values) + "]::text[]"
+
+
+def restore_pg_dumpall(job: Restore) -> int:
+    """Class A: load the dump into the running server with psql, as the restore notes say, then compare the counts.
+
+    The server must be running (the load needs it). A dump from a newer major version
+    than the live server is refused with both named. Other sessions on the databases the
+    dump replaces are listed; they are ended only with --terminate-connections (new
+    connections to those databases are refused meanwhile, and allowed again whatever
+    happens), otherwise the restore is refused naming them.
+    """
+    doc, lines, timeout = job.doc, job.lines, job.settings.docker_timeout
+    if not (job.container.get("State") or {}).get("Running"):
+        raise RefusedError(f"container {job.name} is not running: a dump is loaded into the running server; start it first")
+    target = pg_target(job.container)
+    live = pg_server(target, timeout)
+    recorded = str((doc.get("server") or {}).get("version") or "")
+    if _major(recorded) and _major(live["version"]) and _major(recorded) > _major(live["version"]):
+        raise RefusedError(f"the dump is from PostgreSQL {recorded}, the live server is {live['version']}: a dump does not load "
+                           "into an older major version")
+    if _major(recorded) != _major(live["version"]):
+        lines.append(f"loading a PostgreSQL {recorded} dump into {live['version']} (pg_dump output loads into newer majors)")
+    replaced = [db for db in (doc.get("counts") or {}) if db not in ("postgres", "template1")]  # pg_dumpall --clean drops and recreates these
+    sessions = pg_json(target, "postgres", PG_SESSIONS_SQL % _sql_text_array(list(doc.get("counts") or {})), timeout)
+    if sessions and not job.terminate_connections:
+        first = sessions[0]
+        raise RefusedError(f"{len(sessions)} other session(s) on the databases the dump replaces, first: pid {first['pid']} "
+                           f"({first['user']}@{first['database']}, {first['application'] or 'no application name'}, from {first['client']}); "
+                           "stop their clients, or pass --terminate-connections",
+                           details=[f"session: pid {s['pid']} {s['user']}@{s['database']} {s['application']!r} from {s['client']} ({s['state']})"
+                                    for s in sessions[:STDERR_DETAIL_LINES]])
+    closed: list[str] = []
+    try:
+        if sessions:
+            for database in replaced:  # no new sessions while the old ones are ended and the database replaced
+                pg_sql(target, "postgres", f"ALTER DATABASE {_pg_ident(database)} ALLOW_CONNECTIONS false", timeout)
+                closed.append(database)
+            databases = _sql_text_array(list(doc.get("counts") or {}))  # quoted as SQL literals
+            ended = pg_json(target, "postgres", "SELECT to_json(count(pg_terminate_backend(pid))) FROM pg_stat_activity "  # noqa: S608
+                            f"WHERE datname = ANY({databases}) AND pid <> pg_backend_pid() AND backend_type = 'client backend'", timeout)
+            lines.append(f"ended {ended} other session(s) (--terminate-connections)")
+        load_dump(target, job.backup, doc["format"], job.settings.stream_timeout, lines, "the restore failed")
+    finally:
+        with signals_deferred():
+            for database in closed:  # a database the load did not recreate (it failed first) accepts connections again
+                with contextlib.suppress(BackupError):
+                    pg_sql(target, "postgres", f"ALTER DATABASE {_pg_ident(database)} ALLOW_CONNECTIONS true", timeout)
+    restored = pg_server(target, timeout)
+    counts = pg_census(target, dumpable_databases(restored)[0], timeout)
+    lines.append(f"server {restored['version']} (dump taken from {recorded or 'an unrecorded version'}); counted again in the server:")
+    return compare_counts(doc.get("counts") or {}, counts, lines)
+
+
+def plan_restore_pg_dumpall(job: Restore) -> list[str]:
+    databases = ", ".join(job.doc.get("counts") or {}) or "(none recorded)"
+    return [f"check the live server's version against the dump's ({(job.doc.get('server') or {}).get('version')})",
+            f"list other sessions on {databases}: refuse, or end them with --terminate-connections",
+            f"docker exec -i {job.name} psql -X -q -U {pg_target(job.container).user} -d postgres < the dump (its DROP/CREATE DATABASE included)",
+            "count tables, rows and large objects per database in the server and compare them with the manifest"]
+
+
+def _major(version: str) -> int:
+    found = re.match(r"\s*(\d+)", version)
+    return int(found.group(1)) if found else 0
+
+
+def _pg_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
 register(Procedure(
     name="pg-dumpall",
     run=procedure_pg_dumpall,
@@ -5250,6 +5360,8 @@ register(Procedure(
     drill=drill_pg_dumpall,
     suffixes=("sql.gz", "sql.zst"),
     pausable=False,  # the dump needs the server answering, and is consistent without a pause
+    restore=restore_pg_dumpall,
+    restore_plan=plan_restore_pg_dumpall,
 ))
 
 
@@ -7267,15 +7379,12 @@ def cmd_restore(args: argparse.Namespace, config: Config, settings: Settings, ou
         lines.append(f"the container was recreated since the backup ({str(recorded.get('id'))[:12]} then, {str(container.get('Id'))[:12]} now, "
                      f"image {container.get('Config', {}).get('Image')}): normal after an apply")
     backup_dir = backup.parent
+    job = Restore(backup, doc, settings, env, container, engine_info(timeout), lines, terminate_connections=args.terminate_connections)
     if args.dry_run:
         steps = [f"verify {backup} as --verify does",
                  "skip the safety backup (--no-safety-backup)" if args.no_safety_backup else f"take a safety backup of {module_id} into {backup_dir}",
-                 f"docker stop {resolution.name}" if (container.get("State") or {}).get("Running") else f"{resolution.name} is not running: stays stopped",
-                 *[f"empty {m['destination']} and extract it from {backup.name}" for m in doc.get("mounts", [])
-                   if m["destination"] in doc.get("archived_paths", [m["destination"]])],
-                 f"docker start {resolution.name}, wait for its healthcheck" if (container.get("State") or {}).get("Running") else "",
-                 "read every restored mount again and compare it with the manifest"]
-        out.write("\n".join([*lines, *(f"would {step}" for step in steps if step)]) + "\n")
+                 *(procedure.restore_plan(job) if procedure.restore_plan is not None else [f"restore with {procedure.name}"])]
+        out.write("\n".join([*lines, *(f"would {step}" for step in steps)]) + "\n")
         return EXIT_OK
     confirm_restore(module_id, resolution.name, args.yes)
     failed = [(name, detail) for name, passed, detail in verify_backup(backup) if not passed]
@@ -7291,7 +7400,6 @@ def cmd_restore(args: argparse.Namespace, config: Config, settings: Settings, ou
         safety = take_safety_backup(args, config, settings, env, module_id, resolution.name, backup)
         lines.append(f"safety backup of the state before the restore: {safety}")
     undo = f"python3 {Path(__file__).resolve()} --restore {safety}" if safety else "(none: no safety backup was taken)"
-    job = Restore(backup, doc, settings, env, container, engine_info(timeout), lines)
     dir_fd = ensure_backup_dir(backup_dir, create=True)  # it exists: this checks it is private, and opens it for the lock
     assert dir_fd is not None
     try:
@@ -7513,6 +7621,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--restore", metavar="FILE", type=Path, help="put the module back to this backup (after a safety backup; asks first)")
     parser.add_argument("--yes", action="store_true", help="with --restore: do not ask for the module id on the terminal")
     parser.add_argument("--no-safety-backup", action="store_true", help="with --restore: do not back up the current state first")
+    parser.add_argument("--terminate-connections", action="store_true", help="with --restore of class A: end other sessions on the databases replaced")
     parser.add_argument("--dry-run", action="store_true", help="print every command and path; change nothing")
     parser.add_argument("--container", metavar="NAME", help="use this container instead of resolving one")
     parser.add_argument("--pause", action="store_true", help="freeze the container while archiving (always unpaused)")
@@ -7546,7 +7655,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if len(modes) != 1:
         raise UsageError(f"give exactly one of MODULE_ID, --list, --verify FILE, --drill FILE or --restore FILE (got {', '.join(modes) or 'none'})")
     if not args.restore:
-        for flag in ("yes", "no_safety_backup"):
+        for flag in ("yes", "no_safety_backup", "terminate_connections"):
             if getattr(args, flag):
                 raise UsageError(f"--{flag.replace('_', '-')} applies to --restore, not to {modes[0]}")
     else:

@@ -34,7 +34,11 @@ def psql(engine, container: str, database: str, *sql: str, user: str = "appadmin
 
 @pytest.fixture
 def postgres(docker_engine, tmp_path):
-    engine = docker_engine
+    return honcho_postgres(docker_engine, tmp_path)
+
+
+def honcho_postgres(engine, tmp_path: Path):
+    """Module honcho-postgres: databases shop (4,321 orders, an empty table, a large object) and crm, a role."""
     platform = tmp_path / "platform"
     write_module(platform, "honcho-postgres")
     engine.run_postgres("apps-honcho-postgres-1", "--label", "com.docker.compose.service=honcho-postgres", user="appadmin", password=PG_PASSWORD)

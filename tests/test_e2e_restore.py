@@ -12,10 +12,12 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import TOOL, run_backup, run_tool
+from test_e2e_databases import honcho_postgres, psql
 from test_e2e_fidelity import keeper_module, mountpoint
 from test_fidelity import walk
 
@@ -102,7 +104,7 @@ def test_e2e_restore_refusals_touch_nothing(keeper, tmp_path):
     assert sorted(p.name for p in tampered.iterdir() if not p.name.startswith(".")) == sorted([copy.name, Path(manifest).name])  # no safety backup
 
     other = json.loads(Path(manifest).read_text())
-    other["procedure"] = "pg-dumpall"  # a class whose restore is not built: refused with the notes
+    other["procedure"] = "redis-bgsave"  # a class whose restore is not built: refused with the notes
     (tampered / Path(manifest).name).write_text(json.dumps(other))
     unsupported = restore(engine, platform, str(tampered / Path(manifest).name), "--yes")
     assert unsupported.returncode == 2 and "follow the restore notes above" in unsupported.stderr
@@ -117,3 +119,70 @@ def run_tool_under_ci(engine, platform: Path, archive: str):
     """As run_tool, without --allow-ci: CI=true must refuse a restore."""
     return subprocess.run([sys.executable, str(TOOL), "--restore", archive, "--yes", "--platform-root", str(platform)],
                           env={**engine.env, "CI": "true"}, capture_output=True, text=True, timeout=120)
+
+
+# ---------------------------------------------------------------- class A
+
+
+def pg_state(engine, container: str) -> dict[str, str]:
+    """What the server holds, asked in SQL (not the tool's census): tables with their rows, per database."""
+    found = {}
+    for database in ("shop", "crm"):
+        tables = psql(engine, container, database, "SELECT string_agg(n.nspname || '.' || c.relname, ' ' ORDER BY 1) FROM pg_class c "
+                      "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')")
+        for table in tables.split():
+            found[f"{database}:{table}"] = psql(engine, container, database, f"SELECT count(*) FROM {table}").strip()
+    found["large objects"] = psql(engine, container, "shop", "SELECT count(*) FROM pg_largeobject_metadata").strip()
+    return found
+
+
+@pytest.fixture
+def postgres(docker_engine, tmp_path):
+    return honcho_postgres(docker_engine, tmp_path)
+
+
+def test_e2e_restore_class_a_after_a_bad_apply_then_undo(postgres, tmp_path):
+    engine, platform, container = postgres
+    proc = run_backup(engine, platform, "honcho-postgres", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    dump = proc.stdout.split()[0]
+    before = pg_state(engine, container)
+    psql(engine, container, "shop", "DROP TABLE empty_one", "DELETE FROM orders WHERE id > 4000", "CREATE TABLE after_the_backup (x int)",
+         "INSERT INTO after_the_backup VALUES (1)")
+    broken = pg_state(engine, container)
+    assert broken != before and "shop:public.after_the_backup" in broken
+
+    holder = subprocess.Popen(["docker", "exec", container, "psql", "-U", "appadmin", "-d", "shop", "-c", "SELECT pg_sleep(120)"],
+                              env=engine.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.5)  # the session is open
+        refused = run_tool("--restore", dump, "--yes", "--platform-root", str(platform), env=engine.env, timeout=300)
+        assert refused.returncode == 3, refused.stdout + refused.stderr
+        assert "other session(s) on the databases the dump replaces" in refused.stderr and "--terminate-connections" in refused.stderr
+        assert pg_state(engine, container) == broken
+
+        done = run_tool("--restore", dump, "--yes", "--terminate-connections", "--platform-root", str(platform), env=engine.env, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        holder.kill()
+    assert "ended 1 other session(s)" in done.stdout and "restored and compared: equal" in done.stdout
+    assert pg_state(engine, container) == before  # the table made after the backup is gone, the dropped one back
+    safety = next(line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("safety backup of the state before"))
+    undo = run_tool("--restore", safety, "--yes", "--no-safety-backup", "--platform-root", str(platform), env=engine.env, timeout=600)
+    assert undo.returncode == 0, undo.stdout + undo.stderr
+    assert pg_state(engine, container) == broken
+    assert psql(engine, container, "postgres", "SELECT string_agg(datname, ',' ORDER BY 1) FROM pg_database WHERE NOT datallowconn").strip() == "template0"
+
+
+def test_e2e_restore_refuses_a_dump_from_a_newer_server(postgres, tmp_path):
+    engine, platform, container = postgres
+    proc = run_backup(engine, platform, "honcho-postgres", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    dump, manifest = proc.stdout.split()
+    doc = json.loads(Path(manifest).read_text())
+    live = doc["server"]["version"]
+    doc["server"]["version"] = f"{int(live.split('.')[0]) + 1}.0"  # as if dumped by the next major release
+    Path(manifest).write_text(json.dumps(doc))
+    refused = run_tool("--restore", dump, "--yes", "--platform-root", str(platform), env=engine.env, timeout=300)
+    assert refused.returncode == 3, refused.stdout + refused.stderr
+    assert f"the dump is from PostgreSQL {doc['server']['version']}, the live server is {live}" in refused.stderr
