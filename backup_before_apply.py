@@ -6082,17 +6082,17 @@ def verify_redis(fh: IO[bytes], doc: dict[str, Any]) -> list[Check]:
     return checks
 
 
-def _extract_member(backup: Path, fmt: str, member: str, into: str) -> tuple[int, int]:
-    """Copy one member of a tar backup into the file into (private, 0600); return its owner (uid, gid)."""
+def _extract_member(backup: Path, fmt: str, member: str, into: str, dir_fd: int | None = None) -> TarEntry:
+    """Copy one member of a tar backup into the file into (private, 0600, relative to dir_fd); return its entry (owner, mode)."""
     with open(backup, "rb") as fh, decompressing(fh, fmt) as raw:
         for tar, entry in tar_entries(raw):
             if entry.name == member and entry.kind == tarfile.REGTYPE:
-                fd = os.open(into, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                fd = os.open(into, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
                 with os.fdopen(fd, "wb") as out:
                     while chunk := tar.read(COPY_CHUNK):
                         out.write(chunk)
-                return entry.uid, entry.gid
-    raise BackupError(f"drill: {backup.name} holds no {member}")
+                return entry
+    raise BackupError(f"{backup.name} holds no {member}")
 
 
 def _expected_keys(rdb_file: str, loaded_at: float, load_seconds: float) -> dict[str, tuple[int, int]]:
@@ -6139,7 +6139,8 @@ def drill_redis(drill: Drill) -> int:
     if rdb and doc.get("counts") is not None:
         with drill_container(drill, "Redis") as box, tempfile.TemporaryDirectory(prefix="bba-drill-") as private:
             copy = os.path.join(private, "rdb")
-            owner = _extract_member(drill.backup, doc["format"], rdb.lstrip("/"), copy)
+            member = _extract_member(drill.backup, doc["format"], rdb.lstrip("/"), copy)
+            owner = (member.uid, member.gid)
             box.create(start=True)
             box.copy_in(drill.backup)
             if aof is not None or contents.get("appendonly"):
@@ -6216,6 +6217,127 @@ def _manifest_name(aof: dict[str, Any] | None) -> str:
     return "appendonly.aof.manifest"
 
 
+def restore_redis(job: Restore) -> int:
+    """Class B: put the RDB of record back in place of the live one, stopped, and make Redis load exactly it.
+
+    Whatever appendonly says now: with appendonly yes, Redis 7 loads only what its AOF
+    manifest names, and with no AOF it starts EMPTY; so the live AOF is replaced by an AOF
+    directory whose manifest names a copy of the RDB as its base (before Redis 7 the single
+    AOF file is replaced by the RDB, a valid AOF preamble). The backup's own AOF is not
+    loaded: the RDB is the state the manifest counted. Redis must be running first (its
+    config and version are asked); an RDB from a newer Redis than the live one is refused.
+    Then keys per database are compared with those read from that RDB, less keys whose TTL
+    ran out since.
+    """
+    doc, lines, timeout = job.doc, job.lines, job.settings.docker_timeout
+    if doc.get("fallback_used"):
+        return restore_mounted_archive(job)  # whole mounts: put back as class E, Redis stopped
+    rdb = (doc.get("contents") or {}).get("rdb")
+    if not rdb:
+        raise UsageError(f"{job.backup.name} holds no RDB of record; restore it by hand as the notes say")
+    if not (job.container.get("State") or {}).get("Running"):
+        raise RefusedError(f"container {job.name} is not running: its Redis is asked for its config and version first; start it")
+    target = redis_target(job.container, job.settings, job.env)
+    live_version = parse_info(redis_cli(target, "INFO", "server", timeout=timeout)).get("redis_version", "unknown")
+    recorded = str((doc.get("server") or {}).get("version") or "")
+    if _major(recorded) and _major(live_version) and _major(recorded) > _major(live_version):
+        raise RefusedError(f"the RDB is from Redis {recorded}, the live server is {live_version}: Redis does not load an RDB from a newer version")
+    if _major(recorded) != _major(live_version):
+        lines.append(f"loading a Redis {recorded} RDB into {live_version}")
+    config = redis_config(target, timeout)
+    live_rdb = posixpath.join(config["dir"], config["dbfilename"])
+    if live_rdb != rdb:
+        lines.append(f"the live server keeps its RDB at {live_rdb} (the backup's was {rdb}); it is put there")
+    where = locate(config["dir"], plan_mounts(job.container, read_on_host=True)[0])
+    if where.host is None or not job.engine.local or job.engine.rootless:
+        raise UsageError(f"Redis's dir {config['dir']} is not in a mount readable on this host; restore it by hand as the notes say")
+    appendonly = config.get("appendonly") == "yes"
+    kind, aof_path = redis_aof_path(live_version, config["dir"], config)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bba-restore-") as private, stopped(job):
+        copy = os.path.join(private, "rdb")
+        member = _extract_member(job.backup, doc["format"], rdb.lstrip("/"), copy)
+        directory = os.open(os.path.join(where.host, *where.rel), _DIR_FLAGS)
+        try:
+            _place_file(copy, directory, config["dbfilename"], member)
+            lines.append(f"put {rdb} of the backup in place of {live_rdb}")
+            name = posixpath.basename(aof_path)
+            if appendonly:
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode & 0o170000 == stat.S_IFDIR:
+                        shutil.rmtree(name, dir_fd=directory)
+                    else:
+                        os.unlink(name, dir_fd=directory)
+                if kind == "dir":
+                    base = f"{config.get('appendfilename') or 'appendonly.aof'}.1.base.rdb"
+                    os.mkdir(name, 0o755, dir_fd=directory)
+                    os.chown(name, member.uid, member.gid, dir_fd=directory, follow_symlinks=False)
+                    aof_fd = os.open(name, _DIR_FLAGS, dir_fd=directory)
+                    try:
+                        _place_file(copy, aof_fd, base, member)
+                        manifest = os.path.join(private, "manifest")
+                        with open(manifest, "wb") as fh:
+                            fh.write(f"file {base} seq 1 type b\n".encode())
+                        _place_file(manifest, aof_fd, f"{config.get('appendfilename') or 'appendonly.aof'}.manifest", member)
+                    finally:
+                        os.close(aof_fd)
+                    lines.append(f"appendonly yes: {aof_path}/ replaced by a manifest naming a copy of that RDB as its base (Redis loads exactly it)")
+                else:
+                    _place_file(copy, directory, name, member)
+                    lines.append(f"appendonly yes: {aof_path} replaced by that RDB (an RDB is a valid AOF preamble)")
+        finally:
+            os.close(directory)
+        started = time.monotonic()  # stopped() starts the container again as the block ends; keys are compared after
+    wait_until_loaded(job, target)
+    found, loaded_at = redis_keyspace(target, timeout), redis_time(target, timeout)
+    with tempfile.TemporaryDirectory(prefix="bba-restore-") as private:
+        copy = os.path.join(private, "rdb")
+        _extract_member(job.backup, doc["format"], rdb.lstrip("/"), copy)
+        lines.append("Redis loaded the RDB of record; keys per database compared with those read from it:")
+        return _compare_keys("restore", _expected_keys(copy, loaded_at, time.monotonic() - started), found, lines)
+
+
+def _place_file(source: str, dir_fd: int, name: str, entry: TarEntry) -> None:
+    """Copy source into dir_fd as name, atomically (a temporary name, then rename), with entry's owner and mode."""
+    temp = f".{name}.bba-restore"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp, dir_fd=dir_fd)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        with open(source, "rb") as src:
+            while chunk := src.read(COPY_CHUNK):
+                _write_all(fd, chunk)
+        os.fchown(fd, entry.uid, entry.gid)
+        os.fchmod(fd, entry.mode & 0o7777 or 0o644)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def wait_until_loaded(job: Restore, target: RedisTarget) -> None:
+    """Wait until a restarted Redis answers and has finished loading its data."""
+    deadline = time.monotonic() + job.settings.drill_timeout
+    while True:
+        with contextlib.suppress(BackupError):
+            if parse_info(redis_cli(target, "INFO", "persistence", timeout=job.settings.docker_timeout)).get("loading") == "0":
+                return
+        if time.monotonic() > deadline:
+            raise BackupError(f"Redis in {job.name} did not finish loading within {job.settings.drill_timeout:g}s (drill_timeout)")
+        time.sleep(0.3)
+
+
+def plan_restore_redis(job: Restore) -> list[str]:
+    if job.doc.get("fallback_used"):
+        return plan_restore_mounted_archive(job)
+    rdb = (job.doc.get("contents") or {}).get("rdb")
+    return ["ask the live Redis for its dir, dbfilename, appendonly and version (an RDB from a newer Redis is refused)",
+            f"docker stop {job.name}",
+            f"put {rdb} of the backup in place of the live RDB; with appendonly yes, replace the AOF by one naming a copy of it as its base",
+            f"docker start {job.name}, wait until Redis has loaded",
+            "compare keys per database with those read from that RDB (less keys whose TTL ran out since)"]
+
+
 register(Procedure(
     name="redis-bgsave",
     run=procedure_redis_bgsave,
@@ -6225,6 +6347,8 @@ register(Procedure(
     drill=drill_redis,
     suffixes=("tar.gz", "tar.zst"),
     owns_fallback=True,  # its fallback archive is counted from the RDB it holds and drilled by starting Redis
+    restore=restore_redis,
+    restore_plan=plan_restore_redis,
 ))
 
 

@@ -151,13 +151,17 @@ def test_e2e_postgres_killed_mid_dump_exit_1_no_file(postgres, tmp_path):
 
 @pytest.fixture(params=[False, True], ids=["aof-off", "aof-on"])
 def redis(request, docker_engine, tmp_path):
-    engine = docker_engine
+    return infisical_redis(docker_engine, tmp_path, request.param)
+
+
+def infisical_redis(engine, tmp_path: Path, aof: bool, extra: str = ""):
+    """Module infisical-redis (container cache): 1,500 strings in db0 and 25 hashes in db3, AOF on or off."""
     platform = tmp_path / "platform"
     write_module(platform, "infisical-redis", container="cache")
-    engine.run_redis("cache", password=REDIS_PASSWORD, appendonly=request.param)
+    engine.run_redis("cache", password=REDIS_PASSWORD, appendonly=aof, extra=extra)
     script = "".join(f"SET key:{i} value-{i}\n" for i in range(1500)) + "SELECT 3\n" + "".join(f"HSET h:{i} f v\n" for i in range(25))
     engine.docker("exec", "-i", "-e", "REDISCLI_AUTH", "cache", "redis-cli", input=script.encode(), env_extra={"REDISCLI_AUTH": REDIS_PASSWORD})
-    return engine, platform, request.param
+    return engine, platform, aof
 
 
 def test_e2e_redis_backup_verify_drill(redis, tmp_path):

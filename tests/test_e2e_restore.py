@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TOOL, run_backup, run_tool
-from test_e2e_databases import honcho_postgres, psql
+from test_e2e_databases import REDIS_PASSWORD, honcho_postgres, infisical_redis, psql
 from test_e2e_fidelity import keeper_module, mountpoint
 from test_fidelity import walk
 
@@ -186,3 +186,38 @@ def test_e2e_restore_refuses_a_dump_from_a_newer_server(postgres, tmp_path):
     refused = run_tool("--restore", dump, "--yes", "--platform-root", str(platform), env=engine.env, timeout=300)
     assert refused.returncode == 3, refused.stdout + refused.stderr
     assert f"the dump is from PostgreSQL {doc['server']['version']}, the live server is {live}" in refused.stderr
+
+
+# ---------------------------------------------------------------- class B
+
+
+def redis_digest(engine) -> tuple[str, str]:
+    """DEBUG DIGEST (the whole dataset's digest, from Redis itself) and the keyspace line."""
+    auth = {"REDISCLI_AUTH": REDIS_PASSWORD}
+    digest = engine.docker("exec", "-e", "REDISCLI_AUTH", "cache", "redis-cli", "DEBUG", "DIGEST", env_extra=auth).stdout.strip()
+    keyspace = engine.docker("exec", "-e", "REDISCLI_AUTH", "cache", "redis-cli", "INFO", "keyspace", env_extra=auth).stdout
+    return digest, " ".join(line.split(",")[0] for line in keyspace.splitlines() if line.startswith("db"))
+
+
+@pytest.mark.parametrize("aof", [False, True], ids=["aof-off", "aof-on"])
+def test_e2e_restore_class_b_after_a_bad_apply_then_undo(docker_engine, tmp_path, aof):
+    engine, platform, _ = infisical_redis(docker_engine, tmp_path, aof, extra="enable-debug-command yes")
+    proc = run_backup(engine, platform, "infisical-redis", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    archive = proc.stdout.split()[0]
+    before = redis_digest(engine)
+    script = "FLUSHALL\nSET after-the-backup 1\nSELECT 5\nSET elsewhere 2\n"
+    engine.docker("exec", "-i", "-e", "REDISCLI_AUTH", "cache", "redis-cli", input=script.encode(), env_extra={"REDISCLI_AUTH": REDIS_PASSWORD})
+    broken = redis_digest(engine)
+    assert broken != before
+
+    done = run_tool("--restore", archive, "--yes", "--platform-root", str(platform), env=engine.env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "restored and compared: equal" in done.stdout
+    if aof:
+        assert "replaced by a manifest naming a copy of that RDB as its base" in done.stdout
+    assert redis_digest(engine) == before == (before[0], "db0:keys=1500 db3:keys=25")
+    safety = next(line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("safety backup of the state before"))
+    undo = run_tool("--restore", safety, "--yes", "--no-safety-backup", "--platform-root", str(platform), env=engine.env, timeout=600)
+    assert undo.returncode == 0, undo.stdout + undo.stderr
+    assert redis_digest(engine) == broken
