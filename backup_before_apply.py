@@ -439,7 +439,7 @@ class _Watchdog:
 
 @contextlib.contextmanager
 def _streaming(argv: list[str], *, into: bool, timeout: float | None, secrets: dict[str, str] | None, check: bool,
-               stdin: IO[bytes] | None = None, cwd: str | None = None) -> Iterator[Stream]:
+               stdin: IO[bytes] | None = None, cwd: str | None = None, own_session: bool = False) -> Iterator[Stream]:
     LOG.debug("$ %s", mask_argv(argv))
     RUN_COUNTS[os.path.basename(argv[0])] += 1
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
@@ -451,6 +451,7 @@ def _streaming(argv: list[str], *, into: bool, timeout: float | None, secrets: d
                 stderr=err,
                 env=_child_env(secrets),
                 cwd=cwd,
+                start_new_session=own_session,  # a terminal's Ctrl-C then reaches this process only, which decides
             )
         except FileNotFoundError:
             raise BackupError(f"{argv[0]}: command not found on PATH") from None
@@ -514,13 +515,15 @@ def stream_from(argv: list[str], *, timeout: float | None = None, secrets: dict[
 
 
 @contextlib.contextmanager
-def stream_into(argv: list[str], *, timeout: float | None = None, secrets: dict[str, str] | None = None, check: bool = True) -> Iterator[Stream]:
+def stream_into(argv: list[str], *, timeout: float | None = None, secrets: dict[str, str] | None = None, check: bool = True,
+                own_session: bool = False) -> Iterator[Stream]:
     """Yield a Stream whose pipe is the stdin of argv; its stderr is kept for the caller.
 
     timeout is an idle timeout, as for stream_from. Raise CommandError (with check) if the
-    child exits non-zero once stdin is closed, or on timeout.
+    child exits non-zero once stdin is closed, or on timeout. own_session keeps the child
+    out of the terminal's process group (a load that must not be cut by Ctrl-C).
     """
-    with _streaming(argv, into=True, timeout=timeout, secrets=secrets, check=check) as stream:
+    with _streaming(argv, into=True, timeout=timeout, secrets=secrets, check=check, own_session=own_session) as stream:
         yield stream
 
 
@@ -5235,7 +5238,7 @@ def drill_pg_dumpall(drill: Drill) -> int:
     return compare_counts(doc.get("counts") or {}, counts, lines)
 
 
-def load_dump(target: PgTarget, backup: Path, fmt: str, timeout: float, lines: list[str], failed: str) -> None:
+def load_dump(target: PgTarget, backup: Path, fmt: str, timeout: float, lines: list[str], failed: str, own_session: bool = False) -> None:
     """Load a pg_dumpall script into target's server with psql, as the restore notes say (no ON_ERROR_STOP).
 
     Only the known-harmless errors are accepted (PG_HARMLESS_ERRORS); any other raises
@@ -5243,7 +5246,7 @@ def load_dump(target: PgTarget, backup: Path, fmt: str, timeout: float, lines: l
     """
     argv = exec_argv(target.container, ["psql", "-X", "-q", "-U", target.user, "-d", "postgres"], secrets=target.secrets, stdin=True)
     with open(backup, "rb") as fh, decompressing(fh, fmt) as raw:
-        with stream_into(argv, timeout=timeout, secrets=target.secrets, check=False) as stream:
+        with stream_into(argv, timeout=timeout, secrets=target.secrets, check=False, own_session=own_session) as stream:
             while chunk := raw.read(COPY_CHUNK):
                 stream.pipe.write(chunk)
     errors = [line for line in stream.stderr.decode("utf-8", "replace").splitlines() if re.search(r"\b(ERROR|FATAL|PANIC):", line)]
@@ -5322,7 +5325,12 @@ def restore_pg_dumpall(job: Restore) -> int:
             ended = pg_json(target, "postgres", "SELECT to_json(count(pg_terminate_backend(pid))) FROM pg_stat_activity "  # noqa: S608
                             f"WHERE datname = ANY({databases}) AND pid <> pg_backend_pid() AND backend_type = 'client backend'", timeout)
             lines.append(f"ended {ended} other session(s) (--terminate-connections)")
-        load_dump(target, job.backup, doc["format"], job.settings.stream_timeout, lines, "the restore failed")
+        # An interrupt waits for the end of the load: a cluster whose template1 or databases were
+        # dropped and not yet recreated is no state to leave (and the safety dump does not load into it).
+        LOG.warning("loading %s into the server of %s with psql; an interrupt now takes effect once the load is done",
+                    job.backup.name, job.name)
+        with signals_deferred():
+            load_dump(target, job.backup, doc["format"], job.settings.stream_timeout, lines, "the restore failed", own_session=True)
     finally:
         with signals_deferred():
             for database in closed:  # a database the load did not recreate (it failed first) accepts connections again
@@ -7854,7 +7862,8 @@ def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) ->
         return cmd_backup(args, config, settings, sys.stdout, env)
     except Interrupted as exc:
         _log_run_summary()
-        LOG.error("%s; cleaned up, no backup written", exc)
+        LOG.error("%s; %s", exc, "the restore stopped at a safe point: the container was returned to its state, the safety backup "
+                  "and the command that puts it back are above" if args.restore else "cleaned up, no backup written")
         return 128 + exc.signum
     except Exception as exc:
         _log_run_summary()

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -221,3 +224,70 @@ def test_e2e_restore_class_b_after_a_bad_apply_then_undo(docker_engine, tmp_path
     undo = run_tool("--restore", safety, "--yes", "--no-safety-backup", "--platform-root", str(platform), env=engine.env, timeout=600)
     assert undo.returncode == 0, undo.stdout + undo.stderr
     assert redis_digest(engine) == broken
+
+
+# ---------------------------------------------------------------- interrupted
+
+
+def test_e2e_restore_interrupted_mid_extraction_returns_the_container_and_names_the_way_back(keeper, tmp_path):
+    engine, platform = keeper
+    volume = mountpoint(engine, "keeper-data")
+    (volume / "big.bin").write_bytes(os.urandom(64 << 20))  # time enough to be interrupted while extracting
+    proc = run_backup(engine, platform, MODULE, tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    archive = proc.stdout.split()[0]
+    bad_apply(volume)
+    broken = without_socket(walk(volume))
+
+    child = subprocess.Popen([sys.executable, str(TOOL), "--restore", archive, "--yes", "--platform-root", str(platform), "--allow-ci"],
+                             env=engine.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stderr is not None
+    seen = []
+    for line in child.stderr:
+        seen.append(line)
+        if "restoring /data: emptying" in line:
+            time.sleep(0.2)
+            child.send_signal(signal.SIGINT)
+            break
+    out, rest = child.communicate(timeout=300)
+    err = "".join(seen) + rest
+    assert child.returncode == 130, err
+    assert engine.inspect(MODULE)["State"]["Running"] is True  # started again, never left stopped
+    way_back = re.search(r"the state before it is in (\S+); to go back to it: (python3 \S+ --restore \S+)", err)
+    assert way_back, err
+    assert err.strip().splitlines()[-1].endswith("the safety backup and the command that puts it back are above")
+
+    back = run_tool(*shlex.split(way_back.group(2))[2:], "--yes", "--no-safety-backup", "--platform-root", str(platform), env=engine.env, timeout=600)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert without_socket(walk(volume)) == broken  # the state before the interrupted restore, exactly
+
+
+def test_e2e_restore_class_a_interrupted_mid_load_finishes_the_load_and_names_the_way_back(postgres, tmp_path):
+    engine, platform, container = postgres
+    psql(engine, container, "shop", "CREATE TABLE bulk AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 400000) g")
+    proc = run_backup(engine, platform, "honcho-postgres", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    dump = proc.stdout.split()[0]
+    psql(engine, container, "shop", "DROP TABLE bulk", "CREATE TABLE after_the_backup (x int)")
+    broken = pg_state(engine, container)
+
+    child = subprocess.Popen([sys.executable, str(TOOL), "--restore", dump, "--yes", "--platform-root", str(platform), "--allow-ci"],
+                             env=engine.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stderr is not None
+    seen = []
+    for line in child.stderr:
+        seen.append(line)
+        if "with psql" in line and "loading" in line:
+            time.sleep(0.5)
+            child.send_signal(signal.SIGINT)
+            break
+    _, rest = child.communicate(timeout=300)
+    err = "".join(seen) + rest
+    assert child.returncode == 130, err
+    assert "an interrupt now takes effect once the load is done" in err
+    assert pg_state(engine, container)["shop:public.bulk"] == "400000"  # the load ran to its end: no half-dropped cluster
+    way_back = re.search(r"to go back to it: (python3 \S+ --restore \S+)", err)
+    assert way_back, err
+    back = run_tool(*shlex.split(way_back.group(1))[2:], "--yes", "--no-safety-backup", "--platform-root", str(platform), env=engine.env, timeout=600)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert pg_state(engine, container) == broken
