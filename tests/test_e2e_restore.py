@@ -107,7 +107,7 @@ def test_e2e_restore_refusals_touch_nothing(keeper, tmp_path):
     assert sorted(p.name for p in tampered.iterdir() if not p.name.startswith(".")) == sorted([copy.name, Path(manifest).name])  # no safety backup
 
     other = json.loads(Path(manifest).read_text())
-    other["procedure"] = "redis-bgsave"  # a class whose restore is not built: refused with the notes
+    other["procedure"] = "vault-raft-snapshot"  # a class whose restore is not built: refused with the notes
     (tampered / Path(manifest).name).write_text(json.dumps(other))
     unsupported = restore(engine, platform, str(tampered / Path(manifest).name), "--yes")
     assert unsupported.returncode == 2 and "follow the restore notes above" in unsupported.stderr
