@@ -229,6 +229,22 @@ def test_e2e_restore_class_b_after_a_bad_apply_then_undo(docker_engine, tmp_path
 # ---------------------------------------------------------------- interrupted
 
 
+def interrupted_restore(engine, platform: Path, path: str, when: str, delay: float) -> tuple[int, str]:
+    """Run a restore and send it SIGINT delay seconds after it logs a line holding when; return its exit status and stderr."""
+    child = subprocess.Popen([sys.executable, str(TOOL), "--restore", path, "--yes", "--platform-root", str(platform), "--allow-ci"],
+                             env=engine.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stderr is not None
+    seen = []
+    for line in child.stderr:
+        seen.append(line)
+        if when in line:
+            time.sleep(delay)
+            child.send_signal(signal.SIGINT)
+            break
+    _, rest = child.communicate(timeout=300)
+    return child.returncode, "".join(seen) + rest
+
+
 def test_e2e_restore_interrupted_mid_extraction_returns_the_container_and_names_the_way_back(keeper, tmp_path):
     engine, platform = keeper
     volume = mountpoint(engine, "keeper-data")
@@ -239,19 +255,8 @@ def test_e2e_restore_interrupted_mid_extraction_returns_the_container_and_names_
     bad_apply(volume)
     broken = without_socket(walk(volume))
 
-    child = subprocess.Popen([sys.executable, str(TOOL), "--restore", archive, "--yes", "--platform-root", str(platform), "--allow-ci"],
-                             env=engine.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert child.stderr is not None
-    seen = []
-    for line in child.stderr:
-        seen.append(line)
-        if "restoring /data: emptying" in line:
-            time.sleep(0.2)
-            child.send_signal(signal.SIGINT)
-            break
-    out, rest = child.communicate(timeout=300)
-    err = "".join(seen) + rest
-    assert child.returncode == 130, err
+    returncode, err = interrupted_restore(engine, platform, archive, "restoring /data: emptying", 0.2)
+    assert returncode == 130, err
     assert engine.inspect(MODULE)["State"]["Running"] is True  # started again, never left stopped
     way_back = re.search(r"the state before it is in (\S+); to go back to it: (python3 \S+ --restore \S+)", err)
     assert way_back, err
@@ -271,19 +276,8 @@ def test_e2e_restore_class_a_interrupted_mid_load_finishes_the_load_and_names_th
     psql(engine, container, "shop", "DROP TABLE bulk", "CREATE TABLE after_the_backup (x int)")
     broken = pg_state(engine, container)
 
-    child = subprocess.Popen([sys.executable, str(TOOL), "--restore", dump, "--yes", "--platform-root", str(platform), "--allow-ci"],
-                             env=engine.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert child.stderr is not None
-    seen = []
-    for line in child.stderr:
-        seen.append(line)
-        if "with psql" in line and "loading" in line:
-            time.sleep(0.5)
-            child.send_signal(signal.SIGINT)
-            break
-    _, rest = child.communicate(timeout=300)
-    err = "".join(seen) + rest
-    assert child.returncode == 130, err
+    returncode, err = interrupted_restore(engine, platform, dump, "into the server of apps-honcho-postgres-1 with psql", 0.5)
+    assert returncode == 130, err
     assert "an interrupt now takes effect once the load is done" in err
     assert pg_state(engine, container)["shop:public.bulk"] == "400000"  # the load ran to its end: no half-dropped cluster
     way_back = re.search(r"to go back to it: (python3 \S+ --restore \S+)", err)
