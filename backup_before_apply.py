@@ -3881,6 +3881,8 @@ class Restore:
     engine: EngineInfo
     lines: list[str] = dataclasses.field(default_factory=list)
     terminate_connections: bool = False  # class A: end other sessions on the databases the dump replaces
+    force_vault: bool = False  # class C: `snapshot restore -force` (a snapshot of a cluster with other unseal keys)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the procedure's options, with the class's values
 
     @property
     def name(self) -> str:
@@ -6441,6 +6443,61 @@ def procedure_vault_raft_snapshot(job: BackupJob, dir_fd: int) -> BackupResult:
     return result
 
 
+def restore_vault(job: Restore) -> int:
+    """Class C: `vault operator raft snapshot restore` of the snapshot, copied into the running container.
+
+    The token reaches vault by name (VAULT_TOKEN), never in an argv; -force only with
+    --force-vault (a snapshot of a cluster with other unseal keys). The snapshot is removed
+    from the container whatever happens. A mounted-archive fallback is put back as class E.
+    Vault has nothing to count: the report says the snapshot was accepted, not compared.
+    """
+    doc, lines, timeout = job.doc, job.lines, job.settings.docker_timeout
+    if doc.get("fallback_used"):
+        return restore_mounted_archive(job)
+    token_env = str(job.options.get("token_env") or "VAULT_TOKEN")
+    token = job.env.get(token_env)
+    if not token:
+        raise RefusedError(f"no {token_env} in the environment: a raft snapshot restore needs a token allowed to restore (root or "
+                           "sys/storage/raft/snapshot-force)")
+    if not (job.container.get("State") or {}).get("Running"):
+        raise RefusedError(f"container {job.name} is not running: the snapshot is restored through the running, unsealed Vault")
+    addr = str(job.options.get("vault_addr") or container_env(job.container).get("VAULT_ADDR") or (doc.get("contents") or {}).get("vault_addr")
+               or "http://127.0.0.1:8200")
+    secrets = {"VAULT_TOKEN": token, "VAULT_ADDR": addr}
+    inside = f"/tmp/bba-restore-{os.urandom(4).hex()}.snap"
+    copy_file_into(job.name, job.backup, inside, job.settings.stream_timeout)
+    try:
+        argv = ["vault", "operator", "raft", "snapshot", "restore", *(["-force"] if job.force_vault else []), inside]
+        proc = run(exec_argv(job.name, argv, secrets=secrets), timeout=job.settings.snapshot_timeout, secrets=secrets, check=False)
+        if proc.returncode != 0:
+            why = " | ".join(proc.stderr.decode("utf-8", "replace").strip().splitlines()[-3:])
+            hint = "; if the snapshot is of a cluster with other unseal keys, --force-vault passes -force" if not job.force_vault else ""
+            raise BackupError(f"vault operator raft snapshot restore failed ({why}){hint}")
+    finally:
+        with signals_deferred():
+            run(exec_argv(job.name, ["rm", "-f", "--", inside]), timeout=timeout, check=False)
+    lines.append(f"vault operator raft snapshot restore{' -force' if job.force_vault else ''} accepted {job.backup.name} ({addr})")
+    lines.append("Vault offers nothing to count: not compared; unseal with the source cluster's keys if it sealed, then check known secrets")
+    return 0
+
+
+def copy_file_into(container: str, source: Path, path: str, timeout: float) -> None:
+    """Copy a file of this host into a container (running or not) at path, as root, mode 0600."""
+    size = source.stat().st_size
+    with open(source, "rb") as fh, stream_into(["docker", "cp", "-", f"{container}:{posixpath.dirname(path)}"], timeout=timeout) as stream:
+        tar = TarWriter(_FileSink(stream.pipe))
+        tar.add_file(TarEntry(posixpath.basename(path), tarfile.REGTYPE, 0o600, 0, 0, int(time.time()), size), fh.fileno())
+        tar.close()
+
+
+def plan_restore_vault(job: Restore) -> list[str]:
+    if job.doc.get("fallback_used"):
+        return plan_restore_mounted_archive(job)
+    return [f"copy {job.backup.name} into {job.name}:/tmp (removed afterwards)",
+            f"docker exec -e VAULT_TOKEN -e VAULT_ADDR {job.name} vault operator raft snapshot restore{' -force' if job.force_vault else ''} <it>",
+            "report it (Vault offers nothing to count)"]
+
+
 def plan_vault(job: BackupJob) -> Plan:
     token_env = job.options["token_env"]
     if not job.env.get(token_env):
@@ -6465,6 +6522,8 @@ register(Procedure(
     plan=plan_vault,
     estimate=estimate_mounts,
     verify=verify_snapshot,
+    restore=restore_vault,
+    restore_plan=plan_restore_vault,
     drill=lambda drill: drill_listing(drill, "Vault is not started for a drill: structure, SHA256SUMS and contents listing only; "
                                              "restore with `vault operator raft snapshot restore`"),
     suffixes=("snap",),
@@ -7511,7 +7570,9 @@ def cmd_restore(args: argparse.Namespace, config: Config, settings: Settings, ou
         lines.append(f"the container was recreated since the backup ({str(recorded.get('id'))[:12]} then, {str(container.get('Id'))[:12]} now, "
                      f"image {container.get('Config', {}).get('Image')}): normal after an apply")
     backup_dir = backup.parent
-    job = Restore(backup, doc, settings, env, container, engine_info(timeout), lines, terminate_connections=args.terminate_connections)
+    cls = config.classes.get(str(doc.get("class")))
+    job = Restore(backup, doc, settings, env, container, engine_info(timeout), lines, terminate_connections=args.terminate_connections,
+                  force_vault=args.force_vault, options=procedure_options(procedure, cls) if cls is not None else {})
     if args.dry_run:
         steps = [f"verify {backup} as --verify does",
                  "skip the safety backup (--no-safety-backup)" if args.no_safety_backup else f"take a safety backup of {module_id} into {backup_dir}",
@@ -7754,6 +7815,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--yes", action="store_true", help="with --restore: do not ask for the module id on the terminal")
     parser.add_argument("--no-safety-backup", action="store_true", help="with --restore: do not back up the current state first")
     parser.add_argument("--terminate-connections", action="store_true", help="with --restore of class A: end other sessions on the databases replaced")
+    parser.add_argument("--force-vault", action="store_true", help="with --restore of class C: vault operator raft snapshot restore -force")
     parser.add_argument("--dry-run", action="store_true", help="print every command and path; change nothing")
     parser.add_argument("--container", metavar="NAME", help="use this container instead of resolving one")
     parser.add_argument("--pause", action="store_true", help="freeze the container while archiving (always unpaused)")
@@ -7787,7 +7849,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if len(modes) != 1:
         raise UsageError(f"give exactly one of MODULE_ID, --list, --verify FILE, --drill FILE or --restore FILE (got {', '.join(modes) or 'none'})")
     if not args.restore:
-        for flag in ("yes", "no_safety_backup", "terminate_connections"):
+        for flag in ("yes", "no_safety_backup", "terminate_connections", "force_vault"):
             if getattr(args, flag):
                 raise UsageError(f"--{flag.replace('_', '-')} applies to --restore, not to {modes[0]}")
     else:

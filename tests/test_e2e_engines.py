@@ -25,7 +25,11 @@ MEILI_KEY = "meili-Master-55ab"
 
 @pytest.fixture
 def vault(docker_engine, tmp_path):
-    engine = docker_engine
+    return vault_module(docker_engine, tmp_path)
+
+
+def vault_module(engine, tmp_path: Path):
+    """Module vault: the Vault stand-in in a container, its raft data in a volume."""
     platform = tmp_path / "platform"
     write_module(platform, "vault", container="vault")
     engine.run_container("vault", "-v", "vault-data:/vault/data", "-v", f"{STANDINS}:/opt/standins:ro",

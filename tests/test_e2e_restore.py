@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import TOOL, run_backup, run_tool
 from test_e2e_databases import REDIS_PASSWORD, honcho_postgres, infisical_redis, psql
+from test_e2e_engines import VAULT_TOKEN, vault_module
 from test_e2e_fidelity import keeper_module, mountpoint
 from test_fidelity import walk
 
@@ -107,7 +108,7 @@ def test_e2e_restore_refusals_touch_nothing(keeper, tmp_path):
     assert sorted(p.name for p in tampered.iterdir() if not p.name.startswith(".")) == sorted([copy.name, Path(manifest).name])  # no safety backup
 
     other = json.loads(Path(manifest).read_text())
-    other["procedure"] = "vault-raft-snapshot"  # a class whose restore is not built: refused with the notes
+    other["procedure"] = "mc-mirror"  # a class whose restore is not built: refused with the notes
     (tampered / Path(manifest).name).write_text(json.dumps(other))
     unsupported = restore(engine, platform, str(tampered / Path(manifest).name), "--yes")
     assert unsupported.returncode == 2 and "follow the restore notes above" in unsupported.stderr
@@ -285,3 +286,37 @@ def test_e2e_restore_class_a_interrupted_mid_load_finishes_the_load_and_names_th
     back = run_tool(*shlex.split(way_back.group(1))[2:], "--yes", "--no-safety-backup", "--platform-root", str(platform), env=engine.env, timeout=600)
     assert back.returncode == 0, back.stdout + back.stderr
     assert pg_state(engine, container) == broken
+
+
+# ---------------------------------------------------------------- class C (through the Vault stand-in)
+
+
+def vault_state(engine) -> str:
+    return engine.docker("exec", "vault", "sh", "-c", "cd /vault/data && for f in *; do echo \"$f $(cat $f)\"; done").stdout
+
+
+def test_e2e_restore_class_c_snapshot_then_undo_and_force(docker_engine, tmp_path):
+    engine, platform = vault_module(docker_engine, tmp_path)
+    token = {**engine.env, "VAULT_TOKEN": VAULT_TOKEN}
+    proc = run_tool("vault", "--platform-root", str(platform), "--backup-dir", str(tmp_path / "b"), env=token)
+    assert proc.returncode == 0, proc.stderr
+    snap = proc.stdout.split()[0]
+    before = vault_state(engine)
+    engine.docker("exec", "vault", "sh", "-c", "echo changed-by-the-apply > /vault/data/raft.db; echo new > /vault/data/after.db")
+    broken = vault_state(engine)
+
+    done = run_tool("--restore", snap, "--yes", "--platform-root", str(platform), env=token, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "vault operator raft snapshot restore accepted" in done.stdout and "not compared" in done.stdout
+    assert VAULT_TOKEN not in done.stdout + done.stderr
+    assert vault_state(engine) == before
+    assert engine.docker("exec", "vault", "sh", "-c", "ls /tmp | grep -c bba- || true").stdout.strip() == "0"  # the copy is gone
+
+    safety = next(line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("safety backup of the state before"))
+    engine.docker("exec", "vault", "sh", "-c", "echo another-cluster > /vault/data/.standin-cluster")  # other unseal keys now
+    refused = run_tool("--restore", safety, "--yes", "--no-safety-backup", "--platform-root", str(platform), env=token, timeout=300)
+    assert refused.returncode == 1 and "--force-vault passes -force" in refused.stderr
+    assert vault_state(engine) == before
+    forced = run_tool("--restore", safety, "--yes", "--no-safety-backup", "--force-vault", "--platform-root", str(platform), env=token, timeout=300)
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert vault_state(engine) == broken
