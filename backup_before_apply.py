@@ -2252,7 +2252,7 @@ class StreamSink:
 
 
 class _PipeWriter(StreamSink):
-    """Writes everything to a pipe's fd (a compressor's stdin)."""
+    """Writes everything to an fd: a compressor's stdin, or --pause's staging file (big files reach both by sendfile)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -2867,6 +2867,7 @@ class TarWriter:
 
 
 _LISTING_MODULUS = 1 << 256
+_LISTING_KEYS = ("members", "files", "bytes", "listing_sha256")  # what a manifest records per mount, and what is compared
 _LISTING_KIND = {tarfile.LNKTYPE: "h", tarfile.REGTYPE: "f", tarfile.DIRTYPE: "d", tarfile.SYMTYPE: "l"}
 
 
@@ -4230,17 +4231,6 @@ def write_archive(
     )
 
 
-class _FdSink(StreamSink):
-    """Writes to a regular file's fd (the staging copy); big files reach it by sendfile."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        _write_all(typing.cast(int, self.fd), data)
-        return len(data)
-
-
 def _archive_staged(job: BackupJob, dir_fd: int, items: list[ArchiveItem], skipped: list[str], stats: ArchiveStats,
                     out: PartialFile, progress: Progress) -> float:
     """--pause, the short way: the container is frozen only while its data is read; return how long it was.
@@ -4261,7 +4251,7 @@ def _archive_staged(job: BackupJob, dir_fd: int, items: list[ArchiveItem], skipp
             os.close(staging_fd)
         try:
             with paused(job.container, job.settings.docker_timeout, job.settings.pause_timeout, job.journal) as frozen:
-                tar = TarWriter(_FdSink(fd), progress, check=frozen.check)
+                tar = TarWriter(_PipeWriter(fd), progress, check=frozen.check)
                 try:
                     archive_items(tar, job.container, items, skipped, stats, job.rules)
                     tar.close()
@@ -4629,16 +4619,20 @@ def compare_restored_mounts(drill: Drill, box: DrillContainer, lines: list[str])
             continue
         restored = restored_mounts[mount["destination"]]
         via_host = mount.get("read_via") == "host" and restored.via == "host"
-        stats = ArchiveStats()
-        item = ArchiveItem(restored.destination, restored.source if via_host else None, restored.destination)
         others = [m["destination"] for m in doc["mounts"] if m["destination"] != mount["destination"]]
-        rules = ArchiveRules(timeout=drill.settings.drill_timeout, inventory=False)
-        archive_items(TarWriter(_NullWriter()), box.name, [item], others, stats, rules)
-        found = stats.summary().get(mount["destination"], {})
         lines.append(f"{mount['destination']} (restored, read via {'host path' if via_host else 'docker cp'}):")
-        for key in ("members", "files", "bytes", "listing_sha256"):
-            differences += not compare(key, mount.get(key), found.get(key), lines)
+        differences += compare_mount(box.name, mount, restored.source if via_host else None, others, drill.settings.drill_timeout, lines)
     return differences
+
+
+def compare_mount(container: str, recorded: dict[str, Any], source: str | None, others: list[str], timeout: float, lines: list[str]) -> int:
+    """Read a mount again as a backup reads it (source on this host, else docker cp) and compare it with the manifest's record of it."""
+    destination = recorded["destination"]
+    stats = ArchiveStats()
+    archive_items(TarWriter(_NullWriter()), container, [ArchiveItem(destination, source, destination)], others, stats,
+                  ArchiveRules(timeout=timeout, inventory=False))
+    found = stats.summary().get(destination, {})
+    return sum(not compare(key, recorded.get(key), found.get(key), lines) for key in _LISTING_KEYS)
 
 
 def drill_groups(drill: Drill) -> int:
@@ -4653,7 +4647,7 @@ def drill_groups(drill: Drill) -> int:
     differences = 0
     for group in sorted(set(groups) | set(found)):
         lines.append(f"{group}:")
-        for key in ("members", "files", "bytes", "listing_sha256"):
+        for key in _LISTING_KEYS:
             differences += not compare(key, groups.get(group, {}).get(key), found.get(group, {}).get(key), lines)
     drill.passed = "drill passed: structure and contents match the manifest (nothing was started)"
     return differences
@@ -4670,9 +4664,6 @@ def drill_listing(drill: Drill, note: str) -> int:
         drill.lines.append(f"  ... and {len(sizes) - DRILL_LISTING_MAX} more")
     drill.passed = "drill passed: structure and contents match the manifest (nothing was started)"
     return int(not compare("members", drill.doc.get("verification", {}).get("members"), len(sizes), drill.lines))
-
-
-_LISTING_KEYS = ("members", "files", "bytes", "listing_sha256")
 
 
 def listing_differences(expected: dict[str, dict[str, Any]], found: dict[str, dict[str, Any]],
@@ -4793,14 +4784,10 @@ def restore_mounted_archive(job: Restore) -> int:
             extract_mount(job.backup, doc["format"], tar, source, destination, archived, job.settings.stream_timeout)
             lines.append(f"restored {destination} into {source} ({tar} --xattrs --xattrs-include='*' --acls --numeric-owner)")
         for destination in archived:  # compared before the service starts and writes again
-            stats = ArchiveStats()
-            archive_items(TarWriter(_NullWriter()), job.name, [ArchiveItem(destination, live[destination].source, destination)],
-                          [d for d in archived if d != destination], stats, ArchiveRules(timeout=job.settings.stream_timeout, inventory=False))
-            found = stats.summary().get(destination, {})
             recorded = next(m for m in doc["mounts"] if m["destination"] == destination)
             lines.append(f"{destination} (read again after the restore, before the service starts):")
-            for key in _LISTING_KEYS:
-                differences += not compare(key, recorded.get(key), found.get(key), lines)
+            differences += compare_mount(job.name, recorded, live[destination].source, [d for d in archived if d != destination],
+                                         job.settings.stream_timeout, lines)
     return differences
 
 
@@ -4823,12 +4810,22 @@ def empty_directory(path: str, keep: list[str]) -> None:
         for name in os.listdir(fd):
             if name in {k.split("/", 1)[0] for k in keep}:
                 continue  # a nested mount's mount point (its own contents are restored on their own)
-            if os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode & 0o170000 == stat.S_IFDIR:
-                shutil.rmtree(name, dir_fd=fd)
-            else:
-                os.unlink(name, dir_fd=fd)
+            remove_entry(fd, name)
     finally:
         os.close(fd)
+
+
+def remove_entry(dir_fd: int, name: str) -> None:
+    """Remove name in dir_fd, a directory with everything in it or anything else, never following a link; gone already is fine."""
+    try:
+        is_dir = stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return
+    if is_dir:
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
 
 
 register(Procedure(
@@ -6264,47 +6261,46 @@ def restore_redis(job: Restore) -> int:
     appendonly = config.get("appendonly") == "yes"
     kind, aof_path = redis_aof_path(live_version, config["dir"], config)
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bba-restore-") as private, stopped(job):
-        copy = os.path.join(private, "rdb")
-        member = _extract_member(job.backup, doc["format"], rdb.lstrip("/"), copy)
-        directory = os.open(os.path.join(where.host, *where.rel), _DIR_FLAGS)
-        try:
-            _place_file(copy, directory, config["dbfilename"], member)
-            lines.append(f"put {rdb} of the backup in place of {live_rdb}")
-            name = posixpath.basename(aof_path)
-            if appendonly:
-                with contextlib.suppress(FileNotFoundError):
-                    if os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode & 0o170000 == stat.S_IFDIR:
-                        shutil.rmtree(name, dir_fd=directory)
-                    else:
-                        os.unlink(name, dir_fd=directory)
-                if kind == "dir":
-                    base = f"{config.get('appendfilename') or 'appendonly.aof'}.1.base.rdb"
-                    os.mkdir(name, 0o755, dir_fd=directory)
-                    os.chown(name, member.uid, member.gid, dir_fd=directory, follow_symlinks=False)
-                    aof_fd = os.open(name, _DIR_FLAGS, dir_fd=directory)
-                    try:
-                        _place_file(copy, aof_fd, base, member)
-                        manifest = os.path.join(private, "manifest")
-                        with open(manifest, "wb") as fh:
-                            fh.write(f"file {base} seq 1 type b\n".encode())
-                        _place_file(manifest, aof_fd, f"{config.get('appendfilename') or 'appendonly.aof'}.manifest", member)
-                    finally:
-                        os.close(aof_fd)
-                    lines.append(f"appendonly yes: {aof_path}/ replaced by a manifest naming a copy of that RDB as its base (Redis loads exactly it)")
-                else:
-                    _place_file(copy, directory, name, member)
-                    lines.append(f"appendonly yes: {aof_path} replaced by that RDB (an RDB is a valid AOF preamble)")
-        finally:
-            os.close(directory)
-        started = time.monotonic()  # stopped() starts the container again as the block ends; keys are compared after
-    wait_until_loaded(job, target)
-    found, loaded_at = redis_keyspace(target, timeout), redis_time(target, timeout)
     with tempfile.TemporaryDirectory(prefix="bba-restore-") as private:
         copy = os.path.join(private, "rdb")
-        _extract_member(job.backup, doc["format"], rdb.lstrip("/"), copy)
+        member = _extract_member(job.backup, doc["format"], rdb.lstrip("/"), copy)  # put in place, then compared with
+        with stopped(job):
+            directory = os.open(os.path.join(where.host, *where.rel), _DIR_FLAGS)
+            try:
+                _place_file(copy, directory, config["dbfilename"], member)
+                lines.append(f"put {rdb} of the backup in place of {live_rdb}")
+                if appendonly:
+                    lines.append(_point_live_aof_at(copy, directory, posixpath.basename(aof_path), kind, config, member, private, aof_path))
+            finally:
+                os.close(directory)
+            started = time.monotonic()  # stopped() starts the container again as the block ends; keys are compared after
+        wait_until_loaded(job, target)
+        found, loaded_at = redis_keyspace(target, timeout), redis_time(target, timeout)
         lines.append("Redis loaded the RDB of record; keys per database compared with those read from it:")
         return _compare_keys("restore", _expected_keys(copy, loaded_at, time.monotonic() - started), found, lines)
+
+
+def _point_live_aof_at(copy: str, directory: int, name: str, kind: str, config: dict[str, str], member: TarEntry, private: str,
+                       aof_path: str) -> str:
+    """Replace the live AOF (name in directory) by one that loads exactly the RDB copy; return what was done."""
+    remove_entry(directory, name)
+    if kind != "dir":
+        _place_file(copy, directory, name, member)
+        return f"appendonly yes: {aof_path} replaced by that RDB (an RDB is a valid AOF preamble)"
+    prefix = config.get("appendfilename") or "appendonly.aof"
+    base = f"{prefix}.1.base.rdb"
+    os.mkdir(name, 0o755, dir_fd=directory)
+    os.chown(name, member.uid, member.gid, dir_fd=directory, follow_symlinks=False)
+    aof_fd = os.open(name, _DIR_FLAGS, dir_fd=directory)
+    try:
+        _place_file(copy, aof_fd, base, member)
+        manifest = os.path.join(private, "manifest")
+        with open(manifest, "wb") as fh:
+            fh.write(f"file {base} seq 1 type b\n".encode())
+        _place_file(manifest, aof_fd, f"{prefix}.manifest", member)
+    finally:
+        os.close(aof_fd)
+    return f"appendonly yes: {aof_path}/ replaced by a manifest naming a copy of that RDB as its base (Redis loads exactly it)"
 
 
 def _place_file(source: str, dir_fd: int, name: str, entry: TarEntry) -> None:
