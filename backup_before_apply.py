@@ -54,7 +54,7 @@ import typing
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -3883,6 +3883,8 @@ class Restore:
     lines: list[str] = dataclasses.field(default_factory=list)
     terminate_connections: bool = False  # class A: end other sessions on the databases the dump replaces
     force_vault: bool = False  # class C: `snapshot restore -force` (a snapshot of a cluster with other unseal keys)
+    remove_extra: bool = False  # class D: remove objects the backup does not hold (created after it)
+    via_docker: bool = False  # archives: put mounts back through the engine (docker cp), as on a remote engine
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the procedure's options, with the class's values
 
     @property
@@ -3903,7 +3905,9 @@ class Procedure:
     the fallback procedure's own do); restore puts a module back to the backup on its
     live container and returns the number of differences found when comparing afterwards
     (None: this procedure's backups are restored by hand, from the restore notes), and
-    restore_plan says what it would do.
+    restore_plan says what it would do; by_hand, asked of the procedure that took a backup
+    before anything is touched, returns the exact steps of a backup --restore leaves to the
+    operator (its first line says why; the restore is refused with exit 2), or None.
     """
 
     name: str
@@ -3918,6 +3922,7 @@ class Procedure:
     owns_fallback: bool = False
     restore: Callable[[Restore], int] | None = None
     restore_plan: Callable[[Restore], list[str]] | None = None  # restore's --dry-run: its steps
+    by_hand: Callable[[Restore], list[str] | None] | None = None
 
 
 PROCEDURES: dict[str, Procedure] = {}
@@ -4759,17 +4764,21 @@ def restore_mounted_archive(job: Restore) -> int:
     descriptors, never following a link) and the mount extracted into it by GNU tar with the
     restore notes' flags (owners, modes, mtimes, links, xattrs, ACLs, holes); the container
     is started again if it was running; then every mount is read again as a backup reads it
-    and compared with the manifest. A remote or rootless engine, or a host without GNU
-    tar, is refused with the reason: nothing is touched.
+    and compared with the manifest. On a remote or rootless engine, on a host without GNU
+    tar, or with --via-docker, the mounts are put back through the engine instead
+    (restore_through_engine).
     """
     doc, lines = job.doc, job.lines
     archived = [m["destination"] for m in doc.get("mounts", []) if m["destination"] in doc.get("archived_paths", [m["destination"]])]
     if not archived:
         raise UsageError(f"{job.backup.name} archives no mount; nothing to restore")
     tar = gnu_tar()
-    if not job.engine.local or job.engine.rootless or tar is None:
-        why = "no GNU tar on this host" if tar is None else "the engine is not local (its volumes are not this host's directories)"
-        raise UsageError(f"restore of {job.backup.name} refused: {why}; restore it by hand as the restore notes say")
+    why = ("--via-docker" if job.via_docker else "no GNU tar on this host" if tar is None
+           else "the engine is not local: its volumes are not this host's directories" if not job.engine.local
+           else "the engine is rootless: its volumes belong to another user namespace" if job.engine.rootless else "")
+    if why:
+        return restore_through_engine(job, archived, why)
+    assert tar is not None
     live = {m.destination: m for m in plan_mounts(job.container, read_on_host=True)[0]}
     missing = [d for d in archived if d not in live or live[d].via != "host"]
     if missing:
@@ -4791,9 +4800,77 @@ def restore_mounted_archive(job: Restore) -> int:
     return differences
 
 
+def restore_through_engine(job: Restore, archived: list[str], why: str) -> int:
+    """Put the archived mounts back through the engine, where this host cannot write them (why says so).
+
+    The container is stopped; each mount is emptied by a short-lived helper container of
+    the module's own image (with the container's own mounts, so its binaries are those the
+    service runs with), which mounts that one volume or bind a second time, alone (so nested
+    mounts are not touched), and runs `find -mindepth 1 -delete` there as root; then the archive is
+    streamed into `docker cp --archive - <container>:/` (owners, modes, mtimes, links and
+    the xattrs docker sets); every mount is read again through docker cp and compared with
+    the manifest before the service starts. An image without `find` cannot remove what
+    the backup does not hold: refused before anything is touched. Holes come back as
+    zeros (docker cp writes no sparse files: the comparison says so if the manifest has
+    them), and docker sets a time before 1970 to the epoch.
+    """
+    doc, lines, settings = job.doc, job.lines, job.settings
+    live = {m.destination: m for m in plan_mounts(job.container, read_on_host=False)[0]}
+    missing = [d for d in archived if d not in live]
+    if missing:
+        raise UsageError(f"container {job.name} has no writable mount at {', '.join(missing)}; the archive cannot be put back there")
+    image = str(job.container.get("Image") or (job.container.get("Config") or {}).get("Image") or "")
+    helper = ["run", "--rm", "--network", "none", "--user", "0:0", "--volumes-from", job.name, "--entrypoint", "find"]
+    probe = docker([*helper, image, "/", "-maxdepth", "0"], timeout=max(settings.docker_timeout, 60), check=False)
+    if probe.returncode != 0:
+        raise UsageError(f"restore of {job.backup.name} through the engine ({why}) refused: the image of {job.name} has no working `find` to empty "
+                         f"its mounts with ({failure_text(probe)}); restore it by hand as the restore notes say")
+    lines.append(f"through the engine ({why}): mounts emptied by a helper container of {job.name}'s image, the archive put back with docker cp "
+                 "(holes written as zeros, times before 1970 set to the epoch)")
+    differences = 0
+    with stopped(job):
+        for destination in archived:
+            mount = live[destination]
+            source = mount.name if mount.type == "volume" and mount.name else mount.source
+            target = ",".join(_csv_field(f) for f in (f"type={mount.type}", f"source={source}", f"target={ENGINE_RESTORE_TARGET}"))
+            LOG.warning("restoring %s: emptying it through a helper container", destination)
+            docker([*helper, "--mount", target, image, ENGINE_RESTORE_TARGET, "-mindepth", "1", "-delete"], timeout=settings.stream_timeout)
+        with open(job.backup, "rb") as fh, decompressing(fh, doc["format"]) as raw, \
+                stream_into(["docker", "cp", "--archive", "-", f"{job.name}:/"], timeout=settings.stream_timeout) as stream:
+            shutil.copyfileobj(raw, stream.pipe, COPY_CHUNK)
+        lines.append(f"restored {', '.join(archived)} (docker cp --archive)")
+        for destination in archived:
+            recorded = next(m for m in doc["mounts"] if m["destination"] == destination)
+            lines.append(f"{destination} (read again through docker cp after the restore, before the service starts):")
+            differences += compare_mount(job.name, recorded, None, [d for d in archived if d != destination], settings.stream_timeout, lines)
+    return differences
+
+
+ENGINE_RESTORE_TARGET = "/.bba-restore-target"  # where the helper container mounts the one mount it empties
+
+
+def _csv_field(field: str) -> str:
+    # docker --mount reads its value as one CSV record: a field holding a comma or a quote is quoted.
+    return '"' + field.replace('"', '""') + '"' if any(c in field for c in ',"') else field
+
+
+def failure_text(proc: subprocess.CompletedProcess[bytes]) -> str:
+    """Return the last lines of a failed command's stderr on one line, or its exit status."""
+    text = " | ".join(proc.stderr.decode("utf-8", "replace").strip().splitlines()[-2:])
+    return text or f"exit status {proc.returncode}"
+
+
 def plan_restore_mounted_archive(job: Restore) -> list[str]:
     running = bool((job.container.get("State") or {}).get("Running"))
     archived = [m["destination"] for m in job.doc.get("mounts", []) if m["destination"] in job.doc.get("archived_paths", [m["destination"]])]
+    engine = job.via_docker or not job.engine.local or job.engine.rootless or gnu_tar() is None
+    if engine:
+        return [f"check that {job.name}'s image has `find` (a helper container empties the mounts)",
+                f"docker stop {job.name}" if running else f"leave {job.name} stopped, as it is",
+                *[f"empty {d} with a helper container of the same image (find -mindepth 1 -delete)" for d in archived],
+                f"docker cp --archive - {job.name}:/ < {job.backup.name}, decompressed",
+                "read every restored mount again through docker cp and compare it with the manifest",
+                *([f"docker start {job.name}, wait for its healthcheck"] if running else [])]
     return [f"docker stop {job.name}" if running else f"leave {job.name} stopped, as it is",
             *[f"empty {d} and extract it from {job.backup.name} with GNU tar" for d in archived],
             "read every restored mount again and compare it with the manifest",
@@ -6264,7 +6341,7 @@ def restore_redis(job: Restore) -> int:
     with tempfile.TemporaryDirectory(prefix="bba-restore-") as private:
         copy = os.path.join(private, "rdb")
         member = _extract_member(job.backup, doc["format"], rdb.lstrip("/"), copy)  # put in place, then compared with
-        with stopped(job):
+        with stopped(job), signals_deferred():  # the RDB and the AOF are swapped together: an interrupt waits for both
             directory = os.open(os.path.join(where.host, *where.rel), _DIR_FLAGS)
             try:
                 _place_file(copy, directory, config["dbfilename"], member)
@@ -6587,10 +6664,7 @@ def procedure_mc_mirror(job: BackupJob, dir_fd: int) -> BackupResult:
         if probe.returncode != 0:
             return fall_back(job, dir_fd, "mc is neither on this host nor in the container", MINIO_HINT)
 
-    def mc(args: list[str], cwd: str, what: str, on_record: Callable[[dict[str, Any]], None]) -> None:
-        argv = [host_mc, *args] if host_mc else exec_argv(job.container, ["mc", *args], secrets=secrets, workdir=cwd)
-        mc_records(argv, what, job.settings.stream_timeout, secrets, on_record, cwd=cwd if host_mc else None)
-
+    mc = mc_runner(job.container, host_mc, secrets, job.settings.stream_timeout)
     staging_name = f".{job.basename}.mc-staging"
     os.mkdir(staging_name, 0o700, dir_fd=dir_fd)
     staging = job.backup_dir / staging_name
@@ -6647,6 +6721,14 @@ def procedure_mc_mirror(job: BackupJob, dir_fd: int) -> BackupResult:
 McRunner = Callable[[list[str], str, str, Callable[[dict[str, Any]], None]], None]
 
 
+def mc_runner(container: str, host_mc: str | None, secrets: dict[str, str], timeout: float) -> McRunner:
+    """Return mc(args, cwd, what, on_record): mc on this host when there is one, else inside the container, reading --json lines."""
+    def mc(args: list[str], cwd: str, what: str, on_record: Callable[[dict[str, Any]], None]) -> None:
+        argv = [host_mc, *args] if host_mc else exec_argv(container, ["mc", *args], secrets=secrets, workdir=cwd)
+        mc_records(argv, what, timeout, secrets, on_record, cwd=cwd if host_mc else None)
+    return mc
+
+
 def mc_listing(mc: McRunner, alias: str, bucket: str, cwd: str) -> array.array[int]:
     """Return the sorted keys (hashed) of every object `mc ls --recursive` lists in the bucket."""
     keys = array.array("Q")
@@ -6674,6 +6756,164 @@ def check_mirrored(mc: McRunner, alias: str, bucket: str, cwd: str, listed: arra
     return f"mc ls listed {len(listed)} objects; every one that is still there was mirrored"
 
 
+def restore_mc_mirror(job: Restore) -> int:
+    """Class D: mirror every bucket of the backup back with mc, then import the bucket configuration; compare key by key.
+
+    `mc mirror --preserve --overwrite` puts every object of the backup back (their times
+    too); objects created after the backup are kept, and listed, unless --remove-extra
+    adds --remove. Buckets the backup does not hold are left alone. mc runs on this host
+    when it is there (the backup is unpacked into a private staging directory beside it),
+    else inside the running container (the backup is copied into its /tmp). Afterwards
+    `mc ls --recursive` of every bucket must list every object of the backup with its
+    size: the server read a second way, not the mirror's own report.
+    """
+    doc, lines, settings = job.doc, job.lines, job.settings
+    alias_env = str(job.options.get("alias_env") or "MINIO_MC_ALIAS")
+    alias = job.env.get(alias_env, "")
+    if not alias:
+        raise RefusedError(f"no {alias_env} in the environment: the buckets are mirrored back through an mc alias, as they were backed up")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", alias):
+        raise UsageError(f"{alias_env}={alias!r} is not an mc alias name")
+    recorded_alias = (doc.get("contents") or {}).get("alias")
+    if recorded_alias and recorded_alias != alias:
+        lines.append(f"restoring into alias {alias}; the backup was taken from alias {recorded_alias}")
+    host_key = f"MC_HOST_{alias}"
+    secrets = {host_key: job.env[host_key]} if job.env.get(host_key) else {}
+    host_mc = mc_on_this_host(settings.docker_timeout)
+    if host_mc is None and not (job.container.get("State") or {}).get("Running"):
+        raise RefusedError(f"container {job.name} is not running and mc is not on this host: the buckets are mirrored back through MinIO's API")
+    mc = mc_runner(job.name, host_mc, secrets, settings.stream_timeout)
+    wanted = backup_objects(job.backup, doc["format"])
+    buckets = sorted(set((doc.get("counts") or {}).get("objects") or {}) | set(wanted.objects))
+    staging_name = f".{job.backup.name}.mc-restore"
+    inside = f"/tmp/bba-restore-{os.urandom(4).hex()}"
+    dir_fd = os.open(job.backup.parent, _DIR_FLAGS)
+    differences = 0
+    try:
+        if host_mc:
+            os.mkdir(staging_name, 0o700, dir_fd=dir_fd)
+            work = str(job.backup.parent / staging_name)
+            unpack_plain(job.backup, doc["format"], work)
+        else:
+            work = inside
+            run(exec_argv(job.name, ["mkdir", "-m", "0700", inside]), timeout=settings.docker_timeout)
+            with open(job.backup, "rb") as fh, decompressing(fh, doc["format"]) as raw, \
+                    stream_into(["docker", "cp", "-", f"{job.name}:{inside}"], timeout=settings.stream_timeout) as stream:
+                shutil.copyfileobj(raw, stream.pipe, COPY_CHUNK)
+        for bucket in buckets:
+            if bucket not in wanted.objects:
+                lines.append(f"bucket {bucket}: empty in the backup; its configuration import recreates it")
+                continue
+            flags = ["--preserve", "--overwrite", *(["--remove"] if job.remove_extra else []), "--json"]
+            LOG.warning("mirroring %s back into %s/%s", bucket, alias, bucket)
+            mc(["mirror", *flags, f"{work}/buckets/{bucket}", f"{alias}/{bucket}"], work, f"mc mirror into {alias}/{bucket}", lambda record: None)
+            lines.append(f"mirrored {len(wanted.objects[bucket])} object(s) back into {alias}/{bucket} (mc mirror {' '.join(flags[:-1])})")
+        for name in wanted.metadata:
+            try:
+                mc(["admin", "cluster", "bucket", "import", alias, f"{work}/{name}", "--json"], work, "mc admin cluster bucket import", lambda record: None)
+                lines.append(f"bucket configuration imported from {name}")
+            except BackupError as exc:
+                differences += 1
+                lines.append(f"DIFFERENT: the bucket configuration was not imported ({exc}); the objects are back")
+    finally:
+        with signals_deferred():
+            if host_mc:
+                remove_tree_at(dir_fd, staging_name)
+            else:
+                run(exec_argv(job.name, ["rm", "-rf", "--", inside]), timeout=settings.docker_timeout, check=False)
+            os.close(dir_fd)
+    listing: list[dict[str, Any]] = []
+    mc(["ls", "--json", alias], "/", f"mc ls {alias}", listing.append)
+    others = sorted({r["key"].rstrip("/") for r in listing if r.get("type") == "folder"} - set(buckets))
+    if others:
+        lines.append(f"left alone, not in the backup: bucket(s) {', '.join(others)}")
+    for bucket in buckets:
+        differences += compare_bucket(mc, alias, bucket, wanted.objects.get(bucket, {}), job.remove_extra, lines)
+    return differences
+
+
+@dataclasses.dataclass
+class BackupObjects:
+    """What an mc-mirror backup holds: every object (key and size) per bucket, and its metadata files."""
+
+    objects: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    metadata: list[str] = dataclasses.field(default_factory=list)
+
+
+def backup_objects(backup: Path, fmt: str) -> BackupObjects:
+    """Read the objects of an mc-mirror backup from the archive itself."""
+    found = BackupObjects()
+    with open(backup, "rb") as fh, decompressing(fh, fmt) as raw:
+        for _, entry in tar_entries(raw):
+            top, _, rest = entry.name.partition("/")
+            if top == "buckets" and entry.kind == tarfile.REGTYPE:
+                bucket, _, key = rest.partition("/")
+                found.objects.setdefault(bucket, {})[key] = entry.size
+            elif top == "buckets" and entry.kind == tarfile.DIRTYPE and rest and "/" not in rest.rstrip("/"):
+                found.objects.setdefault(rest.rstrip("/"), {})
+            elif top == "metadata" and entry.kind == tarfile.REGTYPE:
+                found.metadata.append(entry.name)
+    return found
+
+
+def compare_bucket(mc: McRunner, alias: str, bucket: str, wanted: dict[str, int], removed_extra: bool, lines: list[str]) -> int:
+    """List the bucket again and compare it with the backup's objects; return the number of differences."""
+    now: dict[str, int] = {}
+    mc(["ls", "--recursive", "--json", f"{alias}/{bucket}"], "/", f"mc ls --recursive {alias}/{bucket}",
+       lambda record: now.__setitem__(str(record.get("key", "")), int(record.get("size") or 0)) if record.get("type") == "file" else None)
+    missing = sorted(set(wanted) - set(now))
+    resized = sorted(key for key in set(wanted) & set(now) if wanted[key] != now[key])
+    extra = sorted(set(now) - set(wanted))
+    differences = 0
+    if missing:
+        differences += 1
+        lines.append(f"DIFFERENT: bucket {bucket}: {len(missing)} object(s) of the backup are not there (first: {', '.join(missing[:3])})")
+    if resized:
+        differences += 1
+        lines.append(f"DIFFERENT: bucket {bucket}: {len(resized)} object(s) differ in size from the backup (first: {', '.join(resized[:3])})")
+    if not missing and not resized:
+        lines.append(f"bucket {bucket}: all {len(wanted)} object(s) of the backup listed by mc ls, with their sizes")
+    if extra and removed_extra:
+        differences += 1
+        lines.append(f"DIFFERENT: bucket {bucket}: {len(extra)} object(s) not in the backup are still there (first: {', '.join(extra[:3])})")
+    elif extra:
+        lines.append(f"bucket {bucket}: {len(extra)} object(s) created after the backup kept (--remove-extra removes them): {', '.join(extra[:3])}"
+                     + (" ..." if len(extra) > 3 else ""))
+    return differences
+
+
+def unpack_plain(backup: Path, fmt: str, root: str) -> None:
+    """Unpack an archive of plain directories and files (mc's staging) into root; refuse links, odd names and anything outside it."""
+    with open(backup, "rb") as fh, decompressing(fh, fmt) as raw:
+        extract_plain(tar_entries(raw), root, str(backup))
+
+
+def extract_plain(entries: Iterable[tuple[TarReader, TarEntry]], root: str, what: str) -> None:
+    """Write the directories and regular files of a tar stream under root, 0700/0600, with their mtimes; refuse anything else."""
+    for tar, member in entries:
+        target = os.path.normpath(os.path.join(root, member.name))
+        if not _inside(target, [root]) or member.kind not in (tarfile.DIRTYPE, tarfile.REGTYPE) or member.sparse is not None:
+            raise BackupError(f"{what}: unexpected entry {member.name!r}")
+        if member.kind == tarfile.DIRTYPE:
+            os.makedirs(target, mode=0o700, exist_ok=True)
+            continue
+        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        with open(target, "xb") as out:
+            while chunk := tar.read(COPY_CHUNK):
+                out.write(chunk)
+        os.utime(target, (member.mtime, member.mtime))
+
+
+def plan_restore_mc_mirror(job: Restore) -> list[str]:
+    alias = job.env.get(str(job.options.get("alias_env") or "MINIO_MC_ALIAS")) or "<alias>"
+    buckets = ", ".join(sorted((job.doc.get("counts") or {}).get("objects") or {})) or "none"
+    return [f"unpack {job.backup.name} where mc runs (this host's staging beside it, or {job.name}:/tmp), removed afterwards",
+            f"mc mirror --preserve --overwrite{' --remove' if job.remove_extra else ''} every bucket of the backup ({buckets}) into {alias}/<bucket>",
+            f"mc admin cluster bucket import {alias} <the backup's metadata export>",
+            "mc ls --recursive every bucket: every object of the backup there with its size"
+            + ("; nothing else" if job.remove_extra else "; objects created after the backup kept and listed")]
+
+
 def mc_on_this_host(timeout: float) -> str | None:
     """Return the MinIO client on this host's PATH, or None (Debian's `mc` is Midnight Commander)."""
     found = shutil.which("mc")
@@ -6685,17 +6925,7 @@ def mc_on_this_host(timeout: float) -> str | None:
 def copy_staging_out(job: BackupJob, inside: str, staging: Path) -> None:
     """Copy mc's staging directory out of the container into staging; refuse links and anything outside it."""
     with stream_from(["docker", "cp", f"{job.container}:{inside}/.", "-"], timeout=job.settings.stream_timeout) as pipe:
-        for tar, member in _docker_cp_entries(pipe, f"{job.container}:{inside}"):
-            target = os.path.normpath(os.path.join(staging, member.name))
-            if not _inside(target, [str(staging)]) or member.kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) or member.sparse is not None:
-                raise BackupError(f"mc staging copy: unexpected entry {member.name!r}")
-            if member.kind == tarfile.DIRTYPE:
-                os.makedirs(target, mode=0o700, exist_ok=True)
-            elif member.kind == tarfile.REGTYPE:
-                with open(target, "xb") as fh:
-                    while chunk := tar.read(COPY_CHUNK):
-                        fh.write(chunk)
-                os.utime(target, (member.mtime, member.mtime))
+        extract_plain(_docker_cp_entries(pipe, f"{job.container}:{inside}"), str(staging), "mc staging copy")
 
 
 def plan_mc_mirror(job: BackupJob) -> Plan:
@@ -6716,6 +6946,8 @@ register(Procedure(
     estimate=estimate_mounts,
     verify=verify_archive,
     drill=drill_groups,
+    restore=restore_mc_mirror,
+    restore_plan=plan_restore_mc_mirror,
     suffixes=("tar.gz", "tar.zst"),
     options={"alias_env": (str, "MINIO_MC_ALIAS")},
 ))
@@ -6920,6 +7152,38 @@ def drill_search_engine(drill: Drill) -> int:
                                 "restore by starting Meilisearch with --import-dump")
 
 
+def meilisearch_by_hand(job: Restore) -> list[str] | None:
+    """A Meilisearch dump is loaded only by a server started on an empty database with --import-dump: the exact steps.
+
+    None for an archive (SearXNG's configuration, Meilisearch's mounted data), which
+    --restore puts back as class E.
+    """
+    if job.doc.get("format") != "dump":
+        return None
+    name = job.name
+    config = job.container.get("Config") or {}
+    image = config.get("Image") or "<its image>"
+    workdir = config.get("WorkingDir") or "/meili_data"
+    env = container_env(job.container)
+    db = posixpath.join(workdir, env.get("MEILI_DB_PATH") or "data.ms")
+    dump = posixpath.join(workdir, env.get("MEILI_DUMP_DIR") or "dumps/", f"restore-{job.backup.stem}.dump")
+    key = " -e MEILI_MASTER_KEY" if "MEILI_MASTER_KEY" in env else ""
+    counts = ", ".join(f"{index} {n}" for index, n in ((job.doc.get("counts") or {}).get("documents") or {}).items()) or "none recorded"
+    return [
+        "a Meilisearch dump is imported only by a server started on an empty database with --import-dump (Meilisearch docs, "
+        "\"Import a dump\"), which this tool does not do to a live module",
+        f"1. docker stop {name}",
+        f"2. keep the current database aside: docker run --rm --volumes-from {name} --entrypoint mv {image} {db} {db}.before-restore",
+        f"3. copy the dump in: docker cp {job.backup} {name}:{dump}",
+        f"4. import it once, in the foreground, with the same key: MEILI_MASTER_KEY=<its key> docker run --rm -it --volumes-from {name}{key} "
+        f"{image} meilisearch --db-path {db} --import-dump {dump}",
+        "   wait until it logs that the server listens (the import is done), then stop it with Ctrl-C",
+        f"5. docker start {name}; GET /stats must show the documents per index of \"counts\" in {job.backup.stem}{MANIFEST_SUFFIX}: {counts}",
+        f"6. once the service is checked: docker exec {name} rm -rf {db}.before-restore {dump}",
+        f"(to go back instead: docker stop {name}, move {db}.before-restore back to {db}, docker start {name})",
+    ]
+
+
 register(Procedure(
     name="search-engine",
     run=procedure_search_engine,
@@ -6927,6 +7191,9 @@ register(Procedure(
     estimate=estimate_mounts,
     verify=verify_search_engine,
     drill=drill_search_engine,
+    restore=restore_mounted_archive,
+    restore_plan=plan_restore_mounted_archive,
+    by_hand=meilisearch_by_hand,
     suffixes=("dump", "tar.gz", "tar.zst"),
     options={"meilisearch_dump": (bool, False), "meilisearch_url": (str, "http://127.0.0.1:7700")},
 ))
@@ -7077,6 +7344,15 @@ def plan_compose_root(job: BackupJob) -> Plan:
     return Plan(steps, f".tar.{job.compression.suffix}", f"{job.compression.format} complete, tar readable, entry count")
 
 
+def compose_root_by_hand(job: Restore) -> list[str]:
+    """Class G is never restored by this tool (the origin design defers it): the Agaria follow-up steps, filled in."""
+    contents = job.doc.get("contents") or {}
+    where = (f"compose root {contents['compose_root']}, containers {', '.join(contents.get('containers') or []) or 'none'}"
+             if contents.get("compose_root") else "the module's mounted data (fallback: the compose root could not be read)")
+    return [f"{AGARIA_FOLLOW_UP}: the origin design defers class G restores to Agaria's own steps",
+            f"the archive holds {where}", *str(job.doc.get("restore", "")).strip().splitlines()]
+
+
 register(Procedure(
     name="compose-root-archive",
     run=procedure_compose_root_archive,
@@ -7084,6 +7360,7 @@ register(Procedure(
     estimate=estimate_mounts,
     verify=verify_archive,
     drill=drill_groups,
+    by_hand=compose_root_by_hand,
     suffixes=("tar.gz", "tar.zst"),
     options={"compose_root": (str, "")},
 ))
@@ -7512,11 +7789,12 @@ def stopped(job: Restore) -> Iterator[None]:
     was_running = bool(state.get("Running"))
     if state.get("Paused"):
         raise RefusedError(f"container {job.name} is paused; unpause it (or find out who paused it) before a restore")
-    if was_running:
-        LOG.warning("stopping container %s for the restore", job.name)
-        docker(["stop", job.name], timeout=max(timeout, 60))
-        job.lines.append(f"container {job.name} stopped")
     try:
+        if was_running:
+            LOG.warning("stopping container %s for the restore", job.name)
+            with signals_deferred():  # the daemon goes on stopping it if the CLI is cut short: the start below must follow
+                docker(["stop", job.name], timeout=max(timeout, 60))
+            job.lines.append(f"container {job.name} stopped")
         yield
     finally:
         if was_running:
@@ -7551,9 +7829,6 @@ def cmd_restore(args: argparse.Namespace, config: Config, settings: Settings, ou
     backup, doc = load_manifest(args.restore)
     procedure = procedure_for(doc, backup)
     module_id = validate_module_id(str(doc.get("module", "")))
-    if procedure.restore is None:
-        raise UsageError(f"{backup.name} was taken by {procedure.name}, whose backups --restore does not put back yet; "
-                         "follow the restore notes above (also in its manifest)", details=str(doc.get("restore", "")).splitlines())
     platform_root = Path(settings.platform_root)
     module = load_module(platform_root, module_id)
     timeout = settings.docker_timeout
@@ -7568,7 +7843,15 @@ def cmd_restore(args: argparse.Namespace, config: Config, settings: Settings, ou
     backup_dir = backup.parent
     cls = config.classes.get(str(doc.get("class")))
     job = Restore(backup, doc, settings, env, container, engine_info(timeout), lines, terminate_connections=args.terminate_connections,
-                  force_vault=args.force_vault, options=procedure_options(procedure, cls) if cls is not None else {})
+                  force_vault=args.force_vault, remove_extra=args.remove_extra, via_docker=args.via_docker, options=procedure_options(procedure, cls) if cls is not None else {})
+    taken_by = PROCEDURES[str(doc.get("procedure"))]
+    steps_by_hand = taken_by.by_hand(job) if taken_by.by_hand is not None else None
+    if steps_by_hand:
+        raise UsageError(f"--restore does not put {backup.name} back itself: {steps_by_hand[0]}; nothing was touched. The exact steps are above",
+                         details=steps_by_hand[1:])
+    if procedure.restore is None:
+        raise UsageError(f"{backup.name} was taken by {procedure.name}, whose backups --restore does not put back yet; "
+                         "follow the restore notes above (also in its manifest)", details=str(doc.get("restore", "")).splitlines())
     if args.dry_run:
         steps = [f"verify {backup} as --verify does",
                  "skip the safety backup (--no-safety-backup)" if args.no_safety_backup else f"take a safety backup of {module_id} into {backup_dir}",
@@ -7812,11 +8095,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-safety-backup", action="store_true", help="with --restore: do not back up the current state first")
     parser.add_argument("--terminate-connections", action="store_true", help="with --restore of class A: end other sessions on the databases replaced")
     parser.add_argument("--force-vault", action="store_true", help="with --restore of class C: vault operator raft snapshot restore -force")
+    parser.add_argument("--remove-extra", action="store_true", help="with --restore of class D: remove objects created after the backup")
     parser.add_argument("--dry-run", action="store_true", help="print every command and path; change nothing")
     parser.add_argument("--container", metavar="NAME", help="use this container instead of resolving one")
     parser.add_argument("--pause", action="store_true", help="freeze the container while archiving (always unpaused)")
     parser.add_argument("--procedure", choices=sorted(PROCEDURES), help="override the class's procedure")
-    parser.add_argument("--via-docker", action="store_true", help="read mounts with docker cp even when the host paths are readable")
+    parser.add_argument("--via-docker", action="store_true",
+                        help="read (or, with --restore, write) mounts through docker cp even when the host paths are reachable")
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
     parser.add_argument("--platform-root", metavar="DIR", help=f"platform checkout (env PLATFORM_ROOT, default {DEFAULT_PLATFORM_ROOT})")
     parser.add_argument("--backup-dir", metavar="DIR", help="where backups go (env BACKUP_DIR, default <platform-root>/backups)")
@@ -7845,11 +8130,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if len(modes) != 1:
         raise UsageError(f"give exactly one of MODULE_ID, --list, --verify FILE, --drill FILE or --restore FILE (got {', '.join(modes) or 'none'})")
     if not args.restore:
-        for flag in ("yes", "no_safety_backup", "terminate_connections", "force_vault"):
+        for flag in ("yes", "no_safety_backup", "terminate_connections", "force_vault", "remove_extra"):
             if getattr(args, flag):
                 raise UsageError(f"--{flag.replace('_', '-')} applies to --restore, not to {modes[0]}")
     else:
-        for flag in ("pause", "procedure", "via_docker"):
+        for flag in ("pause", "procedure"):
             if getattr(args, flag):
                 raise UsageError(f"--{flag.replace('_', '-')} applies to a backup, not to --restore")
     if not args.module and not args.restore:

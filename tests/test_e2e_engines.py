@@ -85,6 +85,10 @@ def test_e2e_vault_falls_back_loudly(vault, tmp_path, setup, token, reason):
 
 @pytest.fixture
 def meili(docker_engine, tmp_path):
+    return meili_module(docker_engine, tmp_path)
+
+
+def meili_module(docker_engine, tmp_path):
     engine = docker_engine
     platform = tmp_path / "platform"
     write_module(platform, "karakeep-meilisearch")
@@ -194,6 +198,10 @@ def test_standins_say_what_they_stand_in_for():
 
 @pytest.fixture
 def agaria(docker_engine, tmp_path):
+    return agaria_module(docker_engine, tmp_path)
+
+
+def agaria_module(docker_engine, tmp_path):
     """A separate compose project: PostgreSQL and Redis, with a compose root on this host."""
     engine = docker_engine
     platform = tmp_path / "platform"
@@ -275,6 +283,10 @@ MINIO_SECRET = "minio-Secret-31f0"
 
 @pytest.fixture
 def minio(docker_engine, tmp_path):
+    return minio_module(docker_engine, tmp_path)
+
+
+def minio_module(docker_engine, tmp_path):
     engine = docker_engine
     platform = tmp_path / "platform"
     write_module(platform, "minio")

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import TOOL, run_backup, run_tool
 from test_e2e_databases import REDIS_PASSWORD, honcho_postgres, infisical_redis, psql
-from test_e2e_engines import VAULT_TOKEN, vault_module
+from test_e2e_engines import MINIO_SECRET, VAULT_TOKEN, agaria_module, meili_module, minio_module, vault_module
 from test_e2e_fidelity import keeper_module, mountpoint
 from test_fidelity import walk
 
@@ -31,6 +31,21 @@ MODULE = "keeper"
 @pytest.fixture
 def keeper(docker_engine, tmp_path):
     return keeper_module(docker_engine, tmp_path, deep=False)
+
+
+@pytest.fixture
+def minio(docker_engine, tmp_path):
+    return minio_module(docker_engine, tmp_path)
+
+
+@pytest.fixture
+def meili(docker_engine, tmp_path):
+    return meili_module(docker_engine, tmp_path)
+
+
+@pytest.fixture
+def agaria(docker_engine, tmp_path):
+    return agaria_module(docker_engine, tmp_path)
 
 
 def restore(engine, platform: Path, path: str, *args: str):
@@ -108,10 +123,10 @@ def test_e2e_restore_refusals_touch_nothing(keeper, tmp_path):
     assert sorted(p.name for p in tampered.iterdir() if not p.name.startswith(".")) == sorted([copy.name, Path(manifest).name])  # no safety backup
 
     other = json.loads(Path(manifest).read_text())
-    other["procedure"] = "mc-mirror"  # a class whose restore is not built: refused with the notes
+    other["procedure"] = "compose-root-archive"  # class G: never restored by the tool, its follow-up steps printed
     (tampered / Path(manifest).name).write_text(json.dumps(other))
     unsupported = restore(engine, platform, str(tampered / Path(manifest).name), "--yes")
-    assert unsupported.returncode == 2 and "follow the restore notes above" in unsupported.stderr
+    assert unsupported.returncode == 2 and "Agaria-specific follow-up required" in unsupported.stderr
 
     ci = run_tool_under_ci(engine, platform, archive)
     assert ci.returncode == 3
@@ -227,6 +242,28 @@ def test_e2e_restore_class_b_after_a_bad_apply_then_undo(docker_engine, tmp_path
     assert redis_digest(engine) == broken
 
 
+@pytest.mark.parametrize(("backup_aof", "live_aof"), [(False, True), (True, False)], ids=["backup-aof-off-live-on", "backup-aof-on-live-off"])
+def test_e2e_restore_class_b_when_the_apply_switched_appendonly(docker_engine, tmp_path, backup_aof, live_aof):
+    """The origin's pitfall: whatever appendonly says now, the backup's data comes back, not an empty or stale dataset."""
+    engine, platform, _ = infisical_redis(docker_engine, tmp_path, backup_aof, extra="enable-debug-command yes")
+    proc = run_backup(engine, platform, "infisical-redis", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    before = redis_digest(engine)
+    engine.docker("rm", "-f", "cache")  # the apply: the same volume, appendonly switched
+    engine.run_redis("cache", password=REDIS_PASSWORD, appendonly=live_aof, extra="enable-debug-command yes", volume="cache-data")
+    # appendonly switched on starts from an empty AOF, ignoring dump.rdb: the very loss a rollback is for
+    engine.docker("exec", "-i", "-e", "REDISCLI_AUTH", "cache", "redis-cli", input=b"FLUSHALL\nSET after-the-apply 1\n",
+                  env_extra={"REDISCLI_AUTH": REDIS_PASSWORD})
+
+    done = run_tool("--restore", proc.stdout.split()[0], "--yes", "--platform-root", str(platform), env=engine.env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "restored and compared: equal" in done.stdout
+    assert redis_digest(engine) == before
+    config = engine.docker("exec", "-e", "REDISCLI_AUTH", "cache", "redis-cli", "CONFIG", "GET", "appendonly",
+                           env_extra={"REDISCLI_AUTH": REDIS_PASSWORD}).stdout.split()
+    assert config == ["appendonly", "yes" if live_aof else "no"]  # the live configuration is left as the apply made it
+
+
 # ---------------------------------------------------------------- interrupted
 
 
@@ -266,6 +303,28 @@ def test_e2e_restore_interrupted_mid_extraction_returns_the_container_and_names_
     back = run_tool(*shlex.split(way_back.group(2))[2:], "--yes", "--no-safety-backup", "--platform-root", str(platform), env=engine.env, timeout=600)
     assert back.returncode == 0, back.stdout + back.stderr
     assert without_socket(walk(volume)) == broken  # the state before the interrupted restore, exactly
+
+
+def test_e2e_restore_class_b_interrupted_returns_redis_running_with_one_whole_dataset(docker_engine, tmp_path):
+    engine, platform, _ = infisical_redis(docker_engine, tmp_path, True, extra="enable-debug-command yes")
+    proc = run_backup(engine, platform, "infisical-redis", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    before = redis_digest(engine)
+    engine.docker("exec", "-i", "-e", "REDISCLI_AUTH", "cache", "redis-cli", input=b"FLUSHALL\nSET after-the-backup 1\n",
+                  env_extra={"REDISCLI_AUTH": REDIS_PASSWORD})
+    broken = redis_digest(engine)
+
+    returncode, err = interrupted_restore(engine, platform, proc.stdout.split()[0], "stopping container cache for the restore", 0.0)
+    assert returncode == 130, err
+    assert engine.inspect("cache")["State"]["Running"] is True, err
+    logs = engine.docker("logs", "cache").stdout
+    assert logs.count("Ready to accept connections") == 1 + logs.count("Received SIGTERM")  # if it was stopped, it was started again
+    assert redis_digest(engine) in (before, broken)  # the backup's dataset or the one before, never half of each, never empty
+    way_back = re.search(r"to go back to it: (python3 \S+ --restore \S+)", err)
+    assert way_back, err
+    back = run_tool(*shlex.split(way_back.group(1))[2:], "--yes", "--no-safety-backup", "--platform-root", str(platform), env=engine.env, timeout=600)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert redis_digest(engine) == broken
 
 
 def test_e2e_restore_class_a_interrupted_mid_load_finishes_the_load_and_names_the_way_back(postgres, tmp_path):
@@ -320,3 +379,117 @@ def test_e2e_restore_class_c_snapshot_then_undo_and_force(docker_engine, tmp_pat
     forced = run_tool("--restore", safety, "--yes", "--no-safety-backup", "--force-vault", "--platform-root", str(platform), env=token, timeout=300)
     assert forced.returncode == 0, forced.stdout + forced.stderr
     assert vault_state(engine) == broken
+
+
+# ---------------------------------------------------------------- class E through the engine
+
+
+def as_docker_cp_keeps(tree: dict) -> dict:
+    """What docker cp carries both ways: no holes (allocated blocks), of the xattrs only security.capability (README, Class E)."""
+    kept = {}
+    for name, (kind, mode, uid, gid, mtime, detail, xattrs) in without_socket(tree).items():
+        if stat.S_ISREG(kind) and detail[0] != "hard link":
+            detail = (detail[0], detail[2])
+        kept[name] = (kind, mode, uid, gid, mtime, detail, tuple(x for x in xattrs if x[0] == "security.capability"))
+    return kept
+
+
+def test_e2e_restore_through_the_engine_with_via_docker(keeper, tmp_path):
+    """What a remote engine gets: the mounts emptied by a helper container, the archive put back with docker cp."""
+    engine, platform = keeper
+    volume = mountpoint(engine, "keeper-data")
+    proc = run_backup(engine, platform, MODULE, tmp_path / "b", "--via-docker")
+    assert proc.returncode == 0, proc.stderr
+    archive = proc.stdout.split()[0]
+    before = as_docker_cp_keeps(walk(volume))
+    bad_apply(volume)
+
+    dry = restore(engine, platform, archive, "--via-docker", "--dry-run")
+    assert dry.returncode == 0 and "would empty /data with a helper container of the same image" in dry.stdout
+    done = restore(engine, platform, archive, "--via-docker", "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "through the engine (--via-docker)" in done.stdout and "restored and compared: equal" in done.stdout
+    after = as_docker_cp_keeps(walk(volume))
+    assert after.pop("old")[4] == 0 and before.pop("old")[4] == -2  # docker cp sets a time before 1970 to the epoch (README)
+    assert after == before
+    assert not (volume / "new-after-the-backup").exists()
+    assert engine.inspect(MODULE)["State"]["Running"] is True
+    assert engine.docker("ps", "-aq", "--filter", f"ancestor={engine.inspect(MODULE)['Image']}").stdout.split() == [engine.inspect(MODULE)["Id"][:12]]
+
+
+# ---------------------------------------------------------------- class D (through the mc stand-in)
+
+
+def bucket_files(engine) -> dict[str, str]:
+    out = engine.docker("exec", "minio", "sh", "-c", "cd /data && find docs photos extra -type f -exec sh -c 'echo \"$1 $(cat \"$1\") $(stat -c %Y \"$1\")\"' _ {} \\; 2>/dev/null || true").stdout
+    return dict(line.split(" ", 1) for line in out.splitlines())
+
+
+def test_e2e_restore_class_d_mirrors_back_keeps_new_objects_unless_asked(minio, tmp_path):
+    engine, platform, alias = minio
+    env = {**engine.env, **alias}
+    proc = run_backup(engine, platform, "minio", tmp_path / "b", extra_env=alias)
+    assert proc.returncode == 0, proc.stderr
+    archive = proc.stdout.split()[0]
+    before = bucket_files(engine)
+    engine.docker("exec", "minio", "sh", "-c", "echo changed > /data/docs/b.pdf && rm /data/photos/2024/a.jpg && echo new > /data/docs/new.txt "
+                  "&& mkdir -p /data/extra && echo e > /data/extra/e.txt")
+
+    done = run_tool("--restore", archive, "--yes", "--platform-root", str(platform), env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert MINIO_SECRET not in done.stdout + done.stderr
+    assert "bucket docs: all 2 object(s) of the backup listed by mc ls, with their sizes" in done.stdout
+    assert "bucket docs: 1 object(s) created after the backup kept (--remove-extra removes them): new.txt" in done.stdout
+    assert "left alone, not in the backup: bucket(s) extra" in done.stdout
+    assert "bucket configuration imported from metadata/local-cluster-metadata.zip" in done.stdout
+    now = bucket_files(engine)
+    assert {k: v for k, v in now.items() if k in before} == before  # contents and --preserve'd times back
+    assert "docs/new.txt" in now and "extra/e.txt" in now
+    assert engine.docker("exec", "minio", "cat", "/data/.standin-imported").stdout.split() == ["docs", "photos"]
+    assert engine.docker("exec", "minio", "sh", "-c", "ls /tmp | grep -c bba- || true").stdout.strip() == "0"
+
+    again = run_tool("--restore", archive, "--yes", "--no-safety-backup", "--remove-extra", "--platform-root", str(platform), env=env, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "docs/new.txt" not in bucket_files(engine) and "extra/e.txt" in bucket_files(engine)
+
+    no_alias = run_tool("--restore", archive, "--yes", "--platform-root", str(platform), env=engine.env, timeout=300)
+    assert no_alias.returncode == 3 and "no MINIO_MC_ALIAS in the environment" in no_alias.stderr
+
+
+# ---------------------------------------------------------------- classes F and G: the steps, or class E
+
+
+def test_e2e_restore_meilisearch_dump_prints_the_steps_and_refuses_its_archive_restores(meili, tmp_path):
+    engine, platform, classes = meili
+    proc = run_backup(engine, platform, "karakeep-meilisearch", tmp_path / "b", "--classes", str(classes))
+    assert proc.returncode == 0, proc.stderr
+    dump = proc.stdout.split()[0]
+    started = engine.inspect("apps-meili-1")["State"]["StartedAt"]
+    refused = restore(engine, platform, dump, "--yes", "--classes", str(classes))
+    assert refused.returncode == 2, refused.stderr
+    assert "docker stop apps-meili-1" in refused.stderr and f"--import-dump /meili_data/dumps/restore-{Path(dump).stem}.dump" in refused.stderr
+    assert "bookmarks 2" in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].endswith("nothing was touched. The exact steps are above")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir() if not p.name.startswith(".")) == sorted(Path(p).name for p in proc.stdout.split())
+    assert engine.inspect("apps-meili-1")["State"]["StartedAt"] == started
+
+    archived = run_backup(engine, platform, "karakeep-meilisearch", tmp_path / "c")  # the origin's default: the mounted data
+    assert archived.returncode == 0, archived.stderr
+    engine.docker("exec", "apps-meili-1", "sh", "-c", "echo '{\"id\":3}' >> /meili_data/data.ms/bookmarks.jsonl")
+    done = restore(engine, platform, archived.stdout.split()[0], "--yes")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "restored and compared: equal" in done.stdout
+    assert engine.docker("exec", "apps-meili-1", "cat", "/meili_data/data.ms/bookmarks.jsonl").stdout == '{"id":1}\n{"id":2}\n'
+
+
+def test_e2e_restore_class_g_prints_the_agaria_follow_up_and_refuses(agaria, tmp_path):
+    engine, platform, root, _ = agaria
+    proc = run_backup(engine, platform, "agaria-postgres", tmp_path / "b")
+    assert proc.returncode == 0, proc.stderr
+    dry = restore(engine, platform, proc.stdout.split()[0], "--dry-run")
+    refused = restore(engine, platform, proc.stdout.split()[0], "--yes")
+    for attempt in (dry, refused):
+        assert attempt.returncode == 2
+        assert f"compose root {root}, containers agaria-agaria-postgres-1, agaria-agaria-redis-1" in attempt.stderr
+        assert "docker compose up -d in the compose root" in attempt.stderr
+        assert "Agaria-specific follow-up required: the origin design defers class G restores" in attempt.stderr.strip().splitlines()[-1]
