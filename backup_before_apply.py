@@ -615,6 +615,8 @@ class BackupClass:
     restore: str
     default: bool = False
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    keep: int | None = None  # --prune: the class's own retention, else [settings]'s
+    older_than: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -636,6 +638,8 @@ class Settings:
     space_margin_mb: float = 256.0
     redis_password_env: str = "REDIS_PASSWORD"  # noqa: S105 (a variable name, not a password)
     redis_user_env: str = "REDIS_USERNAME"
+    keep: int = 5  # --prune: backups kept per module whatever their age
+    older_than: str = "30d"  # --prune: only backups older than this are removed
 
 
 DEFAULT_SETTINGS = Settings()
@@ -657,7 +661,10 @@ SETTING_SOURCES: dict[str, tuple[str, str]] = {
     "space_margin_mb": ("BBA_SPACE_MARGIN_MB", "--space-margin-mb"),
     "redis_password_env": ("BBA_REDIS_PASSWORD_ENV", ""),
     "redis_user_env": ("BBA_REDIS_USER_ENV", ""),
+    "keep": ("", "--keep"),  # also per class (classes.X.keep), which the command line overrides
+    "older_than": ("", "--older-than"),
 }
+DURATION_SETTINGS = ("older_than",)
 SETTING_CHOICES: dict[str, tuple[str, ...]] = {"compression": ("gzip", "zstd"), "gzip_tool": ("auto", "pigz", "zlib")}
 SETTING_LIMITS: dict[str, tuple[float, float]] = {
     "docker_timeout": (1, 86400),
@@ -669,6 +676,7 @@ SETTING_LIMITS: dict[str, tuple[float, float]] = {
     "snapshot_timeout": (1, 86400),
     "drill_timeout": (1, 86400),
     "space_margin_mb": (0, 1 << 30),
+    "keep": (0, 100000),
 }
 
 
@@ -685,7 +693,8 @@ class Config:
         return next(c for c in self.classes.values() if c.default)
 
 
-CLASS_KEYS = {"title": str, "patterns": list, "procedure": str, "fallback": str, "restore": str, "default": bool, "options": dict}
+CLASS_KEYS = {"title": str, "patterns": list, "procedure": str, "fallback": str, "restore": str, "default": bool, "options": dict,
+              "keep": int, "older_than": str}
 CLASS_REQUIRED = ("title", "patterns", "procedure", "fallback", "restore")
 NO_FALLBACK = "none"
 
@@ -714,7 +723,32 @@ def check_setting(name: str, value: Any, where: str) -> Any:
         low, high = SETTING_LIMITS[name]
         if not low <= converted <= high:
             raise UsageError(f"{where}: {value!r} is outside {low:g}..{high:g}")
+    if name in DURATION_SETTINGS:
+        parse_duration(converted, where)
     return converted
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, where: str) -> int:
+    """Return the seconds of a duration written 90s, 30m, 2h or 1d. Raise UsageError naming where."""
+    found = re.fullmatch(r"([0-9]{1,9})([smhd])", text.strip())
+    if not found:
+        raise UsageError(f"{where}: {text!r} is not a duration (a whole number and s, m, h or d: 90s, 30m, 2h, 1d)")
+    return int(found.group(1)) * DURATION_UNITS[found.group(2)]
+
+
+def format_age(seconds: float) -> str:
+    """Return an age as an operator reads it: 45s, 12m, 3h 5m, 2d 4h."""
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    if seconds < 86400:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
 
 
 def load_config(path: Path) -> Config:
@@ -797,6 +831,8 @@ def load_config(path: Path) -> Config:
             restore=table["restore"].strip(),
             default=table.get("default", False),
             options=options,
+            keep=check_setting("keep", table["keep"], f"{where}.keep") if "keep" in table else None,
+            older_than=check_setting("older_than", table["older_than"], f"{where}.older_than") if "older_than" in table else None,
         )
     defaults = [c.letter for c in classes.values() if c.default]
     if len(defaults) != 1:
@@ -3811,6 +3847,7 @@ class BackupJob:
     before_restore: str | None = None  # the backup a --restore is about to put back (this is its safety backup)
     journal: CleanupJournal | None = None  # what a killed run would leave behind, for the next run to clean up
     rules: ArchiveRules = dataclasses.field(default_factory=ArchiveRules)
+    health: dict[str, Any] = dataclasses.field(default_factory=dict)  # {"before": ..., "after": ...}: container_health()
 
     @property
     def basename(self) -> str:
@@ -6785,7 +6822,7 @@ def restore_mc_mirror(job: Restore) -> int:
     mc = mc_runner(job.name, host_mc, secrets, settings.stream_timeout)
     wanted = backup_objects(job.backup, doc["format"])
     buckets = sorted(set((doc.get("counts") or {}).get("objects") or {}) | set(wanted.objects))
-    staging_name = f".{job.backup.name}.mc-restore"
+    staging_name = f".{job.backup.name.split('.', 1)[0]}.restore-staging"  # removed by the next run if this one is killed
     inside = f"/tmp/bba-restore-{os.urandom(4).hex()}"
     dir_fd = os.open(job.backup.parent, _DIR_FLAGS)
     differences = 0
@@ -7420,6 +7457,7 @@ def build_manifest(job: BackupJob, result: BackupResult, started: datetime.datet
         "archived_paths": result.archived,
         "skipped_mounts": [{"destination": d, "reason": r} for d, r in job.skipped],
         "taken_before_restore": {"restoring": job.before_restore} if job.before_restore else None,
+        "health": job.health,
         "paused": job.pause,
         "paused_seconds": result.paused_seconds,
         "pause_mode": result.pause_mode,
@@ -7503,6 +7541,317 @@ def verify_backup(path: Path) -> list[Check]:
     except BackupError as exc:
         checks.append(("structure", False, str(exc)))
     return checks
+
+
+# --------------------------------------------------------------------------- --coverage
+
+
+COVERAGE_ORDER = ("uncovered", "declared-stateless", "undeclared", "unused-volume", "covered", "stateless-empty")
+COVERAGE_TITLES = {
+    "uncovered": "UNCOVERED: no module backs these up",
+    "declared-stateless": "DECLARED STATELESS, BUT HOLDING DATA: the module says stateless, nothing backs them up",
+    "undeclared": "UNDECLARED: the module does not say whether it is stateful (--list), so nothing requires a backup",
+    "unused-volume": "UNUSED VOLUMES: no container mounts them",
+    "covered": "covered: a stateful module backs these up",
+    "stateless-empty": "stateless and empty: nothing to back up",
+}
+
+
+@dataclasses.dataclass
+class CoverageRow:
+    """One writable mount of a container (or one volume no container uses) and who backs it up."""
+
+    status: str
+    module: str | None
+    container: str | None
+    destination: str | None
+    volume: str | None
+    source: str | None
+    bytes: int | None
+
+
+def cmd_coverage(args: argparse.Namespace, config: Config, settings: Settings, out: IO[str]) -> int:
+    """Every writable mount of every container, and every unused volume, with the module that backs it up, or none.
+
+    Modules are resolved once for all containers, exactly as a backup resolves them, from
+    the same two docker calls as --list; volumes take two more (`volume ls`, one batched
+    `volume inspect`). A mount counts as a class E backup counts it (named volumes and
+    read-write directory binds). Sizes (du) only where the data is on this host.
+    """
+    modules, errors = discover_modules(Path(settings.platform_root))
+    timeout = settings.docker_timeout
+    containers = list_containers(timeout)
+    engine = engine_info(timeout)
+    read_on_host = engine.local and not engine.rootless
+    owner: dict[str, Module] = {}
+    for module in modules:
+        with contextlib.suppress(AmbiguousContainer, ContainerNotFound):
+            container_id = str(resolve_container(module, containers).container.get("Id"))
+            if container_id not in owner or owner[container_id].statefulness != "stateful":
+                owner[container_id] = module
+    rows: list[CoverageRow] = []
+    used: set[str] = set()
+    for container in sorted(containers, key=container_name):
+        used.update(str(m.get("Name")) for m in container.get("Mounts") or [] if m.get("Type") == "volume")
+        found = owner.get(str(container.get("Id")))
+        for mount in plan_mounts(container, read_on_host=read_on_host)[0]:
+            size, holds = _mount_contents(mount.source) if mount.via == "host" else (None, None)
+            if found is None:
+                status = "uncovered"
+            elif found.statefulness == "stateful":
+                status = "covered"
+            elif found.statefulness == UNDECLARED:
+                status = "undeclared"
+            else:
+                status = "stateless-empty" if holds is False else "declared-stateless"
+            rows.append(CoverageRow(status, found.id if found else None, container_name(container), mount.destination,
+                                    mount.name if mount.type == "volume" else None, mount.source, size))
+    names = docker(["volume", "ls", "--quiet"], timeout=timeout).stdout.decode("utf-8", "replace").split()
+    unused = sorted(set(names) - used)
+    if unused:
+        volumes = parse_json(docker(["volume", "inspect", *unused], timeout=timeout).stdout, "docker volume inspect")
+        for volume in volumes:
+            mountpoint = str(volume.get("Mountpoint") or "")
+            size = _mount_contents(mountpoint)[0] if read_on_host and mountpoint else None
+            rows.append(CoverageRow("unused-volume", None, None, None, str(volume.get("Name")), mountpoint or None, size))
+    rows.sort(key=lambda r: (COVERAGE_ORDER.index(r.status), r.container or "", r.destination or "", r.volume or ""))
+    if args.json:
+        out.write(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
+    else:
+        out.write(format_coverage(rows, known_sizes=read_on_host))
+    for error in errors:
+        LOG.error("%s", error)
+    if errors:
+        raise UsageError(f"{len(errors)} module.yaml file(s) could not be read (listed above); their containers show as uncovered")
+    return EXIT_OK
+
+
+def _mount_contents(path: str) -> tuple[int | None, bool | None]:
+    """Return (bytes on disk, whether it holds any entry) of a directory on this host; None for what cannot be read."""
+    try:
+        with os.scandir(path) as listing:
+            holds = next(listing, None) is not None
+    except OSError:
+        return None, None
+    return (tree_size(path) if holds else 0), holds
+
+
+def format_coverage(rows: list[CoverageRow], *, known_sizes: bool) -> str:
+    lines: list[str] = []
+    for status in COVERAGE_ORDER:
+        group = [r for r in rows if r.status == status]
+        if not group:
+            continue
+        total = sum(r.bytes or 0 for r in group)
+        lines += ["", f"{COVERAGE_TITLES[status]} ({len(group)}, {human_size(total) if known_sizes else 'sizes unknown: remote engine'})"]
+        for row in group:
+            where = f"{row.container}:{row.destination}" if row.container else "-"
+            what = f"volume {row.volume}" if row.volume else f"bind {row.source}"
+            size = human_size(row.bytes) if row.bytes is not None else "?"
+            lines.append(f"  {where:<50} {what:<45.45} {size:>10}  {row.module or '(no module)'}")
+    counts = Counter(r.status for r in rows)
+    lines += ["", ", ".join(f"{counts[s]} {s}" for s in COVERAGE_ORDER if counts[s]) or "no writable mounts and no volumes"]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+# --------------------------------------------------------------------------- --check and --prune: the backups already there
+
+
+@dataclasses.dataclass
+class BackupOnDisk:
+    """One backup of a module in the backup directory, known by its manifest's name (newest first when sorted)."""
+
+    module: str
+    timestamp: str
+    manifest: Path
+    backup: Path | None = None  # the file the manifest names; None if the manifest cannot be read
+    doc: dict[str, Any] | None = None
+    problem: str = ""  # why the manifest is unusable, or the backup it names is missing
+
+    @property
+    def finished(self) -> datetime.datetime:
+        with contextlib.suppress(TypeError, ValueError):
+            return datetime.datetime.fromisoformat(str((self.doc or {})["finished_at"]))
+        return datetime.datetime.strptime(self.timestamp, TIMESTAMP_FORMAT).replace(tzinfo=datetime.UTC)
+
+
+def backup_directory(settings: Settings) -> Path:
+    return Path(settings.backup_dir or Path(settings.platform_root) / "backups").absolute()
+
+
+_BACKUP_NAME = re.compile(r"(?P<module>[a-z0-9][a-z0-9._-]*)-(?P<ts>[0-9]{8}T[0-9]{6}Z)(?P<suffix>\.[a-z.]+)")
+
+
+def backups_on_disk(backup_dir: Path, module_id: str | None = None) -> tuple[list[BackupOnDisk], list[Path]]:
+    """Return every backup (by its manifest) of module_id, or of every module, newest first; and backup files with no manifest.
+
+    A manifest that cannot be read, or whose backup file is gone, is returned with its problem.
+    """
+    try:
+        names = sorted(os.listdir(backup_dir))
+    except FileNotFoundError:
+        return [], []
+    found: list[BackupOnDisk] = []
+    named: set[str] = set()
+    files: list[tuple[str, str, str]] = []
+    for name in names:
+        match = _BACKUP_NAME.fullmatch(name)
+        if match is None or (module_id is not None and match["module"] != module_id):
+            continue
+        if match["suffix"] != MANIFEST_SUFFIX:
+            files.append((name, match["module"], match["ts"]))
+            continue
+        item = BackupOnDisk(match["module"], match["ts"], backup_dir / name)
+        try:
+            item.backup, item.doc = load_manifest(item.manifest)
+        except UsageError as exc:
+            item.problem = str(exc)
+        else:
+            named.add(item.backup.name)
+            if item.backup.parent != backup_dir or not item.backup.is_file():
+                item.problem = f"its backup {item.backup.name} is missing"
+        found.append(item)
+    found.sort(key=lambda b: (b.timestamp, b.manifest.name), reverse=True)
+    unnamed = [backup_dir / name for name, _, _ in files if name not in named and not name.endswith(".partial")]
+    return found, unnamed
+
+
+def newest_passing(backups: list[BackupOnDisk]) -> tuple[BackupOnDisk | None, list[str]]:
+    """Return the newest backup that passes every --verify check, and why each newer one did not."""
+    failures: list[str] = []
+    for item in backups:
+        if item.problem:
+            failures.append(f"{item.manifest.name}: {item.problem}")
+            continue
+        failed = [f"{name}: {detail}" for name, passed, detail in verify_backup(item.manifest) if not passed]
+        if not failed:
+            return item, failures
+        failures.append(f"{item.manifest.name}: fails --verify ({'; '.join(failed)})")
+    return None, failures
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int:
+    """The apply pipeline's gate: exit 0 only if the module's newest backup is fresh and passes every --verify check.
+
+    Read-only (it takes no backup, ever, and may run under CI). The newest backup is the one
+    that counts: an older good one does not make a broken newest one acceptable.
+    """
+    module_id = args.check
+    load_module(Path(settings.platform_root), module_id)  # an unknown module is bad input, not "no backup"
+    max_age = parse_duration(args.max_age or "1h", "--max-age")
+    backup_dir = backup_directory(settings)
+    backups = backups_on_disk(backup_dir, module_id)[0]
+    result: dict[str, Any] = {"module": module_id, "backup_dir": str(backup_dir), "max_age_seconds": max_age, "passed": False,
+                              "backup": None, "age_seconds": None, "checks": []}
+    why = ""
+    if not backups:
+        why = f"no backup of {module_id} in {backup_dir}"
+    else:
+        newest = backups[0]
+        result["backup"] = str(newest.backup or newest.manifest)
+        age = (datetime.datetime.now(datetime.UTC) - newest.finished).total_seconds()
+        result["age_seconds"] = round(age)
+        if newest.problem:
+            why = f"the newest backup of {module_id} is unusable: {newest.manifest.name}: {newest.problem}"
+        elif age > max_age:
+            why = f"the newest backup of {module_id}, {newest.backup}, finished {format_age(age)} ago, more than --max-age {args.max_age or '1h'}"
+        else:
+            checks = verify_backup(newest.manifest)
+            result["checks"] = [{"check": c, "passed": p, "detail": d} for c, p, d in checks]
+            failed = [f"{c}: {d}" for c, p, d in checks if not p]
+            if failed:
+                why = f"the newest backup of {module_id}, {newest.backup}, fails --verify ({'; '.join(failed)})"
+            else:
+                result["passed"] = True
+    if args.json:
+        out.write(json.dumps({**result, "reason": why or None}, indent=2) + "\n")
+    if why:
+        raise BackupError(why)
+    if not args.json:
+        out.write(f"ok  {module_id}: {result['backup']} finished {format_age(result['age_seconds'])} ago "
+                  f"(--max-age {args.max_age or '1h'}) and passes every --verify check\n")
+    return EXIT_OK
+
+
+@dataclasses.dataclass
+class PruneItem:
+    path: Path
+    module: str
+    reason: str
+    is_tree: bool = False
+
+
+def prune_plan(backup_dir: Path, module_id: str, keep: int, older_than: int, now: datetime.datetime) -> tuple[list[PruneItem], str]:
+    """Return what retention removes of one module (each backup with its manifest), and which backup is protected.
+
+    Removed: backups beyond the newest `keep` that finished more than older_than seconds ago,
+    manifests whose backup is gone or that cannot be read, backup files without a manifest,
+    and .partial files and staging left by killed runs. Never the newest backup that
+    passes --verify, whatever the options.
+    """
+    backups, unnamed = backups_on_disk(backup_dir, module_id)
+    protected, failures = newest_passing(backups)
+    items: list[PruneItem] = []
+    for rank, item in enumerate(backups):
+        if item is protected:
+            continue
+        if item.problem:
+            items.append(PruneItem(item.manifest, module_id, f"orphaned manifest: {item.problem}"))
+            continue
+        age = (now - item.finished).total_seconds()
+        if rank >= keep and age > older_than:
+            assert item.backup is not None
+            reason = f"beyond the newest {keep}, finished {format_age(age)} ago"
+            items += [PruneItem(item.backup, module_id, reason), PruneItem(item.manifest, module_id, reason)]
+    items += [PruneItem(path, module_id, "backup file without a manifest (an unfinished run)") for path in unnamed]
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(backup_dir)):
+            left = _left_by_a_run(name, module_id)
+            if left:
+                items.append(PruneItem(backup_dir / name, module_id, f"{left} left by a killed run", is_tree=left == "staging"))
+    kept = f"{protected.backup} (newest passing --verify)" if protected else "none: no backup passes --verify" + (f" ({failures[0]})" if failures else "")
+    return items, kept
+
+
+def cmd_prune(args: argparse.Namespace, config: Config, settings: Settings, out: IO[str]) -> int:
+    """List (and with --delete remove) what retention removes, module by module, each under its lock."""
+    backup_dir = backup_directory(settings)
+    if not os.path.isdir(backup_dir):
+        raise UsageError(f"backup directory {backup_dir} does not exist")
+    modules = args.modules or sorted({m["module"] for name in os.listdir(backup_dir) if (m := _BACKUP_NAME.fullmatch(name))}
+                                     | {m.group(1) for name in os.listdir(backup_dir) if (m := re.fullmatch(r"\.(.+)-[0-9]{8}T[0-9]{6}Z\.[a-z]+-staging", name))})
+    now = datetime.datetime.now(datetime.UTC)
+    dir_fd = ensure_backup_dir(backup_dir, create=True) if args.delete else None
+    report: list[dict[str, Any]] = []
+    try:
+        for module_id in modules:
+            cls = classify(module_id, config)[0]
+            keep = int(args.keep) if args.keep is not None else cls.keep if cls.keep is not None else settings.keep
+            older_than_text = args.older_than or cls.older_than or settings.older_than
+            older_than = parse_duration(older_than_text, "--older-than" if args.older_than else "older_than")
+            lock = module_lock(dir_fd, module_id, settings.lock_timeout) if dir_fd is not None else contextlib.nullcontext()
+            with lock:
+                items, kept = prune_plan(backup_dir, module_id, keep, older_than, now)
+                LOG.info("%s: keep %d, older than %s; kept: %s; %d to remove", module_id, keep, older_than_text, kept, len(items))
+                for item in items:
+                    if dir_fd is not None:
+                        with signals_deferred():
+                            if item.is_tree:
+                                remove_tree_at(dir_fd, item.path.name)
+                            else:
+                                with contextlib.suppress(FileNotFoundError):
+                                    os.unlink(item.path.name, dir_fd=dir_fd)
+                    report.append({"path": str(item.path), "module": module_id, "reason": item.reason, "removed": dir_fd is not None})
+                    if not args.json:
+                        out.write(f"{item.path}\n")
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+    if args.json:
+        out.write(json.dumps(report, indent=2) + "\n")
+    LOG.info("%d path(s) %s%s", len(report), "removed" if args.delete else "would be removed",
+             "" if args.delete or not report else " (nothing was removed: add --delete)")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- --drill
@@ -7671,7 +8020,7 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
         raise UsageError(f"--pause does not apply to {procedure.name}: it needs the server answering (and is consistent without a pause)")
 
     timeout = settings.docker_timeout
-    backup_dir = Path(settings.backup_dir or platform_root / "backups").absolute()
+    backup_dir = backup_directory(settings)
     if not args.dry_run:
         clean_up_after_killed_runs(backup_dir, module.id, settings)
     containers = list_containers(timeout)
@@ -7697,6 +8046,7 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
                     compression=choose_compression(settings), options=procedure_options(procedure, cls), config=config)
     job.rules = ArchiveRules(timeout=settings.stream_timeout, backup_dir_paths=backup_dir_in_mounts(backup_dir, mounts))
     job.before_restore = getattr(args, "before_restore", None)
+    job.health["before"] = container_health(resolution.container)
     if args.dry_run:
         ensure_backup_dir(backup_dir, create=False)
         print_plan(job, out, args.json)
@@ -7716,6 +8066,7 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
             started = datetime.datetime.now(datetime.UTC)
             result = procedure.run(job, dir_fd)
             finished = datetime.datetime.now(datetime.UTC)
+            job.health["after"] = health_after(job, result)
             manifest_path = backup_dir / (job.basename + MANIFEST_SUFFIX)
             manifest = build_manifest(job, result, started, finished, manifest_path)
             try:
@@ -7738,6 +8089,27 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
     else:
         out.write(f"{result.path}\n{manifest_path}\n")
     return EXIT_OK
+
+
+def container_health(container: dict[str, Any]) -> dict[str, Any]:
+    """Return the container's state and Docker health ("healthy", "unhealthy", "starting", or None without a healthcheck)."""
+    state = container.get("State") or {}
+    return {"state": state.get("Status"), "health": (state.get("Health") or {}).get("Status")}
+
+
+def health_after(job: BackupJob, result: BackupResult) -> dict[str, Any] | None:
+    """Read the container's health again once the backup is taken; warn loudly if it was healthy and is not now."""
+    proc = docker(["inspect", "--format", "{{json .State}}", job.container], timeout=job.settings.docker_timeout, check=False)
+    if proc.returncode != 0:
+        result.warnings.append(f"the container's health after the backup could not be read: {failure_text(proc)}")
+        return None
+    after = container_health({"State": parse_json(proc.stdout, "docker inspect")})
+    before = job.health.get("before") or {}
+    if before.get("health") == "healthy" and after["health"] != "healthy" or before.get("state") == "running" and after["state"] != "running":
+        warning = (f"CONTAINER {job.container} WAS {before.get('health') or before.get('state')} BEFORE THE BACKUP AND IS "
+                   f"{after['health'] or after['state']} NOW: check the service before the apply")
+        result.warnings.append(warning)  # printed with the other warnings, and in the manifest
+    return after
 
 
 def clean_up_after_killed_runs(backup_dir: Path, module_id: str, settings: Settings) -> None:
@@ -7956,6 +8328,7 @@ class AuditRow:
     unresolved: str | None = None
     state: str | None = None
     running: bool | None = None
+    health: str | None = None  # Docker's healthcheck status; None without a healthcheck
     data_bytes: int | None = None
     first_candidate: bool = False
 
@@ -7983,6 +8356,7 @@ def audit_rows(modules: list[Module], config: Config, containers: list[dict[str,
             else:
                 row.container, row.resolved_by, row.state = resolution.name, resolution.rule, resolution.state
                 row.running = bool(resolution.container.get("State", {}).get("Running"))
+                row.health = container_health(resolution.container)["health"]
                 if module.statefulness != "stateless":
                     mounts, _ = plan_mounts(resolution.container, read_on_host=read_on_host)
                     if all(m.via == "host" for m in mounts):
@@ -8024,7 +8398,7 @@ def cmd_list(args: argparse.Namespace, config: Config, settings: Settings, out: 
 
 def format_audit(rows: list[AuditRow], config: Config, *, docker_known: bool) -> str:
     """Return the --list table: stateful modules grouped by class, then the rest."""
-    lines = [f"  {'MODULE':<30} {'LIFECYCLE':<13} {'CONTAINER (RULE)':<44} {'STATE':<10} {'DATA':>10}"]
+    lines = [f"  {'MODULE':<30} {'LIFECYCLE':<13} {'CONTAINER (RULE)':<44} {'STATE':<10} {'HEALTH':<10} {'DATA':>10}"]
     current = None
     for row in rows:
         if row.statefulness == "stateful":
@@ -8037,14 +8411,14 @@ def format_audit(rows: list[AuditRow], config: Config, *, docker_known: bool) ->
             lines += ["", group]
             current = group
         if not docker_known:
-            where, state = "?", "?"
+            where, state, health = "?", "?", "?"
         elif row.container:
-            where, state = f"{row.container} ({_short_rule(row.resolved_by)})", row.state or "?"
+            where, state, health = f"{row.container} ({_short_rule(row.resolved_by)})", row.state or "?", row.health or "-"
         else:
-            where, state = f"- ({row.unresolved})", "-"
+            where, state, health = f"- ({row.unresolved})", "-", "-"
         size = human_size(row.data_bytes) if row.container and row.statefulness != "stateless" else ""
         mark = "  <- first candidate (active, running, class E)" if row.first_candidate else ""
-        lines.append(f"  {row.module:<30} {row.lifecycle:<13} {where:<44.44} {state:<10} {size:>10}{mark}")
+        lines.append(f"  {row.module:<30} {row.lifecycle:<13} {where:<44.44} {state:<10} {health:<10} {size:>10}{mark}")
     stateful = [r for r in rows if r.statefulness == "stateful"]
     resolved = [r for r in stateful if r.container]
     running = [r for r in resolved if r.running]
@@ -8086,8 +8460,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         allow_abbrev=False,
         description="Take a verified, private backup of one stateful module before a risky change (see README.md).",
     )
-    parser.add_argument("module", nargs="?", help="module id (directory under <platform-root>/modules)")
+    parser.add_argument("modules", nargs="*", metavar="MODULE_ID", help="module id(s) (directories under <platform-root>/modules)")
     parser.add_argument("--list", action="store_true", help="audit every module instead of backing one up")
+    parser.add_argument("--coverage", action="store_true", help="list every writable mount and unused volume of the engine, and which module backs it up")
+    parser.add_argument("--check", metavar="MODULE_ID", help="read-only gate: exit 0 only if the module's newest backup is fresh and passes --verify")
+    parser.add_argument("--max-age", metavar="DURATION", help="with --check: how old the newest backup may be (90s, 30m, 2h, 1d; default 1h)")
+    parser.add_argument("--prune", action="store_true", help="list (with --delete: remove) the backups retention would remove, of MODULE_ID(s) or all")
+    parser.add_argument("--keep", metavar="N", help="with --prune: backups kept per module whatever their age (classes.toml keep)")
+    parser.add_argument("--older-than", metavar="DURATION", help="with --prune: only older backups are removed (classes.toml older_than)")
+    parser.add_argument("--delete", action="store_true", help="with --prune: remove what it lists")
+    parser.add_argument("--jobs", metavar="N", type=int, default=1, help="with several MODULE_IDs: back up N modules at a time (default 1)")
     parser.add_argument("--verify", metavar="FILE", type=Path, help="re-check a backup against its manifest")
     parser.add_argument("--drill", metavar="FILE", type=Path, help="restore a backup into a throwaway container and compare")
     parser.add_argument("--restore", metavar="FILE", type=Path, help="put the module back to this backup (after a safety backup; asks first)")
@@ -8124,11 +8506,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     parser.add_argument("--debug", action="store_true", help="like -v, and tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    args = parser.parse_args(argv)
-    modes = [name for name, given in (("MODULE_ID", args.module), ("--list", args.list), ("--verify", args.verify), ("--drill", args.drill),
+    args, rest = parser.parse_known_args(argv)
+    unknown = [word for word in rest if word.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.modules += rest  # MODULE_IDs after options: argparse takes only those before them as the positional
+    args.module = args.modules[0] if len(args.modules) == 1 and not args.prune else None
+    modes = [name for name, given in (("MODULE_ID", args.modules and not args.prune), ("--list", args.list), ("--coverage", args.coverage),
+                                      ("--check", args.check), ("--prune", args.prune), ("--verify", args.verify), ("--drill", args.drill),
                                       ("--restore", args.restore)) if given]
     if len(modes) != 1:
-        raise UsageError(f"give exactly one of MODULE_ID, --list, --verify FILE, --drill FILE or --restore FILE (got {', '.join(modes) or 'none'})")
+        raise UsageError("give exactly one of MODULE_ID [MODULE_ID ...], --list, --coverage, --check MODULE_ID, --prune [MODULE_ID ...], "
+                         f"--verify FILE, --drill FILE or --restore FILE (got {', '.join(modes) or 'none'})")
+    for flag, owner in (("max_age", args.check), ("keep", args.prune), ("older_than", args.prune), ("delete", args.prune),
+                        ("jobs", len(args.modules) > 1 and not args.prune)):
+        value = getattr(args, flag)
+        if (value != 1 if flag == "jobs" else value not in (None, False)) and not owner:
+            raise UsageError(f"--{flag.replace('_', '-')} applies to {'--check' if flag == 'max_age' else 'several MODULE_IDs' if flag == 'jobs' else '--prune'}, "
+                             f"not to {modes[0]}")
+    if args.jobs < 1:
+        raise UsageError(f"--jobs: expected a positive number of modules at a time, got {args.jobs}")
+    if len(args.modules) > 1 and not args.prune:
+        for flag in ("container", "procedure"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag} names one module's container or procedure; give one MODULE_ID with it")
+        if len(set(args.modules)) != len(args.modules):
+            raise UsageError(f"MODULE_ID {next(m for m in args.modules if args.modules.count(m) > 1)!r} is given twice")
     if not args.restore:
         for flag in ("yes", "no_safety_backup", "terminate_connections", "force_vault", "remove_extra"):
             if getattr(args, flag):
@@ -8137,12 +8540,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         for flag in ("pause", "procedure"):
             if getattr(args, flag):
                 raise UsageError(f"--{flag.replace('_', '-')} applies to a backup, not to --restore")
-    if not args.module and not args.restore:
+    if modes[0] != "MODULE_ID" and not args.restore:
         for flag in ("dry_run", "pause", "container", "procedure", "via_docker"):
             if getattr(args, flag):
                 raise UsageError(f"--{flag.replace('_', '-')} applies to a backup, not to {modes[0]}")
-    if args.module is not None:
-        validate_module_id(args.module)
+    for module_id in [*args.modules, *([args.check] if args.check else [])]:
+        validate_module_id(module_id)
     return args
 
 
@@ -8158,10 +8561,143 @@ def resolve_settings(config: Config, args: argparse.Namespace, env: dict[str, st
     return Settings(**values)
 
 
+LOG_PREFIX = PROG  # backup-before-apply[<module>] in the run of one module among several
+LAST_FAILURE = ""  # the last run_command's failure line, for the summary of several modules
+
+
 class _StderrFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         prefix = {logging.WARNING: "warning: ", logging.ERROR: "error: "}.get(record.levelno, "")
-        return f"{PROG}: {prefix}{record.getMessage()}"
+        return f"{LOG_PREFIX}: {prefix}{record.getMessage()}"
+
+
+# --------------------------------------------------------------------------- several modules in one run
+
+
+@dataclasses.dataclass
+class ModuleRun:
+    """One module's backup among several: a forked process of its own, its output kept in a private temporary file."""
+
+    module: str
+    pid: int
+    result: IO[bytes]
+    started: float
+    exit_status: int | None = None
+    seconds: float = 0.0
+    outcome: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def cmd_several(args: argparse.Namespace, config: Config, out: IO[str], env: dict[str, str]) -> int:
+    """Back up several modules, one after another (or --jobs at a time), each in a process of its own; then a summary.
+
+    Each run is exactly the run of one module (its own lock, guards, cleanup and exit
+    status); its log lines carry the module's name. Every written path is printed as its
+    run ends, then the summary table. Exit 0 only if every run succeeded, else the highest
+    exit status among them. An interrupt reaches every run in progress (each cleans up as
+    a run of one module does) and no run is started after it.
+    """
+    pending = list(args.modules)
+    running: dict[int, ModuleRun] = {}
+    done: list[ModuleRun] = []
+    interrupted: Interrupted | None = None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    while pending or running:
+        try:
+            while pending and len(running) < args.jobs and interrupted is None:
+                module_id = pending.pop(0)
+                result = tempfile.TemporaryFile()  # noqa: SIM115 - closed once the run has ended and its result is read
+                pid = os.fork()
+                if pid == 0:
+                    _module_run_child(args, env, module_id, result)
+                running[pid] = ModuleRun(module_id, pid, result, time.monotonic())
+            if not running:
+                break
+            pid, status = os.wait()
+        except Interrupted as exc:
+            interrupted = exc
+            for run_ in running.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(run_.pid, exc.signum)
+            continue
+        except ChildProcessError:
+            break
+        finished = running.pop(pid)
+        finished.exit_status = os.waitstatus_to_exitcode(status)
+        if finished.exit_status < 0:
+            finished.exit_status = 128 - finished.exit_status
+        finished.seconds = time.monotonic() - finished.started
+        finished.result.seek(0)
+        with contextlib.suppress(ValueError):
+            finished.outcome = json.loads(finished.result.read() or b"{}")
+        finished.result.close()
+        done.append(finished)
+        if not args.json and finished.outcome.get("output"):
+            out.write(finished.outcome["output"])
+            out.flush()
+    order = {module_id: i for i, module_id in enumerate(args.modules)}
+    done.sort(key=lambda r: order[r.module])
+    if args.json:
+        docs = []
+        for run_ in done:
+            text = run_.outcome.get("output") or ""
+            try:
+                docs.append(json.loads(text) if text.strip() else {"module": run_.module, "exit_status": run_.exit_status,
+                                                                 "error": run_.outcome.get("error") or "no output"})
+            except ValueError:
+                docs.append({"module": run_.module, "exit_status": run_.exit_status, "error": "output is not JSON"})
+        docs += [{"module": m, "exit_status": None, "error": "not started: interrupted"} for m in pending]
+        out.write(json.dumps(docs, indent=2) + "\n")
+    else:
+        out.write(format_summary(done, pending, config, args.dry_run))
+    if interrupted is not None:
+        raise interrupted
+    worst = max((r.exit_status or 0 for r in done), default=EXIT_OK)
+    if worst != EXIT_OK:
+        failed = [r.module for r in done if r.exit_status]
+        error = BackupError(f"{len(failed)} of {len(done)} module(s) failed: {', '.join(failed)} (summary above)")
+        error.exit_code = worst
+        raise error
+    return EXIT_OK
+
+
+def _module_run_child(args: argparse.Namespace, env: dict[str, str], module_id: str, result: IO[bytes]) -> None:
+    """The forked run of one module: run it as a run of that module alone, write what it printed and how it ended, exit."""
+    global LOG_PREFIX
+    status = EXIT_FAILED
+    try:
+        LOG_PREFIX = f"{PROG}[{module_id}]"
+        one = argparse.Namespace(**{**vars(args), "modules": [module_id], "module": module_id})
+        printed = io.StringIO()
+        status = run_command(one, env, printed)
+        result.write(json.dumps({"output": printed.getvalue(), "error": LAST_FAILURE}).encode())
+        result.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
+def format_summary(runs: list[ModuleRun], pending: list[str], config: Config, dry_run: bool) -> str:
+    """Return the table printed after several modules: module, class, result, size, duration."""
+    lines = ["", f"{'MODULE':<30} {'CLASS':<6} {'SIZE':>10} {'DURATION':>9}  RESULT"]
+    for run_ in runs:
+        text = run_.outcome.get("output") or ""
+        manifest = next((Path(line) for line in text.splitlines() if line.endswith(MANIFEST_SUFFIX)), None)
+        doc: dict[str, Any] = {}
+        if manifest is not None:
+            with contextlib.suppress(OSError, ValueError):
+                doc = json.loads(manifest.read_text(encoding="utf-8"))
+        letter = doc.get("class") or classify(run_.module, config)[0].letter
+        if run_.exit_status == EXIT_OK:
+            result = "planned (--dry-run)" if dry_run else "ok" + (f", {len(doc.get('warnings') or [])} warning(s)" if doc.get("warnings") else "")
+        else:
+            result = f"exit {run_.exit_status}: {run_.outcome.get('error') or 'no error line'}"
+        size = human_size(int(doc["bytes"])) if doc.get("bytes") is not None else ""
+        lines.append(f"{run_.module:<30} {letter:<6} {size:>10} {run_.seconds:>8.1f}s  {result}")
+    lines += [f"{module_id:<30} {'':<6} {'':>10} {'':>9}  not started (interrupted)" for module_id in pending]
+    ok = sum(r.exit_status == EXIT_OK for r in runs)
+    lines.append(f"{ok} of {len(runs) + len(pending)} module(s) {'planned' if dry_run else 'backed up and verified'}")
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- main
@@ -8190,39 +8726,62 @@ def main(argv: list[str] | None = None, *, env: dict[str, str] | None = None) ->
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             old_handlers[signum] = signal.signal(signum, _interrupt_once())
     try:
-        needs_root = bool(args.drill) or bool((args.module or args.restore) and not args.dry_run)
-        check_guards(env, os.geteuid(), allow_ci=args.allow_ci, allow_non_root=args.allow_non_root, needs_root=needs_root)
+        return run_command(args, env, sys.stdout)
+    finally:
+        for signum, old in old_handlers.items():
+            signal.signal(signum, old)
+        os.umask(old_umask)
+        LOG.removeHandler(handler)
+        LOG.propagate = old_propagate
+
+
+def run_command(args: argparse.Namespace, env: dict[str, str], out: IO[str]) -> int:
+    """Run the parsed command, writing results to out; report any failure as its one stderr line; return the exit status."""
+    global LAST_FAILURE
+    LAST_FAILURE = ""
+    try:
+        backup = bool(args.modules) and not args.prune
+        needs_root = bool(args.drill) or bool((backup or args.restore) and not args.dry_run) or bool(args.prune and args.delete)
+        writes = bool(args.drill or args.restore or args.prune or (backup and not args.dry_run))  # read-only checks run anywhere, CI included
+        check_guards(env, os.geteuid(), allow_ci=args.allow_ci or not writes, allow_non_root=args.allow_non_root, needs_root=needs_root)
         config = load_config(args.classes)
         settings = resolve_settings(config, args, env)
         if args.list:
-            return cmd_list(args, config, settings, sys.stdout)
+            return cmd_list(args, config, settings, out)
+        if args.coverage:
+            return cmd_coverage(args, config, settings, out)
+        if args.check:
+            return cmd_check(args, settings, out)
+        if args.prune:
+            return cmd_prune(args, config, settings, out)
+        if len(args.modules) > 1:
+            return cmd_several(args, config, out, env)
         if args.verify:
-            return cmd_verify(args.verify, args.json, sys.stdout)
+            return cmd_verify(args.verify, args.json, out)
         if args.drill:
-            return drill_backup(args.drill, settings, env, sys.stdout)
+            return drill_backup(args.drill, settings, env, out)
         if args.restore:
-            return cmd_restore(args, config, settings, sys.stdout, env)
-        return cmd_backup(args, config, settings, sys.stdout, env)
+            return cmd_restore(args, config, settings, out, env)
+        return cmd_backup(args, config, settings, out, env)
     except Interrupted as exc:
         _log_run_summary()
+        LAST_FAILURE = f"interrupted by {signal.Signals(exc.signum).name}"
         LOG.error("%s; %s", exc, "the restore stopped at a safe point: the container was returned to its state, the safety backup "
-                  "and the command that puts it back are above" if args.restore else "cleaned up, no backup written")
+                  "and the command that puts it back are above" if args.restore else
+                  "the runs still going were interrupted too and cleaned up (the summary above)" if len(args.modules) > 1 and not args.prune
+                  else "cleaned up, no backup written")
         return 128 + exc.signum
     except Exception as exc:
         _log_run_summary()
         if args.debug:
             traceback.print_exc()
         for line in getattr(exc, "details", []):
-            print(f"{PROG}: {line}", file=sys.stderr)
-        print(f"{PROG}: {failure_line(exc)}", file=sys.stderr)
+            print(f"{LOG_PREFIX}: {line}", file=sys.stderr)
+        LAST_FAILURE = failure_line(exc)
+        print(f"{LOG_PREFIX}: {LAST_FAILURE}", file=sys.stderr)
         return exc.exit_code if isinstance(exc, BackupError) else EXIT_FAILED
     finally:
         _log_run_summary()  # after a success; a failure has logged it before its error line
-        for signum, old in old_handlers.items():
-            signal.signal(signum, old)
-        os.umask(old_umask)
-        LOG.removeHandler(handler)
-        LOG.propagate = old_propagate
 
 
 def _log_run_summary() -> None:

@@ -361,7 +361,8 @@ def test_main_usage_errors_exit_2(capsys):
     assert bba.main(["--lis"], env={}) == 2  # no abbreviations
     assert bba.main(["x", "--procedure", "nope"], env={}) == 2
     err = capsys.readouterr().err
-    assert "give exactly one of MODULE_ID, --list, --verify FILE, --drill FILE or --restore FILE (got MODULE_ID, --list)" in err
+    assert ("give exactly one of MODULE_ID [MODULE_ID ...], --list, --coverage, --check MODULE_ID, --prune [MODULE_ID ...], "
+            "--verify FILE, --drill FILE or --restore FILE (got MODULE_ID, --list)") in err
     assert "--pause applies to a backup, not to --list" in err
 
 

@@ -73,7 +73,7 @@ def _toml(value):
 
 @pytest.mark.parametrize("variable", bba.CI_ENV_VARS)
 def test_every_ci_variable_refuses(variable, capsys):
-    assert bba.main(["--list"], env={variable: "true"}) == 3
+    assert bba.main(["--prune"], env={variable: "true"}) == 3
     assert f"refused: {variable} is set" in capsys.readouterr().err
 
 
@@ -95,7 +95,9 @@ def test_nothing_in_the_repository_schedules_the_tool():
 def test_tool_refuses_under_ci_by_default_even_as_a_subprocess():
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, str(REPO / "backup_before_apply.py"), "--list"], env={"CI": "true", "PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True)
-    assert proc.returncode == 3 and proc.stdout == ""
+    for argv in (["wiki"], ["--restore", "/nonexistent.tar.gz"], ["--prune"], ["--drill", "/nonexistent.tar.gz"]):
+        proc = subprocess.run([sys.executable, str(REPO / "backup_before_apply.py"), *argv], env={"CI": "true", "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True)
+        assert proc.returncode == 3 and proc.stdout == "", argv
+        assert "this tool is run by an operator, never by a CI runner" in proc.stderr
     assert Path(REPO / "backup_before_apply.py").read_text().count("def main(") == 1
