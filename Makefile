@@ -21,9 +21,9 @@ lint:
 	$(PYTHON) -m ruff check backup_before_apply.py tests bench
 	$(PYTHON) -m mypy --strict --ignore-missing-imports backup_before_apply.py
 
-# A private dockerd with example services from examples/platform: --list, then a real
-# backup of every running class A, B and E module into ./demo-backups, three drills, and a
-# --restore of uptime-kuma after a simulated bad apply.
+# A private dockerd with example services from examples/platform: --list and --coverage, then
+# a real backup of every running class A, B and E module into ./demo-backups in one run, --check,
+# three drills, a --restore of uptime-kuma after a simulated bad apply, and what --prune would remove.
 demo: deps
 	$(PYTHON) tests/sandbox.py demo
 

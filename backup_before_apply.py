@@ -7734,13 +7734,15 @@ def cmd_check(args: argparse.Namespace, settings: Settings, out: IO[str]) -> int
     """The apply pipeline's gate: exit 0 only if the module's newest backup is fresh and passes every --verify check.
 
     Read-only (it takes no backup, ever, and may run under CI). The newest backup is the one
-    that counts: an older good one does not make a broken newest one acceptable.
+    that counts: an older good one does not make a broken newest one acceptable. Safety
+    backups taken by --restore do not count.
     """
     module_id = args.check
     load_module(Path(settings.platform_root), module_id)  # an unknown module is bad input, not "no backup"
     max_age = parse_duration(args.max_age or "1h", "--max-age")
     backup_dir = backup_directory(settings)
-    backups = backups_on_disk(backup_dir, module_id)[0]
+    # A safety backup taken by --restore holds the state a rollback replaced: not one to roll back to after the next apply.
+    backups = [b for b in backups_on_disk(backup_dir, module_id)[0] if not (b.doc or {}).get("taken_before_restore")]
     result: dict[str, Any] = {"module": module_id, "backup_dir": str(backup_dir), "max_age_seconds": max_age, "passed": False,
                               "backup": None, "age_seconds": None, "checks": []}
     why = ""

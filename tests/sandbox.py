@@ -244,12 +244,15 @@ def demo() -> int:
         subprocess.run([*tool, "--list", *common], env=box.env, check=True)
         listing = json.loads(subprocess.run([*tool, "--list", "--json", "-q", *common], env=box.env, check=True, capture_output=True, text=True).stdout)
         targets = [r["module"] for r in listing if r["class_letter"] in ("A", "B", "E") and r["statefulness"] == "stateful" and r["running"]]
-        written = {}
-        for module in targets:
-            print(f"\n$ backup_before_apply.py {module}", file=sys.stderr)
-            proc = subprocess.run([*tool, module, *common, "-q"], env=box.env, check=True, capture_output=True, text=True)
-            print(proc.stdout, end="")
-            written[module] = proc.stdout.split()[0]
+        print("\n$ backup_before_apply.py --coverage", file=sys.stderr)
+        subprocess.run([*tool, "--coverage", *common], env=box.env, check=True)
+        print(f"\n$ backup_before_apply.py {' '.join(targets)} --jobs 2", file=sys.stderr)
+        proc = subprocess.run([*tool, *targets, "--jobs", "2", *common, "-q"], env=box.env, check=True, capture_output=True, text=True)
+        print(proc.stdout, end="")
+        paths = [line for line in proc.stdout.splitlines() if line.startswith("/") and not line.endswith(".manifest.json")]
+        written = {module: next(p for p in paths if Path(p).name.startswith(f"{module}-2")) for module in targets}
+        print("\n$ backup_before_apply.py --check uptime-kuma --max-age 1h   # what an apply pipeline asks", file=sys.stderr)
+        subprocess.run([*tool, "--check", "uptime-kuma", "--max-age", "1h", *common], env=box.env, check=True)
         for module in ("postgres", "redis", "uptime-kuma"):
             print(f"\n$ backup_before_apply.py --drill {written[module]}", file=sys.stderr)
             subprocess.run([*tool, "--drill", written[module], "--allow-ci", "-q"], env=box.env, check=True)
@@ -262,6 +265,8 @@ def demo() -> int:
         back = box.docker("exec", "uptime-kuma", "ls", "/app/data").stdout.split()
         if "uptime-kuma.db" not in back or "broken.txt" in back:
             raise SystemExit(f"demo: the restore did not put /app/data back: {back}")
+        print("\n$ backup_before_apply.py --prune --keep 1 --older-than 0s   # what retention would remove (nothing is, without --delete)", file=sys.stderr)
+        subprocess.run([*tool, "--prune", "--keep", "1", "--older-than", "0s", *common], env=box.env, check=True)
         print(f"\ndemo: {len(targets)} backups in {out}, 3 of them drilled, uptime-kuma rolled back after a bad apply:", file=sys.stderr)
         subprocess.run(["ls", "-l", str(out)], check=True)
         return 0

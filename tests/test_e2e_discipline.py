@@ -89,6 +89,12 @@ def test_e2e_check_gate_fails_before_passes_after_and_fails_on_a_corrupted_or_ol
     corrupted = check(engine, platform, backups, "wiki", ci=True)
     assert corrupted.returncode == 1 and "fails --verify (sha256" in corrupted.stderr and Path(newest).name in corrupted.stderr
 
+    safety = run_backup(engine, platform, "wiki", backups).stdout.split()[1]  # marked as a restore's safety backup: not one to count
+    doc = json.loads(Path(safety).read_text())
+    Path(safety).write_text(json.dumps({**doc, "taken_before_restore": {"restoring": newest}}))
+    still = check(engine, platform, backups, "wiki", ci=True)
+    assert still.returncode == 1 and Path(newest).name in still.stderr and Path(safety).name not in still.stderr
+
     assert check(engine, platform, backups, "nope", ci=True).returncode == 2  # an unknown module is bad input, not "no backup"
     bad_age = check(engine, platform, backups, "wiki", "--max-age", "soon", ci=True)
     assert bad_age.returncode == 2 and "'soon' is not a duration" in bad_age.stderr
