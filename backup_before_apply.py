@@ -4097,12 +4097,16 @@ def remove_stale_partials(dir_fd: int, module_id: str) -> None:
             remove_tree_at(dir_fd, name)
 
 
+_PARTIAL_NAME = re.compile(r"(?P<module>.+)-[0-9]{8}T[0-9]{6}Z\.[a-z.]+\.partial")  # incl. class G's .pgdump.sql.gz
+_STAGING_NAME = re.compile(r"\.(?P<module>.+)-[0-9]{8}T[0-9]{6}Z\.[a-z]+-staging")
+
+
 def _left_by_a_run(name: str, module_id: str) -> str | None:
     """Return "partial" or "staging" for a name only a run of module_id makes, else None."""
-    if re.fullmatch(re.escape(module_id) + r"-[0-9]{8}T[0-9]{6}Z\.[a-z.]+\.partial", name):  # incl. class G's .pgdump.sql.gz
-        return "partial"
-    if re.fullmatch(r"\." + re.escape(module_id) + r"-[0-9]{8}T[0-9]{6}Z\.[a-z]+-staging", name):
-        return "staging"
+    for kind, pattern in (("partial", _PARTIAL_NAME), ("staging", _STAGING_NAME)):
+        found = pattern.fullmatch(name)
+        if found and found["module"] == module_id:
+            return kind
     return None
 
 
@@ -6845,6 +6849,9 @@ def restore_mc_mirror(job: Restore) -> int:
             LOG.warning("mirroring %s back into %s/%s", bucket, alias, bucket)
             mc(["mirror", *flags, f"{work}/buckets/{bucket}", f"{alias}/{bucket}"], work, f"mc mirror into {alias}/{bucket}", lambda record: None)
             lines.append(f"mirrored {len(wanted.objects[bucket])} object(s) back into {alias}/{bucket} (mc mirror {' '.join(flags[:-1])})")
+        if not wanted.metadata:
+            lines.append(f"no bucket configuration in the backup (its export: {(doc.get('contents') or {}).get('bucket_export', 'unknown')}); "
+                         "objects only")
         for name in wanted.metadata:
             try:
                 mc(["admin", "cluster", "bucket", "import", alias, f"{work}/{name}", "--json"], work, "mc admin cluster bucket import", lambda record: None)
@@ -7820,17 +7827,18 @@ def cmd_prune(args: argparse.Namespace, config: Config, settings: Settings, out:
     backup_dir = backup_directory(settings)
     if not os.path.isdir(backup_dir):
         raise UsageError(f"backup directory {backup_dir} does not exist")
-    modules = args.modules or sorted({m["module"] for name in os.listdir(backup_dir) if (m := _BACKUP_NAME.fullmatch(name))}
-                                     | {m.group(1) for name in os.listdir(backup_dir) if (m := re.fullmatch(r"\.(.+)-[0-9]{8}T[0-9]{6}Z\.[a-z]+-staging", name))})
+    modules = args.modules or sorted({m["module"] for name in os.listdir(backup_dir) for pattern in (_BACKUP_NAME, _STAGING_NAME)
+                                      if (m := pattern.fullmatch(name))})
     now = datetime.datetime.now(datetime.UTC)
     dir_fd = ensure_backup_dir(backup_dir, create=True) if args.delete else None
     report: list[dict[str, Any]] = []
     try:
         for module_id in modules:
             cls = classify(module_id, config)[0]
-            keep = int(args.keep) if args.keep is not None else cls.keep if cls.keep is not None else settings.keep
-            older_than_text = args.older_than or cls.older_than or settings.older_than
-            older_than = parse_duration(older_than_text, "--older-than" if args.older_than else "older_than")
+            # settings hold classes.toml's [settings] with --keep/--older-than over them: a class's own values sit between
+            keep = settings.keep if args.keep is not None or cls.keep is None else cls.keep
+            older_than_text = settings.older_than if args.older_than is not None or cls.older_than is None else cls.older_than
+            older_than = parse_duration(older_than_text, "older_than")
             lock = module_lock(dir_fd, module_id, settings.lock_timeout) if dir_fd is not None else contextlib.nullcontext()
             with lock:
                 items, kept = prune_plan(backup_dir, module_id, keep, older_than, now)

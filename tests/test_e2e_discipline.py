@@ -175,6 +175,25 @@ def test_e2e_several_modules_one_failing_give_both_results_and_a_non_zero_exit(d
     assert not (backups / "d").exists()
 
 
+def test_e2e_prune_retention_per_class_from_classes_toml(docker_engine, tmp_path):
+    from conftest import REPO
+
+    engine, platform, backups = docker_engine, tmp_path / "platform", tmp_path / "b"
+    notes_module(engine, platform, "wiki")
+    written = [run_backup(engine, platform, "wiki", backups).stdout.split() for _ in range(3)]
+    classes = tmp_path / "classes.toml"
+    classes.write_text((REPO / "classes.toml").read_text().replace("default = true\n", 'default = true\nkeep = 2\nolder_than = "0s"\n'))
+    by_class = run_tool("--prune", "--classes", str(classes), "--backup-dir", str(backups), env=engine.env)
+    assert by_class.returncode == 0, by_class.stderr
+    assert sorted(by_class.stdout.split()) == sorted(written[0])  # class E keeps 2, whatever their age
+    overridden = run_tool("--prune", "--keep", "1", "--classes", str(classes), "--backup-dir", str(backups), env=engine.env)
+    assert sorted(overridden.stdout.split()) == sorted([*written[0], *written[1]])  # the command line beats the class
+    bad = classes.read_text().replace('older_than = "0s"', 'older_than = "soon"')
+    classes.write_text(bad)
+    refused = run_tool("--prune", "--classes", str(classes), "--backup-dir", str(backups), env=engine.env)
+    assert refused.returncode == 2 and f"{classes}: classes.E.older_than: 'soon' is not a duration" in refused.stderr
+
+
 def test_e2e_health_before_and_after_in_the_manifest_and_in_list(docker_engine, tmp_path):
     engine, platform, backups = docker_engine, tmp_path / "platform", tmp_path / "b"
     notes_module(engine, platform, "wiki", health=True)
