@@ -1999,7 +1999,8 @@ def ensure_backup_dir(path: Path, *, create: bool) -> int | None:
         # (/opt may well be a symlink); from the first one the tool creates, none is followed.
         fd = os.open(existing, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC) if missing else os.open(path, _DIR_FLAGS)
         for name in missing:
-            os.mkdir(name, 0o700, dir_fd=fd)
+            with contextlib.suppress(FileExistsError):  # made meanwhile by another run (several modules with --jobs): opened as it is
+                os.mkdir(name, 0o700, dir_fd=fd)
             child = os.open(name, _DIR_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = child

@@ -247,8 +247,10 @@ def demo() -> int:
         print("\n$ backup_before_apply.py --coverage", file=sys.stderr)
         subprocess.run([*tool, "--coverage", *common], env=box.env, check=True)
         print(f"\n$ backup_before_apply.py {' '.join(targets)} --jobs 2", file=sys.stderr)
-        proc = subprocess.run([*tool, *targets, "--jobs", "2", *common, "-q"], env=box.env, check=True, capture_output=True, text=True)
+        proc = subprocess.run([*tool, *targets, "--jobs", "2", *common, "-q"], env=box.env, capture_output=True, text=True)
         print(proc.stdout, end="")
+        if proc.returncode != 0:
+            raise SystemExit(f"demo: the backups failed (exit {proc.returncode}):\n{proc.stderr}")
         paths = [line for line in proc.stdout.splitlines() if line.startswith("/") and not line.endswith(".manifest.json")]
         written = {module: next(p for p in paths if Path(p).name.startswith(f"{module}-2")) for module in targets}
         print("\n$ backup_before_apply.py --check uptime-kuma --max-age 1h   # what an apply pipeline asks", file=sys.stderr)

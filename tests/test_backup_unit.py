@@ -727,3 +727,18 @@ def test_backup_restore_notes_decompress_with_the_backups_own_compression(platfo
     assert f"{command} {doc['backup_path']} | docker run --rm -i --cap-add SYS_ADMIN --volumes-from kuma" in doc["restore"]
     assert ("zstd" in doc["restore"]) is (compression == "zstd") and ("gunzip" in doc["restore"]) is (compression == "gzip")
     assert "{" not in doc["restore"]  # every placeholder filled in
+
+
+def test_backup_dir_made_meanwhile_by_another_run_is_used(tmp_path, monkeypatch):
+    """Several modules with --jobs into a new backup directory: each run finds it missing, one makes it first."""
+    real_mkdir = os.mkdir
+
+    def raced(name, mode=0o777, *, dir_fd=None):
+        real_mkdir(name, mode, dir_fd=dir_fd)  # the other run
+        raise FileExistsError(17, "File exists", name)
+
+    monkeypatch.setattr(bba.os, "mkdir", raced)
+    fd = bba.ensure_backup_dir(tmp_path / "new" / "backups", create=True)
+    assert fd is not None
+    os.close(fd)
+    assert stat.S_IMODE(os.stat(tmp_path / "new" / "backups").st_mode) == 0o700
