@@ -7576,6 +7576,7 @@ class CoverageRow:
     volume: str | None
     source: str | None
     bytes: int | None
+    procedure: str | None = None  # covered: how the module's class backs it up (which decides what of the mount it takes)
 
 
 def cmd_coverage(args: argparse.Namespace, config: Config, settings: Settings, out: IO[str]) -> int:
@@ -7613,7 +7614,8 @@ def cmd_coverage(args: argparse.Namespace, config: Config, settings: Settings, o
             else:
                 status = "stateless-empty" if holds is False else "declared-stateless"
             rows.append(CoverageRow(status, found.id if found else None, container_name(container), mount.destination,
-                                    mount.name if mount.type == "volume" else None, mount.source, size))
+                                    mount.name if mount.type == "volume" else None, mount.source, size,
+                                    classify(found.id, config)[0].procedure if status == "covered" and found else None))
     names = docker(["volume", "ls", "--quiet"], timeout=timeout).stdout.decode("utf-8", "replace").split()
     unused = sorted(set(names) - used)
     if unused:
@@ -7656,7 +7658,8 @@ def format_coverage(rows: list[CoverageRow], *, known_sizes: bool) -> str:
             where = f"{row.container}:{row.destination}" if row.container else "-"
             what = f"volume {row.volume}" if row.volume else f"bind {row.source}"
             size = human_size(row.bytes) if row.bytes is not None else "?"
-            lines.append(f"  {where:<50} {what:<45.45} {size:>10}  {row.module or '(no module)'}")
+            by = f" ({row.procedure})" if row.procedure else ""
+            lines.append(f"  {where:<50} {what:<45.45} {size:>10}  {row.module or '(no module)'}{by}")
     counts = Counter(r.status for r in rows)
     lines += ["", ", ".join(f"{counts[s]} {s}" for s in COVERAGE_ORDER if counts[s]) or "no writable mounts and no volumes"]
     return "\n".join(lines).lstrip("\n") + "\n"

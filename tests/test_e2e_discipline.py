@@ -54,6 +54,7 @@ def test_e2e_coverage_finds_uncovered_declared_stateless_and_unused_volumes(dock
     assert by_where[("renderer", "/data")]["status"] == "declared-stateless" and by_where[("renderer", "/data")]["module"] == "renderer"
     assert by_where[("proxy", "/data")]["status"] == "stateless-empty"
     assert by_where[("wiki", "/data")]["status"] == "covered" and by_where[("wiki", "/data")]["module"] == "wiki"
+    assert by_where[("wiki", "/data")]["procedure"] == "mounted-archive" and by_where[("renderer", "/data")]["procedure"] is None
     assert by_where[(None, "left-behind")]["status"] == "unused-volume" and by_where[(None, "left-behind")]["bytes"] >= 9000
     assert not any(r["destination"] == "/usr" for r in rows)  # read-only: not state
 
