@@ -108,23 +108,30 @@ def test_e2e_second_ctrl_c_does_not_skip_unpause(busy_kuma, tmp_path):
 
 
 def test_e2e_concurrent_runs_same_module_wait_then_refuse_other_modules_proceed(busy_kuma, tmp_path):
+    """The lock is held here, as a run holds it (flock, its pid written): no race with how fast a real run ends."""
+    import fcntl
+
     engine, platform = busy_kuma
     write_module(platform, "other")
     engine.run_container("other", "-v", "other:/data")
     backup_dir = tmp_path / "b"
-    first = start(engine, platform, "kuma", backup_dir, "--compress-level", "9")
-    wait_for_line(first, "archiving /data")
-    started = time.monotonic()
-    second = run_tool("kuma", "--platform-root", str(platform), "--backup-dir", str(backup_dir), "--lock-timeout", "1", env=engine.env)
-    assert time.monotonic() - started >= 1  # it waited for the lock before giving up
-    assert second.returncode == 3
-    assert second.stderr.strip().splitlines()[-1] == (
-        f"backup-before-apply: refused: another backup of 'kuma' is running (pid {first.pid}; lock .kuma.lock)"
-    )
-    parallel = run_tool("other", "--platform-root", str(platform), "--backup-dir", str(backup_dir), env=engine.env)
-    assert parallel.returncode == 0, parallel.stderr
-    _, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err
+    backup_dir.mkdir(mode=0o700)
+    with open(backup_dir / ".kuma.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        started = time.monotonic()
+        second = run_tool("kuma", "--platform-root", str(platform), "--backup-dir", str(backup_dir), "--lock-timeout", "1", env=engine.env)
+        assert time.monotonic() - started >= 1  # it waited for the lock before giving up
+        assert second.returncode == 3
+        assert second.stderr.strip().splitlines()[-1] == "backup-before-apply: refused: another backup of 'kuma' is running (pid 4242; lock .kuma.lock)"
+        parallel = run_tool("other", "--platform-root", str(platform), "--backup-dir", str(backup_dir), env=engine.env)
+        assert parallel.returncode == 0, parallel.stderr
+        waiting = start(engine, platform, "kuma", backup_dir, "--lock-timeout", "60")
+        time.sleep(1)
+        assert waiting.poll() is None  # still waiting for the lock
+    _, err = waiting.communicate(timeout=300)  # the lock released: it goes on
+    assert waiting.returncode == 0, err
 
 
 def test_e2e_killed_run_leaves_no_stale_lock_or_partial(busy_kuma, tmp_path):
