@@ -4896,9 +4896,9 @@ def _csv_field(field: str) -> str:
     return '"' + field.replace('"', '""') + '"' if any(c in field for c in ',"') else field
 
 
-def failure_text(proc: subprocess.CompletedProcess[bytes]) -> str:
+def failure_text(proc: subprocess.CompletedProcess[bytes], last: int = 2) -> str:
     """Return the last lines of a failed command's stderr on one line, or its exit status."""
-    text = " | ".join(proc.stderr.decode("utf-8", "replace").strip().splitlines()[-2:])
+    text = " | ".join(proc.stderr.decode("utf-8", "replace").strip().splitlines()[-last:])
     return text or f"exit status {proc.returncode}"
 
 
@@ -6585,7 +6585,7 @@ def restore_vault(job: Restore) -> int:
         argv = ["vault", "operator", "raft", "snapshot", "restore", *(["-force"] if job.force_vault else []), inside]
         proc = run(exec_argv(job.name, argv, secrets=secrets), timeout=job.settings.snapshot_timeout, secrets=secrets, check=False)
         if proc.returncode != 0:
-            why = " | ".join(proc.stderr.decode("utf-8", "replace").strip().splitlines()[-3:])
+            why = failure_text(proc, last=3)
             hint = "; if the snapshot is of a cluster with other unseal keys, --force-vault passes -force" if not job.force_vault else ""
             raise BackupError(f"vault operator raft snapshot restore failed ({why}){hint}")
     finally:
