@@ -635,6 +635,19 @@ def test_main_pause_with_pg_dumpall_is_usage_error(platform, tmp_path, fake_dock
     assert "pause" not in fake.subcommands()
 
 
+def test_free_space_check_walks_the_mounts_only_when_all_the_space_used_around_them_may_not_fit(platform, tmp_path, data, kuma, capsys, monkeypatch):
+    walked: list[str] = []
+    real = bba.tree_size
+    monkeypatch.setattr(bba, "tree_size", lambda path: walked.append(path) or real(path))
+    assert backup(platform, tmp_path / "b") == 0
+    err = capsys.readouterr().err
+    assert walked == [] and "(at most: all the space used on the filesystem(s) of the mounts, which fits, so the mounts were not walked)" in err
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    monkeypatch.setattr(bba, "used_on_filesystems", lambda paths: free)  # no room for it and the margin
+    assert backup(platform, tmp_path / "b") == 0
+    assert data["volume"].resolve() in {Path(p).resolve() for p in walked} and "(size of the mounted data)" in capsys.readouterr().err
+
+
 def test_backup_refused_before_touching_anything_when_space_is_short(platform, tmp_path, data, kuma, capsys):
     (data["volume"] / "big").write_bytes(os.urandom(300 * 1024))
     with tiny_filesystem(tmp_path / "small", size="1m") as backup_dir:

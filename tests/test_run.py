@@ -74,6 +74,25 @@ def test_stream_from_slow_but_steady_child_is_not_killed():
         assert pipe.read() == b"1\n2\n3\n4\n"
 
 
+def test_stream_to_fd_writes_past_this_process_and_checks_the_exit_status(tmp_path):
+    with open(tmp_path / "out", "wb") as out:
+        bba.stream_to_fd(["sh", "-c", "printf abc; printf def"], out.fileno())
+    assert (tmp_path / "out").read_bytes() == b"abcdef"
+    with open(tmp_path / "out", "wb") as out, pytest.raises(bba.CommandError, match="exited 4: bad"):
+        bba.stream_to_fd(["sh", "-c", "printf abc; echo bad >&2; exit 4"], out.fileno())
+
+
+def test_stream_to_fd_idle_timeout_counts_what_the_child_writes(tmp_path):
+    """A direct child's liveness is its write count (/proc/<pid>/io): steady writes live on, silence is killed."""
+    with open(tmp_path / "out", "wb") as out:
+        bba.stream_to_fd(["sh", "-c", "for i in 1 2 3 4; do echo $i; sleep 0.5; done"], out.fileno(), timeout=1.5)
+    assert (tmp_path / "out").read_bytes() == b"1\n2\n3\n4\n"
+    started = time.monotonic()
+    with open(tmp_path / "out", "wb") as out, pytest.raises(bba.CommandError, match="timed out"):
+        bba.stream_to_fd(["sh", "-c", "echo start; exec sleep 60"], out.fileno(), timeout=1)
+    assert time.monotonic() - started < 15 and (tmp_path / "out").read_bytes() == b"start\n"
+
+
 def test_stream_into_child_that_stops_reading_is_killed():
     with pytest.raises(bba.CommandError, match="timed out"):
         with bba.stream_into(["sleep", "60"], timeout=1) as stream:
