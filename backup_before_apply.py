@@ -2983,13 +2983,13 @@ class ArchiveStats:
             self.data_bytes += entry.size
             tally["files"] += 1
             tally["bytes"] += entry.size
+        if not self.listing:
+            return
         line = f"{entry.name}\0{kind}\0{entry.mode & 0o7777:o}\0{entry.uid}\0{entry.gid}\0{entry.size if kind == 'f' else ''}\0{entry.linkname if kind == 'l' else ''}"
         if entry.xattrs:
             line += "\0x:" + ",".join(f"{key}={value.hex()}" for key, value in sorted(entry.xattrs.items()))
         if entry.sparse is not None:
             line += "\0s:" + ",".join(f"{offset}+{length}" for offset, length in entry.sparse)
-        if not self.listing:
-            return
         tally["listing_sha256"] += int.from_bytes(hashlib.sha256(line.encode("utf-8", "surrogateescape")).digest(), "big")  # mod 2**256 at the end
 
     def summary(self) -> dict[str, dict[str, Any]]:
