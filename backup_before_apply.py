@@ -176,6 +176,7 @@ class Interrupted(BaseException):
 # Programs run in this process, by name: `--debug` reports the docker calls of a run.
 RUN_COUNTS: Counter[str] = Counter()
 PHASES: dict[str, float] = {}  # seconds per phase of a run, for --debug's "where the time went" (README, Performance)
+VERIFICATION_CPU: list[float] = []  # CPU seconds of each in-flight verification process (its decompressor included), for --debug
 
 
 @contextlib.contextmanager
@@ -2060,8 +2061,8 @@ def ensure_backup_dir(path: Path, *, create: bool) -> int | None:
 
 
 @contextlib.contextmanager
-def module_lock(dir_fd: int, module_id: str, timeout: float) -> Iterator[None]:
-    """Hold an exclusive flock on <backup-dir>/.<module>.lock for the whole run.
+def module_lock(dir_fd: int, module_id: str, timeout: float) -> Iterator[bool]:
+    """Hold an exclusive flock on <backup-dir>/.<module>.lock for the whole run; yield whether it had to be waited for.
 
     The kernel drops an flock when its holder dies, so a killed run never leaves a stale
     lock. Raise RefusedError naming the holder's pid if the lock stays taken past timeout.
@@ -2070,18 +2071,20 @@ def module_lock(dir_fd: int, module_id: str, timeout: float) -> Iterator[None]:
     fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
         deadline = time.monotonic() + timeout
+        waited = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                waited = True
                 if time.monotonic() >= deadline:
                     holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
                     raise RefusedError(f"another backup of {module_id!r} is running (pid {holder}; lock {name})") from None
                 time.sleep(0.2)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        yield waited
     finally:
         os.close(fd)
 
@@ -2468,12 +2471,14 @@ def compressing(out: Any, compression: Compression) -> Iterator[StreamSink]:
             returncode = proc.wait()
             pump.join()
         except BaseException as exc:
+            stopped_by_itself = proc.poll()
             proc.kill()
             returncode = proc.wait()
             pump.thread.join()
-            if pump.error is not None and isinstance(exc, OSError):
-                raise pump.error from None  # the broken pipe came from stopping the compressor for this
-            if isinstance(exc, BrokenPipeError):
+            if pump.error is not None and isinstance(exc, (OSError, CommandError)):
+                # The broken pipe (or a dump that died of it, writing into the compressor) came from stopping the compressor for this.
+                raise pump.error from None
+            if isinstance(exc, BrokenPipeError) or (stopped_by_itself not in (None, 0) and isinstance(exc, CommandError)):
                 err.seek(0)
                 raise CommandError(argv, returncode, err.read()) from None  # the compressor stopped reading: say why
             raise
@@ -2589,7 +2594,8 @@ class StreamVerifier:
             self.fd = -1
             self.thread.join()
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(self.pid, 0)
+                usage = os.wait4(self.pid, 0)[2]  # its CPU time, and that of the zstd -d it ran
+                VERIFICATION_CPU.append(usage.ru_utime + usage.ru_stime)
 
 
 def _verifier_child(scan: Callable[[IO[bytes]], dict[str, Any]], read_end: int, write_end: int, answer: int) -> None:
@@ -3887,6 +3893,7 @@ class BackupJob:
     config: Config | None = None  # the class table, for a procedure that asks what else a module is (class G)
     estimated_bytes: int | None = None  # from the free-space check, for the progress ETA
     free_bytes: int | None = None  # free on the backup directory's filesystem, set by the free-space check before it asks for the estimate
+    seen: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the estimate asked the server, for the run; emptied if the lock was waited for
     no_staging: str | None = None  # why --pause must freeze the container for the whole run (no room to stage a copy)
     before_restore: str | None = None  # the backup a --restore is about to put back (this is its safety backup)
     journal: CleanupJournal | None = None  # what a killed run would leave behind, for the next run to clean up
@@ -4265,7 +4272,7 @@ def write_archive(
     scanner = scan or (lambda fh, groups: scan_tar(fh, fmt, groups=groups))
     with PartialFile(dir_fd, f"{job.basename}.{fmt}", job.backup_dir) as out, \
             verifying(out, lambda fh: scanner(fh, groups)) as verified, \
-            contextlib.closing(Progress("archive", job.estimated_bytes)) as progress:
+            contextlib.closing(Progress("archive", job.estimated_bytes)) as progress, eta_from_du(job, progress):
         if job.pause and job.no_staging is None:
             with phase("archive: read, compress, write"):
                 paused_seconds = _archive_staged(job, dir_fd, items, skipped, stats, out, progress)
@@ -4814,6 +4821,38 @@ def estimate_mounts(job: BackupJob) -> tuple[int | None, str]:
     return sum(tree_size(m.source) for m in mounts), "size of the mounted data"
 
 
+@contextlib.contextmanager
+def eta_from_du(job: BackupJob, progress: Progress) -> Iterator[None]:
+    """Give a terminal's progress line its total once du has measured the mounts, beside the archive.
+
+    Only when the free-space check did not walk them (a bound was enough): the walk is for
+    the ETA alone, so no run without a terminal pays for it. du is killed if the archive
+    is done first.
+    """
+    du = shutil.which("du")
+    mounts = [m.source for m in job.mounts if m.via == "host"]
+    if not progress.enabled or progress.total is not None or du is None or not mounts or len(mounts) != len(job.mounts):
+        yield
+        return
+    argv = [du, "-s", "-B1", "-x", "-c", "--", *mounts]
+    LOG.debug("$ %s", shlex.join(argv))
+    RUN_COUNTS["du"] += 1
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def measure() -> None:
+        out = proc.communicate()[0]
+        with contextlib.suppress(ValueError, IndexError):
+            progress.total = int(out.split()[-2])  # the last line: "<bytes>\ttotal"
+
+    thread = threading.Thread(target=measure, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        proc.kill()
+        thread.join()
+
+
 def used_on_filesystems(paths: list[str]) -> int | None:
     """Return the bytes used on the filesystems holding paths, each filesystem once; None if one cannot be asked."""
     used: dict[int, int] = {}
@@ -5343,9 +5382,10 @@ def procedure_pg_dumpall(job: BackupJob, dir_fd: int) -> BackupResult:
     """Class A: pg_dumpall of the whole cluster, streamed into <module>-<ts>.sql.gz, verified and counted."""
     require_running(job, "pg_dumpall")
     target = pg_target(job.resolution.container)
-    # Read again, not taken from the size estimate: the databases the dump is checked against
-    # are those of now, under the module's lock, not of before it.
-    server = pg_server(target, job.settings.docker_timeout)
+    # The databases the dump is checked against are those of now, under the module's lock:
+    # the size estimate's answer is used only if the lock was free (no other run, such as a
+    # --restore, had it meanwhile); else they are read again.
+    server = job.seen.pop("pg_server", None) or pg_server(target, job.settings.docker_timeout)
     expected, invalid = dumpable_databases(server)
     warnings = [f"database {name!r} is invalid (an interrupted DROP DATABASE): it cannot be dumped or restored; drop it" for name in invalid]
     LOG.info("PostgreSQL %s, user %s: databases %s", server["version"], target.user, ", ".join(expected))
@@ -5370,7 +5410,7 @@ def plan_pg_dumpall(job: BackupJob) -> Plan:
                                secrets=pg.secrets))
     dump = mask_argv(pg_dumpall_argv(job, pg))
     steps = [f"run: {psql}", "check: every database of pg_database accepts connections (else fail, naming it)",
-             f"run: {dump} | {job.compression.tool} -{job.compression.level} > <backup>.partial (mode 0600), counting COPY rows per database",
+             f"run: {dump} | {job.compression.tool} -{job.compression.level} > <backup>.partial (mode 0600), read back as written: COPY rows per database",
              "check: every database of pg_database is in the dump"]
     return Plan(steps, f".sql.{job.compression.suffix}", f"{job.compression.format} complete, trailer line present, size, counts read back")
 
@@ -5378,7 +5418,7 @@ def plan_pg_dumpall(job: BackupJob) -> Plan:
 def estimate_pg_dumpall(job: BackupJob) -> tuple[int | None, str]:
     if not job.resolution.container.get("State", {}).get("Running"):
         return None, "the server is not running"
-    server = pg_server(pg_target(job.resolution.container), job.settings.docker_timeout)
+    server = job.seen["pg_server"] = pg_server(pg_target(job.resolution.container), job.settings.docker_timeout)
     return int(server["bytes"]), "pg_database_size of every database"
 
 
@@ -8144,7 +8184,9 @@ def cmd_backup(args: argparse.Namespace, config: Config, settings: Settings, out
     dir_fd = ensure_backup_dir(backup_dir, create=True)
     assert dir_fd is not None
     try:
-        with module_lock(dir_fd, module.id, settings.lock_timeout):
+        with module_lock(dir_fd, module.id, settings.lock_timeout) as waited:
+            if waited:
+                job.seen.clear()  # another run had the module meanwhile: what the estimate saw may be gone
             here = os.fstat(dir_fd)
             job.rules.backup_dir = (here.st_dev, here.st_ino)
             job.journal = CleanupJournal(dir_fd, module.id)
@@ -8874,9 +8916,13 @@ def _log_run_summary() -> None:
     # Before the error line, which must stay the last line on stderr.
     if RUN_COUNTS:
         LOG.debug("programs run: %s", ", ".join(f"{name} {count}x" for name, count in sorted(RUN_COUNTS.items())))
-        LOG.debug("peak memory: this process %d MiB, largest program it ran %d MiB",
-                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss >> 10)
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        LOG.debug("peak memory: this process %d MiB, largest program it ran %d MiB", own.ru_maxrss >> 10, children.ru_maxrss >> 10)
+        verification = sum(VERIFICATION_CPU)
+        LOG.debug("CPU time: this process %.2fs, the in-flight verification %.2fs, the programs it ran %.2fs (compressor, docker, du)",
+                  own.ru_utime + own.ru_stime, verification, children.ru_utime + children.ru_stime - verification)
         RUN_COUNTS.clear()
+        VERIFICATION_CPU.clear()
     if PHASES:
         LOG.debug("where the time went: %s; the rest is start-up and Python", ", ".join(f"{name} {seconds:.2f}s" for name, seconds in PHASES.items()))
         PHASES.clear()

@@ -82,19 +82,29 @@ def build_tree(root: Path, size_mb: int) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, int | None, str]:
-    """Run argv; return (wall seconds, the tool's own peak RSS in MiB from its --debug line or None, its phases line)."""
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float, int | None, str]:
+    """Run argv; return (wall seconds, CPU seconds of it and all it ran on this host, the tool's own peak RSS in MiB
+    from its --debug line or None, its phases and CPU split).
+
+    The CPU of a container's own processes (pg_dumpall, the server) and of dockerd is not counted, for the tool and the
+    shell alike.
+    """
     with tempfile.TemporaryFile() as err:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.monotonic()
         proc = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=err, check=False)
         elapsed = time.monotonic() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         err.seek(0)
         text = err.read().decode(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"bench: {argv} failed ({proc.returncode}): {text[-2000:]}")
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     peak = re.search(r"peak memory: this process (\d+) MiB", text)
     phases = re.search(r"where the time went: (.*); the rest", text)
-    return elapsed, int(peak.group(1)) if peak else None, phases.group(1) if phases else ""
+    split = re.search(r"CPU time: (.*)", text)
+    spent = (phases.group(1) if phases else "") + (f"; CPU: {split.group(1)}" if split else "")
+    return elapsed, cpu, int(peak.group(1)) if peak else None, spent
 
 
 def run_variants(variants: dict[str, tuple[list[str], dict[str, str], Path]], runs: int, phases: dict[str, str] | None = None,
@@ -104,7 +114,7 @@ def run_variants(variants: dict[str, tuple[list[str], dict[str, str], Path]], ru
     phases gets each tool variant's --debug phases of its median run; paused, each run's
     paused_seconds from the manifest of a --pause variant.
     """
-    results: dict[str, dict[str, list[float]]] = {name: {"wall": [], "rss": [], "size": []} for name in variants}
+    results: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": [], "rss": [], "size": []} for name in variants}
     texts: dict[str, list[tuple[float, str]]] = {name: [] for name in variants}
     names = list(variants)
     for rep in range(runs):
@@ -113,7 +123,7 @@ def run_variants(variants: dict[str, tuple[list[str], dict[str, str], Path]], ru
             argv, env, out_dir = variants[name]
             shutil.rmtree(out_dir, ignore_errors=True)
             out_dir.mkdir(parents=True, mode=0o700)
-            wall, rss, spent = timed(argv, env)
+            wall, cpu, rss, spent = timed(argv, env)
             texts[name].append((wall, spent))
             size = sum(p.stat().st_size for p in out_dir.iterdir() if p.suffix in (".gz", ".zst", ".tar"))
             for manifest in out_dir.glob("*.manifest.json"):
@@ -121,6 +131,7 @@ def run_variants(variants: dict[str, tuple[list[str], dict[str, str], Path]], ru
                 if paused is not None and seconds is not None:
                     paused.setdefault(name, []).append(seconds)
             results[name]["wall"].append(wall)
+            results[name]["cpu"].append(cpu)
             results[name]["rss"] += [rss] if rss is not None else []
             results[name]["size"].append(size)
             print(f"  run {rep + 1}: {name}: {wall:.1f}s", file=sys.stderr)
@@ -129,18 +140,20 @@ def run_variants(variants: dict[str, tuple[list[str], dict[str, str], Path]], ru
         for name, found in texts.items():
             phases[name] = sorted(found)[len(found) // 2][1]
     return {
-        name: {"wall": statistics.median(r["wall"]), "size": statistics.median(r["size"]), "rss": max(r["rss"], default=-1)}
+        name: {"wall": statistics.median(r["wall"]), "cpu": statistics.median(r["cpu"]), "size": statistics.median(r["size"]),
+               "rss": max(r["rss"], default=-1)}
         for name, r in results.items()
     }
 
 
 def table(title: str, baseline: str, medians: dict[str, dict[str, float]], data_bytes: int) -> list[str]:
     base = medians[baseline]["wall"]
-    lines = [f"### {title}", "", "| variant | wall ratio vs baseline | MB/s | peak RSS of the tool | output |", "|---|---|---|---|---|"]
+    lines = [f"### {title}", "", "| variant | wall ratio vs baseline | MB/s | CPU s (this host) | peak RSS of the tool | output |",
+             "|---|---|---|---|---|---|"]
     for name, m in medians.items():
         rss = f"{m['rss']:.0f} MiB" if m["rss"] >= 0 else "-"
         label = name.replace("|", "\\|")  # a shell pipe inside a table cell
-        lines.append(f"| {label} | {m['wall'] / base:.2f} | {data_bytes / MB / m['wall']:.1f} | {rss} | {m['size'] / MB:.1f} MiB |")
+        lines.append(f"| {label} | {m['wall'] / base:.2f} | {data_bytes / MB / m['wall']:.1f} | {m['cpu']:.2f} | {rss} | {m['size'] / MB:.1f} MiB |")
     return [*lines, ""]
 
 

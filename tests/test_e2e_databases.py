@@ -54,6 +54,38 @@ def honcho_postgres(engine, tmp_path: Path):
     return engine, platform, c
 
 
+def test_e2e_postgres_databases_are_listed_again_under_the_lock_only_if_another_run_held_it(postgres, tmp_path):
+    """The size estimate's catalog read serves the dump's check when the lock was free; after waiting for it, it is read again."""
+    import fcntl
+    import threading
+
+    engine, platform, _ = postgres
+    backup_dir = tmp_path / "b"
+    proc = backup(engine, platform, "honcho-postgres", backup_dir, "--debug")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("SELECT json_build_object(") == 1
+    with open(backup_dir / ".honcho-postgres.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        threading.Timer(2, lambda: fcntl.flock(held, fcntl.LOCK_UN)).start()
+        proc = backup(engine, platform, "honcho-postgres", backup_dir, "--debug", "--lock-timeout", "60")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("SELECT json_build_object(") == 2
+
+
+def test_e2e_postgres_disk_full_mid_dump_names_the_filesystem_and_leaves_nothing(postgres, tmp_path):
+    """pg_dumpall writes into pigz directly: when the disk fills, pigz is stopped, the dump dies of it, and the disk is what is reported."""
+    from test_backup_unit import tiny_filesystem
+
+    engine, platform, container = postgres
+    psql(engine, container, "shop", "CREATE TABLE filler AS SELECT g, md5(g::text) || md5((g * 7)::text) AS pad FROM generate_series(1, 200000) g")
+    with tiny_filesystem(tmp_path / "full", size="1m") as backup_dir:
+        proc = backup(engine, platform, "honcho-postgres", backup_dir, "--no-space-check")
+        assert proc.returncode == 1
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"backup-before-apply: error: no space left on the filesystem of {backup_dir}")
+        assert sorted(p.name for p in backup_dir.iterdir()) == [".honcho-postgres.lock"]
+    assert "pg_dump" not in engine.docker("exec", container, "ps", "-eo", "args").stdout
+
+
 def test_e2e_postgres_backup_verify_drill(postgres, tmp_path):
     engine, platform, container = postgres
     with ArgvWatcher(PG_PASSWORD) as watcher:
