@@ -5344,15 +5344,18 @@ def dump_cluster(job: BackupJob, target: PgTarget, out: PartialFile) -> dict[str
     LOG.info("dumping with pg_dumpall into %s.partial", out.path)
     try:
         with verifying(out, lambda fh: scan_sql(fh, fmt)) as verified:
-            with compressing(out, job.compression) as packed, contextlib.closing(Progress("pg_dumpall, compressed", None)) as progress:
+            with contextlib.closing(Progress("pg_dumpall, compressed", None)) as progress:
                 out.progress = progress
-                if packed.fd is not None:
-                    stream_to_fd(argv, packed.fd, timeout=job.settings.stream_timeout, secrets=secrets)
-                else:
-                    with stream_from(argv, timeout=job.settings.stream_timeout, secrets=secrets) as pipe:
-                        while chunk := pipe.read(COPY_CHUNK):
-                            packed.write(chunk)
-            out.progress = None
+                try:
+                    with compressing(out, job.compression) as packed:  # its exit waits for the last of the compressor's output
+                        if packed.fd is not None:
+                            stream_to_fd(argv, packed.fd, timeout=job.settings.stream_timeout, secrets=secrets)
+                        else:
+                            with stream_from(argv, timeout=job.settings.stream_timeout, secrets=secrets) as pipe:
+                                while chunk := pipe.read(COPY_CHUNK):
+                                    packed.write(chunk)
+                finally:
+                    out.progress = None
             return verified()
     except CommandError as exc:
         end_sessions(target, session, job.settings.docker_timeout)
