@@ -229,7 +229,7 @@ def main() -> int:
         for tree in (data, small):
             subprocess.run(["tar", "-cf", "/dev/null", "-C", str(tree), "."], check=True)  # warm the cache for everyone
         env = {**box.env}
-        common = ["--platform-root", str(platform), "--allow-ci", "--debug"]  # as an operator runs it (the free-space walk included); --debug: RSS, phases
+        common = ["--platform-root", str(platform), "--allow-ci", "--debug"]  # as an operator runs it (the free-space check included); --debug: RSS, phases
         no_pigz = {**env, "BBA_GZIP_TOOL": "zlib"}
         level = tomllib.loads((REPO / "classes.toml").read_text())["settings"]["zstd_level"]  # the tool's default, as shipped
 

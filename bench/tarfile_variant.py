@@ -5,7 +5,7 @@ BENCH_SWAP names what is swapped, comma-separated:
 - writer: the archive is written by tarfile (TarFile.add into the same compressor), not TarWriter;
 - reader: the in-flight verification reads the archive back with tarfile, not TarReader;
 - gzipfile: gzip is one gzip.GzipFile (one thread), not the threaded deflate (BBA_GZIP_TOOL=zlib).
-Everything else is the tool's own code: the same command line, docker calls, free-space walk,
+Everything else is the tool's own code: the same command line, docker calls, free-space check,
 listing digests, hash, fsync and manifest. Never shipped as the product.
 """
 
