@@ -4010,6 +4010,7 @@ class Procedure:
     owns_fallback: bool = False
     restore: Callable[[Restore], int] | None = None
     restore_plan: Callable[[Restore], list[str]] | None = None  # restore's --dry-run: its steps
+    restores_mounts: bool = False  # its restore puts archived mounts back (so --restore --via-docker applies to it)
     by_hand: Callable[[Restore], list[str] | None] | None = None
 
 
@@ -5059,6 +5060,7 @@ register(Procedure(
     suffixes=("tar.gz", "tar.zst"),
     restore=restore_mounted_archive,
     restore_plan=plan_restore_mounted_archive,
+    restores_mounts=True,
 ))
 
 
@@ -7345,6 +7347,7 @@ register(Procedure(
     drill=drill_search_engine,
     restore=restore_mounted_archive,
     restore_plan=plan_restore_mounted_archive,
+    restores_mounts=True,
     by_hand=meilisearch_by_hand,
     suffixes=("dump", "tar.gz", "tar.zst"),
     options={"meilisearch_dump": (bool, False), "meilisearch_url": (str, "http://127.0.0.1:7700")},
@@ -8352,6 +8355,10 @@ def cmd_restore(args: argparse.Namespace, config: Config, settings: Settings, ou
     if steps_by_hand:
         raise UsageError(f"--restore does not put {backup.name} back itself: {steps_by_hand[0]}; nothing was touched. The exact steps are above",
                          details=steps_by_hand[1:])
+    if args.via_docker and not procedure.restores_mounts:
+        raise UsageError(f"--restore --via-docker applies to archived mounts only "
+                         f"({', '.join(p.name for p in PROCEDURES.values() if p.restores_mounts)}); "
+                         f"{backup.name} is a {procedure.name} backup, put back its own way; nothing was touched")
     if procedure.restore is None:
         raise UsageError(f"{backup.name} was taken by {procedure.name}, whose backups --restore does not put back yet; "
                          "follow the restore notes above (also in its manifest)", details=str(doc.get("restore", "")).splitlines())

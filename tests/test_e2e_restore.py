@@ -205,6 +205,13 @@ def test_e2e_restore_refuses_a_dump_from_a_newer_server(postgres, tmp_path):
     refused = run_tool("--restore", dump, "--yes", "--platform-root", str(platform), env=engine.env, timeout=300)
     assert refused.returncode == 3, refused.stdout + refused.stderr
     assert f"the dump is from PostgreSQL {doc['server']['version']}, the live server is {live}" in refused.stderr
+    before = pg_state(engine, container)
+    refused = run_tool("--restore", dump, "--yes", "--via-docker", "--platform-root", str(platform), env=engine.env, timeout=300)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"backup-before-apply: error: --restore --via-docker applies to archived mounts only (mounted-archive, search-engine); "
+        f"{Path(dump).name} is a pg-dumpall backup, put back its own way; nothing was touched")
+    assert pg_state(engine, container) == before
 
 
 # ---------------------------------------------------------------- class B
