@@ -1952,13 +1952,24 @@ def tree_size(path: str) -> int:
     files. Otherwise the walk below. A 200 GiB hole must not make the free-space check
     refuse a volume holding 1 MiB.
     """
-    du = shutil.which("du")
-    if du is not None:
+    argv = du_argv([path])
+    if argv is not None:
         with contextlib.suppress(BackupError, ValueError, IndexError):
-            proc = run([du, "-s", "-B1", "-x", "--", path], timeout=3600, check=False)
+            proc = run(argv, timeout=3600, check=False)
             if proc.returncode in (0, 1):  # 1: something unreadable, the rest counted
-                return int(proc.stdout.split()[0])
+                return du_total(proc.stdout)
     return _tree_size_walk(path)
+
+
+def du_argv(paths: list[str]) -> list[str] | None:
+    """Return the du command that measures paths together (allocated bytes, one filesystem each), or None without du."""
+    du = shutil.which("du")
+    return [du, "-s", "-B1", "-x", "-c", "--", *paths] if du is not None else None
+
+
+def du_total(out: bytes) -> int:
+    """Return the total of du_argv's output: its last line, "<bytes>\ttotal". Raise ValueError or IndexError if there is none."""
+    return int(out.split()[-2])
 
 
 def _tree_size_walk(path: str) -> int:
@@ -4830,12 +4841,11 @@ def eta_from_du(job: BackupJob, progress: Progress) -> Iterator[None]:
     the ETA alone, so no run without a terminal pays for it. du is killed if the archive
     is done first.
     """
-    du = shutil.which("du")
     mounts = [m.source for m in job.mounts if m.via == "host"]
-    if not progress.enabled or progress.total is not None or du is None or not mounts or len(mounts) != len(job.mounts):
+    argv = du_argv(mounts)
+    if not progress.enabled or progress.total is not None or argv is None or not mounts or len(mounts) != len(job.mounts):
         yield
         return
-    argv = [du, "-s", "-B1", "-x", "-c", "--", *mounts]
     LOG.debug("$ %s", shlex.join(argv))
     RUN_COUNTS["du"] += 1
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -4843,7 +4853,7 @@ def eta_from_du(job: BackupJob, progress: Progress) -> Iterator[None]:
     def measure() -> None:
         out = proc.communicate()[0]
         with contextlib.suppress(ValueError, IndexError):
-            progress.total = int(out.split()[-2])  # the last line: "<bytes>\ttotal"
+            progress.total = du_total(out)
 
     thread = threading.Thread(target=measure, daemon=True)
     thread.start()
