@@ -3544,6 +3544,21 @@ def _tar_number(field: bytes) -> int:
         return int(text, 8) if text else 0
 
 
+def _header_numbers(header: bytes) -> tuple[int, int, int, int, int]:
+    """Return a tar header's mode, uid, gid, size and mtime, whatever form each field takes."""
+    return (_tar_number(header[100:108]), _tar_number(header[108:116]), _tar_number(header[116:124]),
+            _tar_number(header[124:136]), _tar_number(header[136:148]))
+
+
+def _checksum_ok(header: bytes) -> bool:
+    """Say whether a tar header's checksum field holds the sum of its bytes, the field counted as spaces."""
+    chksum = header[148:156]
+    # With at most 256 bytes that are not NUL (most headers), the sum is below 65,521, the modulus
+    # of Adler-32's low half, which is then exactly that sum plus one; zlib computes it 10x faster.
+    total = (zlib.adler32(header) & 0xFFFF) - 1 if header.count(0) >= 256 else sum(header)
+    return _tar_number(chksum) == total - sum(chksum) + 256
+
+
 class _TarInput:
     """The decompressed tar stream of a scan: buffered reads for headers, skips for data.
 
@@ -3639,19 +3654,30 @@ class TarReader:
 
     def __iter__(self) -> Iterator[TarEntry]:
         names: dict[bytes, bytes] = {}  # what GNU long-name (L, K) and pax (x) headers say of the next member
+        source = self.input
         while True:
-            self._skip_rest()
-            header = self.input.read(512)
-            if len(header) < 512:
-                raise BackupError("the tar stream ends before its end-of-archive marker")
+            if self.left or self.padding:
+                want = self.left + self.padding
+                if want <= len(source.data) - source.pos:  # a small member's data, already read
+                    source.pos += want
+                    self.left = self.padding = 0
+                else:
+                    self._skip_rest()
+            if len(source.data) - source.pos >= 512:  # the common case, inlined: a tar of small files is mostly headers
+                header = source.data[source.pos:source.pos + 512]
+                source.pos += 512
+            else:
+                header = source.read(512)
+                if len(header) < 512:
+                    raise BackupError("the tar stream ends before its end-of-archive marker")
             if header == _ZERO_BLOCK:
                 break
-            chksum = header[148:156]
-            if _tar_number(chksum) != sum(header) - sum(chksum) + 256:
+            if not _checksum_ok(header):
                 raise BackupError(f"tar header {self.members + 1} has a bad checksum")
-            size, kind = _tar_number(header[124:136]), header[156:157]
+            kind = header[156:157]
             if kind in (b"L", b"K", b"x", b"g", b"X"):
-                data = self.input.read((size + 511) // 512 * 512)
+                size = _tar_number(header[124:136])
+                data = source.read((size + 511) // 512 * 512)
                 if len(data) < size:
                     raise BackupError("the tar stream ends inside an extended header")
                 if kind == b"L":
@@ -3662,18 +3688,26 @@ class TarReader:
                     names.update(_pax_records(data[:size]))
                 continue
             self.members += 1
-            entry = self._entry(header, kind, size, names)
+            entry = self._entry(header, kind, names)
             names = {}
             yield entry
         self._skip_rest()
 
-    def _entry(self, header: bytes, kind: bytes, size: int, pax: dict[bytes, bytes]) -> TarEntry:
+    def _entry(self, header: bytes, kind: bytes, pax: dict[bytes, bytes]) -> TarEntry:
         name = header[:100].split(b"\0", 1)[0]
-        if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX ustar: a prefix; GNU: atime there
+        if header[345] and header[257:263] == b"ustar\0":  # POSIX ustar: a prefix; GNU: atime there
             name = header[345:500].split(b"\0", 1)[0] + b"/" + name
         linkname = header[157:257].split(b"\0", 1)[0] if kind in (tarfile.LNKTYPE, tarfile.SYMTYPE) else b""
-        entry = TarEntry(_name_text(name), tarfile.REGTYPE if kind in _REGULAR else kind, _tar_number(header[100:108]) & 0o7777,
-                         _tar_number(header[108:116]), _tar_number(header[116:124]), _tar_number(header[136:148]),
+        if (header[107] | header[115] | header[123] | header[135] | header[147]) & 0xDF == 0:
+            try:  # every field ends in a NUL or a space: octal, as GNU tar, Go and this tool write them
+                mode, uid, gid = int(header[100:107], 8), int(header[108:115], 8), int(header[116:123], 8)
+                size, mtime = int(header[124:135], 8), int(header[136:147], 8)
+            except ValueError:  # a NUL inside a field ("644\0\0\0\0\0"): the careful way
+                mode, uid, gid, size, mtime = _header_numbers(header)
+        else:
+            mode, uid, gid, size, mtime = _header_numbers(header)
+        text = name.decode("utf-8", "surrogateescape")
+        entry = TarEntry(text.rstrip("/") or text, tarfile.REGTYPE if kind in _REGULAR else kind, mode & 0o7777, uid, gid, mtime,
                          linkname=linkname.decode("utf-8", "surrogateescape") if linkname else "")
         if pax:  # what a pax or GNU long-name header says instead
             if b"path" in pax:

@@ -248,3 +248,57 @@ def test_scan_tar_counts_members_and_refuses_every_truncation(tree, tmp_path, fm
         path.write_bytes(packed[:cut])
         with open(path, "rb") as fh, pytest.raises(bba.BackupError, match="archive is not a complete"):
             bba.scan_tar(fh, fmt)
+
+
+# The ways tars write a number field of `width` bytes: GNU tar, Go and this tool ("0000644\0"), every
+# digit and no terminator (POSIX allows it), old tars' spaces ("   644 \0"), short and NUL-padded, base-256.
+NUMBER_FORMS = [
+    lambda value, width: b"%0*o\0" % (width - 1, value),
+    lambda value, width: b"%0*o" % (width, value),
+    lambda value, width: (b"%o" % value).rjust(width - 2, b" ") + b" \0",
+    lambda value, width: (b"%o\0" % value).ljust(width, b"\0"),
+    lambda value, width: b"\x80" + value.to_bytes(width - 1, "big"),
+]
+NUMBER_FIELDS = {"mode": (100, 8), "uid": (108, 8), "gid": (116, 8), "size": (124, 12), "mtime": (136, 12)}
+
+
+def with_checksum(header: bytearray) -> bytes:
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+@settings(max_examples=examples(300))
+@given(values=st.fixed_dictionaries({"mode": st.integers(0, 0o7777), "uid": st.integers(0, 8**6), "gid": st.integers(0, 8**6),
+                                     "size": st.integers(0, 3000), "mtime": st.integers(0, 8**10)}),
+       forms=st.lists(st.sampled_from(range(len(NUMBER_FORMS))), min_size=5, max_size=5),
+       prefix=st.sampled_from(["", "p" * 150]))
+def test_reader_takes_every_form_of_number_field_as_tarfile_does(values, forms, prefix):
+    """The reader's fast path (octal ending in NUL or space) and its careful path give tarfile's numbers."""
+    info = tarfile.TarInfo("f")
+    header = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    header[345:345 + len(prefix)] = prefix.encode()  # a long ustar prefix: more than 256 bytes that are not NUL
+    for (field, (at, width)), form in zip(NUMBER_FIELDS.items(), forms):
+        encoded = NUMBER_FORMS[form](values[field], width)
+        header[at:at + width] = encoded if len(encoded) == width else NUMBER_FORMS[0](values[field], width)  # too long for spaces
+    data = with_checksum(header) + b"d" * values["size"] + bytes(-values["size"] % 512) + bytes(1024)
+    [(_, entry)] = [(r, e) for r, e in bba.tar_entries(io.BytesIO(data))]
+    with tarfile.open(fileobj=io.BytesIO(data)) as reference:
+        theirs = reference.getmembers()[0]
+    assert {field: getattr(entry, field) for field in NUMBER_FIELDS} == values
+    assert {field: getattr(theirs, field) for field in NUMBER_FIELDS} == values
+    assert entry.name == (prefix + "/f" if prefix else "f")
+
+
+@pytest.mark.parametrize("prefix", ["", "p" * 155], ids=["few bytes set (Adler-32)", "many bytes set (the plain sum)"])
+@pytest.mark.parametrize("at", [0, 99, 130, 300, 400, 511])
+@pytest.mark.parametrize("delta", [1, 7, 128])
+def test_reader_refuses_a_header_whose_checksum_does_not_match(prefix, at, delta):
+    header = bytearray(tarfile.TarInfo("some/file").tobuf(tarfile.USTAR_FORMAT))
+    header[345:345 + len(prefix)] = prefix.encode()
+    good = with_checksum(header)
+    assert [e.name for _, e in bba.tar_entries(io.BytesIO(good + bytes(1024)))]
+    bad = bytearray(good)
+    bad[at] = (bad[at] + delta) % 256
+    with pytest.raises(bba.BackupError, match="tar header 1 has a bad checksum"):
+        list(bba.tar_entries(io.BytesIO(bytes(bad) + bytes(1024))))
