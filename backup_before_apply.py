@@ -3702,12 +3702,11 @@ class TarReader:
             try:  # every field ends in a NUL or a space: octal, as GNU tar, Go and this tool write them
                 mode, uid, gid = int(header[100:107], 8), int(header[108:115], 8), int(header[116:123], 8)
                 size, mtime = int(header[124:135], 8), int(header[136:147], 8)
-            except ValueError:  # a NUL inside a field ("644\0\0\0\0\0"): the careful way
+            except ValueError:  # another form ("644\0\0\0\0\0", base-256): the careful way
                 mode, uid, gid, size, mtime = _header_numbers(header)
         else:
             mode, uid, gid, size, mtime = _header_numbers(header)
-        text = name.decode("utf-8", "surrogateescape")
-        entry = TarEntry(text.rstrip("/") or text, tarfile.REGTYPE if kind in _REGULAR else kind, mode & 0o7777, uid, gid, mtime,
+        entry = TarEntry(_name_text(name), tarfile.REGTYPE if kind in _REGULAR else kind, mode & 0o7777, uid, gid, mtime,
                          linkname=linkname.decode("utf-8", "surrogateescape") if linkname else "")
         if pax:  # what a pax or GNU long-name header says instead
             if b"path" in pax:
