@@ -6977,8 +6977,6 @@ def restore_mc_mirror(job: Restore) -> int:
     if host_mc is None and not (job.container.get("State") or {}).get("Running"):
         raise RefusedError(f"container {job.name} is not running and mc is not on this host: the buckets are mirrored back through MinIO's API")
     mc = mc_runner(job.name, host_mc, secrets, settings.stream_timeout)
-    wanted = backup_objects(job.backup, doc["format"])
-    buckets = sorted(set((doc.get("counts") or {}).get("objects") or {}) | set(wanted.objects))
     staging_name = f".{job.backup.name.split('.', 1)[0]}.restore-staging"  # removed by the next run if this one is killed
     inside = f"/tmp/bba-restore-{os.urandom(4).hex()}"
     dir_fd = os.open(job.backup.parent, _DIR_FLAGS)
@@ -6987,13 +6985,13 @@ def restore_mc_mirror(job: Restore) -> int:
         if host_mc:
             os.mkdir(staging_name, 0o700, dir_fd=dir_fd)
             work = str(job.backup.parent / staging_name)
-            unpack_plain(job.backup, doc["format"], work)
+            wanted = backup_objects(job.backup, doc["format"], unpack_to=work)
         else:
             work = inside
             run(exec_argv(job.name, ["mkdir", "-m", "0700", inside]), timeout=settings.docker_timeout)
-            with open(job.backup, "rb") as fh, decompressing(fh, doc["format"]) as raw, \
-                    stream_into(["docker", "cp", "-", f"{job.name}:{inside}"], timeout=settings.stream_timeout) as stream:
-                shutil.copyfileobj(raw, stream.pipe, COPY_CHUNK)
+            with stream_into(["docker", "cp", "-", f"{job.name}:{inside}"], timeout=settings.stream_timeout) as stream:
+                wanted = backup_objects(job.backup, doc["format"], copy_to=stream.pipe)
+        buckets = sorted(set((doc.get("counts") or {}).get("objects") or {}) | set(wanted.objects))
         for bucket in buckets:
             if bucket not in wanted.objects:
                 lines.append(f"bucket {bucket}: empty in the backup; its configuration import recreates it")
@@ -7036,21 +7034,50 @@ class BackupObjects:
     objects: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     metadata: list[str] = dataclasses.field(default_factory=list)
 
+    def add(self, entry: TarEntry) -> TarEntry:
+        top, _, rest = entry.name.partition("/")
+        if top == "buckets" and entry.kind == tarfile.REGTYPE:
+            bucket, _, key = rest.partition("/")
+            self.objects.setdefault(bucket, {})[key] = entry.size
+        elif top == "buckets" and entry.kind == tarfile.DIRTYPE and rest and "/" not in rest.rstrip("/"):
+            self.objects.setdefault(rest.rstrip("/"), {})
+        elif top == "metadata" and entry.kind == tarfile.REGTYPE:
+            self.metadata.append(entry.name)
+        return entry
 
-def backup_objects(backup: Path, fmt: str) -> BackupObjects:
-    """Read the objects of an mc-mirror backup from the archive itself."""
+
+def backup_objects(backup: Path, fmt: str, *, unpack_to: str | None = None, copy_to: IO[bytes] | None = None) -> BackupObjects:
+    """Read the objects of an mc-mirror backup from the archive itself, in the pass that puts it where mc runs.
+
+    unpack_to: the archive is unpacked there (plain directories and files only); copy_to:
+    its whole tar stream is copied there as it is read (docker cp into the container).
+    """
     found = BackupObjects()
     with open(backup, "rb") as fh, decompressing(fh, fmt) as raw:
-        for _, entry in tar_entries(raw):
-            top, _, rest = entry.name.partition("/")
-            if top == "buckets" and entry.kind == tarfile.REGTYPE:
-                bucket, _, key = rest.partition("/")
-                found.objects.setdefault(bucket, {})[key] = entry.size
-            elif top == "buckets" and entry.kind == tarfile.DIRTYPE and rest and "/" not in rest.rstrip("/"):
-                found.objects.setdefault(rest.rstrip("/"), {})
-            elif top == "metadata" and entry.kind == tarfile.REGTYPE:
-                found.metadata.append(entry.name)
+        source = raw if copy_to is None else typing.cast(IO[bytes], _CopiedAsRead(raw, copy_to))
+        entries = ((tar, found.add(entry)) for tar, entry in tar_entries(source))
+        if unpack_to is not None:
+            extract_plain(entries, unpack_to, str(backup))
+        else:
+            for _ in entries:  # to the end of the stream: the copy is whole
+                pass
     return found
+
+
+class _CopiedAsRead(io.RawIOBase):
+    """A stream that writes every byte read from it to sink as well: reading it and copying it are one pass."""
+
+    def __init__(self, source: IO[bytes], sink: IO[bytes]) -> None:
+        self.source, self.sink = source, sink
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        count = self.source.readinto(buffer)  # type: ignore[attr-defined]
+        if count:
+            self.sink.write(memoryview(buffer)[:count])
+        return int(count or 0)
 
 
 def compare_bucket(mc: McRunner, alias: str, bucket: str, wanted: dict[str, int], removed_extra: bool, lines: list[str]) -> int:
@@ -7077,12 +7104,6 @@ def compare_bucket(mc: McRunner, alias: str, bucket: str, wanted: dict[str, int]
         lines.append(f"bucket {bucket}: {len(extra)} object(s) created after the backup kept (--remove-extra removes them): {', '.join(extra[:3])}"
                      + (" ..." if len(extra) > 3 else ""))
     return differences
-
-
-def unpack_plain(backup: Path, fmt: str, root: str) -> None:
-    """Unpack an archive of plain directories and files (mc's staging) into root; refuse links, odd names and anything outside it."""
-    with open(backup, "rb") as fh, decompressing(fh, fmt) as raw:
-        extract_plain(tar_entries(raw), root, str(backup))
 
 
 def extract_plain(entries: Iterable[tuple[TarReader, TarEntry]], root: str, what: str) -> None:

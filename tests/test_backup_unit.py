@@ -755,3 +755,33 @@ def test_backup_dir_made_meanwhile_by_another_run_is_used(tmp_path, monkeypatch)
     assert fd is not None
     os.close(fd)
     assert stat.S_IMODE(os.stat(tmp_path / "new" / "backups").st_mode) == 0o700
+
+
+@pytest.mark.parametrize("fmt", ["tar.gz", "tar.zst"])
+def test_mc_mirror_restore_reads_the_objects_in_the_pass_that_unpacks_or_copies_the_archive(tmp_path, fmt):
+    """Class D's restore reads its archive once (besides --verify): the listing comes from the unpacking or the copy."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in (("buckets/docs/a.pdf", b"a" * 3000), ("buckets/docs/sub/b.txt", b"b"), ("buckets/photos/2024/c.jpg", os.urandom(70000)),
+                           ("metadata/local-cluster-metadata.zip", b"zip")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        empty = tarfile.TarInfo("buckets/empty")
+        empty.type = tarfile.DIRTYPE
+        tar.addfile(empty)
+    plain = out.getvalue()
+    compress = ["gzip", "-c"] if fmt == "tar.gz" else ["zstd", "-q", "-c"]
+    archive = tmp_path / f"minio.{fmt}"
+    archive.write_bytes(subprocess.run(compress, input=plain, capture_output=True, check=True).stdout)
+    wanted = {"docs": {"a.pdf": 3000, "sub/b.txt": 1}, "photos": {"2024/c.jpg": 70000}, "empty": {}}
+
+    copied = io.BytesIO()
+    found = bba.backup_objects(archive, fmt, copy_to=copied)
+    assert found.objects == wanted and found.metadata == ["metadata/local-cluster-metadata.zip"]
+    assert copied.getvalue() == plain  # the whole stream, end-of-archive blocks and padding included, once
+
+    found = bba.backup_objects(archive, fmt, unpack_to=str(tmp_path / "staging"))
+    assert found.objects == wanted
+    assert (tmp_path / "staging" / "buckets" / "photos" / "2024" / "c.jpg").stat().st_size == 70000
+    assert (tmp_path / "staging" / "metadata" / "local-cluster-metadata.zip").read_bytes() == b"zip"

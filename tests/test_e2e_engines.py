@@ -377,6 +377,21 @@ def test_e2e_minio_mc_on_the_host(minio, tmp_path):
     assert doc["contents"]["mc"] == "host" and doc["counts"] == {"objects": {"docs": 2, "photos": 1}}
     assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.name.startswith(".")) == [".minio.lock"]
 
+    # The restore through the host's mc: the archive unpacked into a staging directory beside it, in
+    # the one pass that also lists its objects; the server read back with mc ls; the staging removed.
+    before = {p.relative_to(data).as_posix(): p.read_bytes() for p in Path(data).rglob("*")
+              if p.is_file() and p.relative_to(data).parts[0] in ("docs", "photos")}
+    assert sorted(before) == ["docs/b.pdf", "docs/c.txt", "photos/2024/a.jpg"]
+    Path(data, "docs", "b.pdf").write_bytes(b"changed")
+    Path(data, "photos", "2024", "a.jpg").unlink()
+    done = run_tool("--restore", proc.stdout.split()[0], "--yes", "--no-safety-backup", "--platform-root", str(platform),
+                    env={**engine.env, **host_env}, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "bucket docs: all 2 object(s) of the backup listed by mc ls, with their sizes" in done.stdout
+    assert "bucket photos: all 1 object(s) of the backup listed by mc ls, with their sizes" in done.stdout
+    assert {name: Path(data, name).read_bytes() for name in before} == before
+    assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.name.startswith(".")) == [".minio.lock"]
+
 
 def test_e2e_dry_run_shows_engine_commands_and_touches_nothing(vault, tmp_path):
     engine, platform = vault
