@@ -1,7 +1,7 @@
 PYTHON ?= python3
 export PYTHON
 
-.PHONY: test unit fuzz lint demo deps bench
+.PHONY: test unit fuzz lint demo deps bench bench-sizes
 
 # Everything: unit tests, run() against real commands, end to end on a private dockerd.
 test: deps
@@ -36,3 +36,9 @@ deps:
 # BENCH_RUNS (default 3) set the size; about 20 minutes on 2 cores at the defaults.
 bench: deps
 	$(PYTHON) bench/bench.py
+
+# The mixed tree at SIZES MiB (default 512 1024 2048), the tool against tar | zstd, alternating,
+# 5 runs each: what a backup costs per MiB and what does not grow with the size (about 4 minutes).
+SIZES ?= 512 1024 2048
+bench-sizes: deps
+	$(PYTHON) bench/sizes.py $(SIZES)
