@@ -3654,22 +3654,11 @@ class TarReader:
 
     def __iter__(self) -> Iterator[TarEntry]:
         names: dict[bytes, bytes] = {}  # what GNU long-name (L, K) and pax (x) headers say of the next member
-        source = self.input
         while True:
-            if self.left or self.padding:
-                want = self.left + self.padding
-                if want <= len(source.data) - source.pos:  # a small member's data, already read
-                    source.pos += want
-                    self.left = self.padding = 0
-                else:
-                    self._skip_rest()
-            if len(source.data) - source.pos >= 512:  # the common case, inlined: a tar of small files is mostly headers
-                header = source.data[source.pos:source.pos + 512]
-                source.pos += 512
-            else:
-                header = source.read(512)
-                if len(header) < 512:
-                    raise BackupError("the tar stream ends before its end-of-archive marker")
+            self._skip_rest()
+            header = self.input.read(512)
+            if len(header) < 512:
+                raise BackupError("the tar stream ends before its end-of-archive marker")
             if header == _ZERO_BLOCK:
                 break
             if not _checksum_ok(header):
@@ -3677,7 +3666,7 @@ class TarReader:
             kind = header[156:157]
             if kind in (b"L", b"K", b"x", b"g", b"X"):
                 size = _tar_number(header[124:136])
-                data = source.read((size + 511) // 512 * 512)
+                data = self.input.read((size + 511) // 512 * 512)
                 if len(data) < size:
                     raise BackupError("the tar stream ends inside an extended header")
                 if kind == b"L":

@@ -18,13 +18,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import tomllib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "bench")]
-from bench import build_tree  # noqa: E402
+from bench import build_tree, run_variants  # noqa: E402
 from sandbox import Sandbox  # noqa: E402
 
 
@@ -54,23 +53,11 @@ def main() -> int:
             box.docker("rm", "-f", "kuma", check=False)
             box.run_container("kuma", "-v", f"sizes-{size}:/data")
             subprocess.run(["tar", "-cf", "/dev/null", "-C", str(data), "."], check=True)  # warm the cache for both
-            out = work / "out"
-            variants = {
-                "shell": ["bash", "-o", "pipefail", "-c", f"tar -cf - -C {data} . | {compressor} > {out}/x.tar.{suffix}"],
-                "tool": [sys.executable, str(REPO / "backup_before_apply.py"), "kuma", "--platform-root", str(platform), "--allow-ci",
-                         "--backup-dir", str(out), "--compression", args.compression],
-            }
-            walls: dict[str, list[float]] = {name: [] for name in variants}
-            for rep in range(args.runs):
-                for name in list(variants) if rep % 2 == 0 else list(variants)[::-1]:
-                    shutil.rmtree(out, ignore_errors=True)
-                    out.mkdir(mode=0o700)
-                    started = time.perf_counter()
-                    proc = subprocess.run(variants[name], env=box.env, capture_output=True, text=True)
-                    walls[name].append(time.perf_counter() - started)
-                    if proc.returncode != 0:
-                        raise SystemExit(f"sizes: {name} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-            rows.append((size, statistics.median(walls["tool"]), statistics.median(walls["shell"])))
+            shell = ["bash", "-o", "pipefail", "-c", f"tar -cf - -C {data} . | {compressor} > {work / 'shell'}/x.tar.{suffix}"]
+            tool = [sys.executable, str(REPO / "backup_before_apply.py"), "kuma", "--platform-root", str(platform), "--allow-ci",
+                    "--backup-dir", str(work / "tool"), "--compression", args.compression]
+            medians = run_variants({"shell": (shell, box.env, work / "shell"), "tool": (tool, box.env, work / "tool")}, args.runs)
+            rows.append((size, medians["tool"]["wall"], medians["shell"]["wall"]))
             box.docker("rm", "-f", "kuma")
             box.docker("volume", "rm", f"sizes-{size}")
     finally:
