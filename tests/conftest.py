@@ -101,7 +101,7 @@ class FakeDocker:
         if argv[0] != "docker":  # a host tool (du, GNU tar): the real thing
             return REAL_RUN(argv, check=check, timeout=timeout, input=input, secrets=secrets, cwd=cwd)
         self.calls.append(argv)
-        bba.RUN_COUNTS["docker"] += 1  # as the real run() counts
+        bba.count_run("docker")  # as the real run() counts
         sub = argv[1]
         if sub in self.hang_on:
             raise bba.CommandError(argv, None, b"")

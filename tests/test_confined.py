@@ -15,6 +15,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import backup_before_apply as bba
 from conftest import fake_container
@@ -196,6 +198,34 @@ def test_dump_census_counts_rows_and_large_objects_only_under_their_toc_entries(
     cut.feed(script[:-6])
     with pytest.raises(bba.BackupError, match="the dump ends inside the COPY block of public.t"):
         cut.counts()
+
+
+# Fields as pg_dump writes them in COPY text: NULL, an escaped backslash (also before a dot,
+# which is not the end marker), escaped control characters, plain text.
+_COPY_FIELDS = st.sampled_from(["\\N", "\\\\", "\\\\.", "a\\tb", "x\\ny", ".", "plain", ""])
+
+
+@given(tables=st.lists(st.lists(st.lists(_COPY_FIELDS, min_size=1, max_size=6), max_size=120), min_size=1, max_size=3),
+       cut=st.sampled_from([1, 3, 7, 64, 500, 4096, 1 << 20]))
+def test_dump_census_finds_the_end_of_every_copy_block_whatever_its_escapes(tables, cut):
+    # Many backslashes in one chunk take the find() fallback of _block_end, few the memchr path.
+    script = b"\\connect shop\n"
+    for n, rows in enumerate(tables):
+        script += f"--\n-- Data for Name: t{n}; Type: TABLE DATA; Schema: public; Owner: x\n--\n\nCOPY public.t{n} (a) FROM stdin;\n".encode()
+        script += b"".join("\t".join(fields).encode() + b"\n" for fields in rows) + b"\\.\n\n"
+    census = bba.DumpCensus()
+    for i in range(0, len(script), cut):
+        census.feed(script[i:i + cut])
+    row_counts = {f"public.t{n}": len(rows) for n, rows in enumerate(tables)}
+    assert census.counts() == {"shop": {"tables": len(tables), "rows": sum(row_counts.values()), "large_objects": 0,
+                                        "row_counts": dict(sorted(row_counts.items()))}}
+
+
+@pytest.mark.parametrize("escapes", [0, 1, 31, 32, 33, 63, 64, 65, 200])
+def test_dump_census_block_end_is_found_as_find_finds_it_before_and_after_its_fallback(escapes):
+    # The 64th and 65th backslash are where _block_end leaves memchr for find().
+    for window in (b"\n" + b"\\N\n" * escapes + b"\\.\n", b"\n" + b"a\\\\\n" * escapes + b"\\.\nrest", b"\\N\n" * escapes):
+        assert bba.DumpCensus._block_end(window) == window.find(bba.DumpCensus.END_OF_COPY)
 
 
 # ---------------------------------------------------------------- cleanup journal, drill env-file

@@ -198,3 +198,28 @@ def test_kill_exec_never_stops_a_parent_before_it_has_reaped_its_killed_child(tm
     reaper.join(timeout=30)
     events = dict(line.split() for line in log.read_text().splitlines() if line != "started")
     assert float(events["stopped"]) >= float(events["reaped"])
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_exit_now_fails_a_run_whose_output_could_not_be_written(monkeypatch, capfd, status):
+    class Full:
+        def flush(self) -> None:
+            raise OSError(28, "No space left on device")
+
+    ended: list[int] = []
+    monkeypatch.setattr(bba.sys, "stdout", Full())
+    monkeypatch.setattr(bba.os, "_exit", ended.append)
+    bba.exit_now(status)
+    assert ended == [status or bba.EXIT_FAILED]
+    assert capfd.readouterr().err == "backup-before-apply: error: the output could not be written: No space left on device\n"
+
+
+def test_the_script_ends_with_its_status_and_all_its_output(tmp_path, capsys):
+    # exit_now() skips the interpreter's teardown: what was printed must still all be there.
+    assert bba.main(["--help"]) == 0
+    in_process = capsys.readouterr().out
+    proc = subprocess.run([sys.executable, str(REPO / "backup_before_apply.py"), "--help"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0 and proc.stdout == in_process and len(proc.stdout) > 4096
+    proc = subprocess.run([sys.executable, str(REPO / "backup_before_apply.py"), "--platform-root", str(tmp_path), "../x"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == bba.EXIT_USAGE and proc.stderr.strip().splitlines()[-1].startswith("backup-before-apply: error:")
