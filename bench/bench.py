@@ -18,6 +18,7 @@ machines are noise; the ratios are the result.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -203,6 +204,7 @@ def phase_table(title: str, phases: dict[str, str], medians: dict[str, dict[str,
 
 
 def main() -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()  # --help; settings come from BENCH_*
     size_mb = int(os.environ.get("BENCH_MB", "512"))
     small_count = int(os.environ.get("BENCH_SMALL_FILES", "100000"))
     pg_rows = int(os.environ.get("BENCH_PG_ROWS", "2000000"))

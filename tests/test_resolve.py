@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 import backup_before_apply as bba
@@ -98,3 +100,25 @@ def test_resolve_container_nothing_matches(platform):
 )
 def test_runbook_container_names(text, names):
     assert bba.runbook_container_names(text) == names
+
+
+def test_containers_and_engine_asks_docker_both_things_at_once_and_raises_either_error(fake_docker, monkeypatch):
+    fake = fake_docker(fake_container("app"), fake_container("db"))
+    together = threading.Barrier(2, timeout=10)  # broken (and the test failed) if one call waited for the other to end
+
+    def meet(argv, **kwargs):
+        if argv[1] in ("ps", "info"):
+            together.wait()
+        return fake(argv, **kwargs)
+
+    monkeypatch.setattr(bba, "run", meet)
+    containers, engine = bba.containers_and_engine(5)
+    assert sorted(c["Name"] for c in containers) == ["/app", "/db"] and engine.version == "99.0-fake" and engine.local
+    assert sorted(fake.subcommands()) == ["context", "info", "inspect", "ps"]
+    monkeypatch.setattr(bba, "run", fake)
+    fake.fail_on["info"] = "Cannot connect to the Docker daemon at unix:///var/run/docker.sock"
+    with pytest.raises(bba.CommandError, match="docker info"):
+        bba.containers_and_engine(5)
+    fake.fail_on = {"ps": "permission denied while trying to connect to the Docker daemon socket"}
+    with pytest.raises(bba.CommandError, match="docker ps"):
+        bba.containers_and_engine(5)
