@@ -4047,6 +4047,22 @@ class Restore:
 
 
 @dataclasses.dataclass(frozen=True)
+class Estimate:
+    """A procedure's estimate of a backup's size before compression, for the free-space check.
+
+    bytes is None when it cannot be told (the check is skipped, saying why: how). A bound
+    is an upper bound, not a size: it is checked against the free space but gives no ETA.
+    """
+
+    bytes: int | None
+    how: str
+    bound: bool = False
+
+    def __str__(self) -> str:
+        return f"at most: {self.how}" if self.bound else self.how
+
+
+@dataclasses.dataclass(frozen=True)
 class Procedure:
     """One way of taking a backup, registered under its name, answering everything the file asks of it.
 
@@ -4067,7 +4083,7 @@ class Procedure:
     name: str
     run: Callable[[BackupJob, int], BackupResult]
     plan: Callable[[BackupJob], Plan]
-    estimate: Callable[[BackupJob], tuple[int | None, str]]
+    estimate: Callable[[BackupJob], Estimate]
     verify: Callable[[IO[bytes], dict[str, Any]], list[Check]]
     drill: Callable[[Drill], int]
     suffixes: tuple[str, ...]
@@ -4872,7 +4888,7 @@ def verify_archive(fh: IO[bytes], doc: dict[str, Any]) -> list[Check]:
             *listing_check(found, expected_listing)]
 
 
-def estimate_mounts(job: BackupJob) -> tuple[int | None, str]:
+def estimate_mounts(job: BackupJob) -> Estimate:
     """Return the size of the mounted data when every mount is readable on this host.
 
     When the space used on the filesystems holding the mounts, all of it, fits (a bound no
@@ -4881,11 +4897,11 @@ def estimate_mounts(job: BackupJob) -> tuple[int | None, str]:
     """
     mounts = [m for m in job.mounts if m.via == "host"]
     if not job.mounts or len(mounts) != len(job.mounts):
-        return None, "the mounted data is not readable from this host"
+        return Estimate(None, "the mounted data is not readable from this host")
     bound = used_on_filesystems([m.source for m in mounts])
     if bound is not None and job.free_bytes is not None and space_needed(job, bound, staging=job.pause) <= job.free_bytes:
-        return bound, BOUND + "all the space used on the filesystem(s) of the mounts, which fits, so the mounts were not walked"
-    return sum(tree_size(m.source) for m in mounts), "size of the mounted data"
+        return Estimate(bound, "all the space used on the filesystem(s) of the mounts, which fits, so the mounts were not walked", bound=True)
+    return Estimate(sum(tree_size(m.source) for m in mounts), "size of the mounted data")
 
 
 @contextlib.contextmanager
@@ -5506,11 +5522,11 @@ def plan_pg_dumpall(job: BackupJob) -> Plan:
     return Plan(steps, f".sql.{job.compression.suffix}", f"{job.compression.format} complete, trailer line present, size, counts read back")
 
 
-def estimate_pg_dumpall(job: BackupJob) -> tuple[int | None, str]:
+def estimate_pg_dumpall(job: BackupJob) -> Estimate:
     if not job.resolution.container.get("State", {}).get("Running"):
-        return None, "the server is not running"
+        return Estimate(None, "the server is not running")
     server = job.seen["pg_server"] = pg_server(pg_target(job.resolution.container), job.settings.docker_timeout)
-    return int(server["bytes"]), "pg_database_size of every database"
+    return Estimate(int(server["bytes"]), "pg_database_size of every database")
 
 
 def verify_pg_dumpall(fh: IO[bytes], doc: dict[str, Any]) -> list[Check]:
@@ -6370,13 +6386,13 @@ def plan_redis_bgsave(job: BackupJob) -> Plan:
     return Plan(steps, f".tar.{job.compression.suffix}", checks)
 
 
-def estimate_redis(job: BackupJob) -> tuple[int | None, str]:
+def estimate_redis(job: BackupJob) -> Estimate:
     if job.resolution.container.get("State", {}).get("Running"):
         with contextlib.suppress(BackupError):
             redis = redis_target(job.resolution.container, job.settings, job.env)
             info = parse_info(redis_cli(redis, "INFO", "memory", timeout=job.settings.docker_timeout))
             if info.get("used_memory_dataset", "").isdigit():
-                return int(info["used_memory_dataset"]), "Redis used_memory_dataset"
+                return Estimate(int(info["used_memory_dataset"]), "Redis used_memory_dataset")
     return estimate_mounts(job)
 
 
@@ -8203,9 +8219,6 @@ def print_plan(job: BackupJob, out: IO[str], as_json: bool) -> None:
 WHOLE_RUN_RATE_MIB = 40  # what gzip -6 reaches on 2 cores (README, Performance): for the warning's estimate of a whole-run pause
 
 
-BOUND = "at most: "  # begins an estimate's description when it is an upper bound (no progress ETA from it)
-
-
 def space_needed(job: BackupJob, size: int, *, staging: bool = False) -> int:
     """Return the free bytes a backup of size bytes (before compression) needs: with staging, --pause's copy too; the margin."""
     return size * (2 if staging else 1) + int(job.settings.space_margin_mb * (1 << 20))
@@ -8224,11 +8237,12 @@ def check_free_space(job: BackupJob) -> None:
         probe = probe.parent
     fs = os.statvfs(probe)
     free = job.free_bytes = fs.f_bavail * fs.f_frsize
-    needed, how = PROCEDURES[job.procedure].estimate(job)
+    estimate = PROCEDURES[job.procedure].estimate(job)
+    needed, how = estimate.bytes, str(estimate)
     if needed is None:
         LOG.info("free space not checked: %s", how)
         return
-    job.estimated_bytes = None if how.startswith(BOUND) else needed  # a bound is no ETA
+    job.estimated_bytes = None if estimate.bound else needed  # a bound is no ETA
     margin = space_needed(job, 0)
     LOG.info("estimated size %s (%s); %s free on the filesystem of %s", human_size(needed), how, human_size(free), job.backup_dir)
     if free < space_needed(job, needed):
