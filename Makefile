@@ -14,7 +14,7 @@ unit: deps
 # The property tests (hypothesis) with random seeds and 20 times the examples (FUZZ_SCALE),
 # before a release; `make test` runs them with a fixed seed.
 fuzz: deps
-	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_yaml.py tests/test_hostile.py tests/test_tar.py
+	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q -p no:cacheprovider tests/test_yaml.py tests/test_hostile.py tests/test_tar.py tests/test_confined.py
 
 lint:
 	$(PYTHON) -m pip install -q ruff mypy

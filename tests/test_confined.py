@@ -15,11 +15,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import backup_before_apply as bba
-from conftest import fake_container
+from conftest import examples, fake_container
 
 
 class Collect(bba.StreamSink):
@@ -205,6 +205,7 @@ def test_dump_census_counts_rows_and_large_objects_only_under_their_toc_entries(
 _COPY_FIELDS = st.sampled_from(["\\N", "\\\\", "\\\\.", "a\\tb", "x\\ny", ".", "plain", ""])
 
 
+@settings(max_examples=examples(100))
 @given(tables=st.lists(st.lists(st.lists(_COPY_FIELDS, min_size=1, max_size=6), max_size=120), min_size=1, max_size=3),
        cut=st.sampled_from([1, 3, 7, 64, 500, 4096, 1 << 20]))
 def test_dump_census_finds_the_end_of_every_copy_block_whatever_its_escapes(tables, cut):
