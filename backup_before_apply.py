@@ -638,8 +638,10 @@ def containers_and_engine(timeout: float) -> tuple[list[dict[str, Any]], EngineI
     thread.start()
     try:
         containers = list_containers(timeout)
-    finally:
-        thread.join()  # bounded by the timeout of its own docker calls
+    except BaseException:
+        thread.join(1)  # the error at hand goes first: a docker info hanging with the engine is left to its own timeout
+        raise
+    thread.join()  # bounded by the timeout of its own docker calls
     if isinstance(answer[0], BaseException):
         raise answer[0]
     return containers, answer[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -122,3 +123,19 @@ def test_containers_and_engine_asks_docker_both_things_at_once_and_raises_either
     fake.fail_on = {"ps": "permission denied while trying to connect to the Docker daemon socket"}
     with pytest.raises(bba.CommandError, match="docker ps"):
         bba.containers_and_engine(5)
+    # A docker info that hangs (a stuck engine) does not hold back the error of docker ps.
+    release = threading.Event()
+
+    def hang_on_info(argv, **kwargs):
+        if argv[1] == "info":
+            release.wait(30)
+        return fake(argv, **kwargs)
+
+    monkeypatch.setattr(bba, "run", hang_on_info)
+    started = time.monotonic()
+    try:
+        with pytest.raises(bba.CommandError, match="docker ps"):
+            bba.containers_and_engine(5)
+        assert time.monotonic() - started < 10
+    finally:
+        release.set()
