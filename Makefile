@@ -32,8 +32,9 @@ deps:
 
 # The tool against the shell pipelines it replaces, in the same run (ratios, MB/s, RSS, phases),
 # and against itself with its hand-written parts swapped for the standard library's.
-# BENCH_SMALL_FILES (default 100000), BENCH_MB (default 512), BENCH_PG_ROWS (default 2000000) and
-# BENCH_RUNS (default 3) set the size; about 20 minutes on 2 cores at the defaults.
+# BENCH_SMALL_FILES (default 100000), BENCH_MB (default 512), BENCH_WIDE_FILES (one directory,
+# default 300000), BENCH_PG_ROWS (default 2000000) and BENCH_RUNS (default 3) set the size; about
+# 20 minutes on 2 cores at the defaults.
 bench: deps
 	$(PYTHON) bench/bench.py
 

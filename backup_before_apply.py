@@ -2014,20 +2014,20 @@ def _tree_size_walk(path: str) -> int:
     while stack:
         current = stack.pop()
         try:
-            entries = list(os.scandir(current))
+            with os.scandir(current) as listing:  # not held whole: constant memory in a directory of millions
+                for entry in listing:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if stat.S_ISDIR(st.st_mode):
+                        stack.append(entry.path)
+                    elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                        if st.st_nlink > 1:
+                            seen.add((st.st_dev, st.st_ino))
+                        total += min(st.st_size, st.st_blocks * 512)
         except OSError:
             continue
-        for entry in entries:
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                stack.append(entry.path)
-            elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-                if st.st_nlink > 1:
-                    seen.add((st.st_dev, st.st_ino))
-                total += min(st.st_size, st.st_blocks * 512)
     return total
 
 
@@ -3238,7 +3238,7 @@ def archive_from_host(tar: TarWriter, item: ArchiveItem, nested: list[str], stat
     rules = rules or ArchiveRules()
     _raise_open_file_limit()
     hard_links: dict[tuple[int, int], str] = {}
-    frames: list[tuple[int, list[tuple[str, str]], str]] = []  # (directory fd, (name, kind) still to visit, its path in the container)
+    frames: list[tuple[int, Names, str]] = []  # (directory fd, (name, kind) still to visit, its path in the container)
     parent = _open_item_root(item)
     top = item.path.strip("/")
     st: os.stat_result | None
@@ -3258,8 +3258,8 @@ def archive_from_host(tar: TarWriter, item: ArchiveItem, nested: list[str], stat
         while frames:
             fd, names, rel = frames[-1]
             if not names:
-                os.close(fd)
                 frames.pop()
+                _close_frame(fd, names)
                 continue
             name, kind = names.pop()
             st = None
@@ -3271,31 +3271,98 @@ def archive_from_host(tar: TarWriter, item: ArchiveItem, nested: list[str], stat
                     continue
             _visit(tar, item, fd, name, f"{rel}/{name}", st, nested, stats, rules, hard_links, frames, kind)
     finally:
-        for fd, _, _ in frames:
-            os.close(fd)
+        for fd, names, _ in frames:
+            _close_frame(fd, names)
 
 
-def _entries(fd: int) -> list[tuple[str, str]]:
-    """Return (name, kind) of every entry of an open directory, in reverse name order (popped in order).
+DIRECTORY_BATCH = 10_000  # entries of one directory held at once (about 1.5 MiB): memory stays constant in a directory of millions
+
+
+def _entries(fd: int) -> Names:
+    """Return (name, kind) of every entry of an open directory, to be popped in name order.
 
     kind comes from the directory entry itself ("d", "f", or "o" for anything else or
     unknown), so that a file or directory costs no lstat: it is opened and described from
-    the open file.
+    the open file. A directory of DIRECTORY_BATCH entries or more is not held whole: it is
+    handed out a batch at a time from its open listing (_Listing), in the order the
+    filesystem lists it, as GNU tar archives every directory.
     """
-    found = []
-    with os.scandir(fd) as listing:
-        for entry in listing:
-            kind = "o"
-            with contextlib.suppress(OSError):
-                kind = "d" if entry.is_dir(follow_symlinks=False) else "f" if entry.is_file(follow_symlinks=False) else "o"
-            found.append((entry.name, kind))
+    listing = os.scandir(fd)
+    try:
+        found = _listing_batch(listing)
+        if len(found) == DIRECTORY_BATCH:
+            return _Listing(listing, found)
+    except BaseException:
+        listing.close()
+        raise
+    listing.close()
     found.sort(reverse=True)
     return found
 
 
+def _listing_batch(listing: _OpenListing) -> list[tuple[str, str]]:
+    """Return the next DIRECTORY_BATCH entries (or what is left) of an open listing, reversed: popped in the listing's order."""
+    found = []
+    for entry in listing:
+        kind = "o"
+        with contextlib.suppress(OSError):
+            kind = "d" if entry.is_dir(follow_symlinks=False) else "f" if entry.is_file(follow_symlinks=False) else "o"
+        found.append((entry.name, kind))
+        if len(found) == DIRECTORY_BATCH:
+            break
+    found.reverse()
+    return found
+
+
+class _OpenListing(typing.Protocol):
+    """What os.scandir returns: an iterator of directory entries that holds a descriptor until closed."""
+
+    def __iter__(self) -> Iterator[os.DirEntry[str]]: ...
+    def __next__(self) -> os.DirEntry[str]: ...
+    def close(self) -> None: ...
+
+
+class _Listing:
+    """The entries of a directory too big to hold whole, a batch at a time from its open listing (one more fd while it lasts).
+
+    Like the list _entries returns for a smaller directory: true while entries are left,
+    pop() hands out the next. close() (done by itself at the end) releases the listing.
+    """
+
+    def __init__(self, listing: _OpenListing, first: list[tuple[str, str]]) -> None:
+        self.listing: _OpenListing | None = listing
+        self.batch = first
+
+    def __bool__(self) -> bool:
+        if not self.batch and self.listing is not None:
+            try:
+                self.batch = _listing_batch(self.listing)
+            finally:
+                if not self.batch:
+                    self.close()
+        return bool(self.batch)
+
+    def pop(self) -> tuple[str, str]:
+        return self.batch.pop()
+
+    def close(self) -> None:
+        if self.listing is not None:
+            self.listing.close()
+            self.listing = None
+
+
+Names = list[tuple[str, str]] | _Listing  # a directory's entries still to visit
+
+
+def _close_frame(fd: int, names: Names) -> None:
+    if isinstance(names, _Listing):
+        names.close()
+    os.close(fd)
+
+
 def _visit(tar: TarWriter, item: ArchiveItem, parent: int | None, name: str | int, rel: str, st: os.stat_result | None, nested: list[str],
            stats: ArchiveStats, rules: ArchiveRules, hard_links: dict[tuple[int, int], str],
-           frames: list[tuple[int, list[tuple[str, str]], str]], kind: str = "o") -> None:
+           frames: list[tuple[int, Names, str]], kind: str = "o") -> None:
     """Archive one entry; a directory is opened and pushed on frames to be walked next.
 
     name is the entry's name in the directory parent, or (parent None) an open fd of it;
@@ -3333,9 +3400,9 @@ def _visit(tar: TarWriter, item: ArchiveItem, parent: int | None, name: str | in
             if not isinstance(name, int):
                 os.close(fd)  # the caller closes a directory it handed in
             raise
+        frames.append((fd, names, rel))  # closed with the walk from here on, whatever happens
         tar.add(entry)
         stats.count(item.group, entry)
-        frames.append((fd, names, rel))
         return
     assert isinstance(name, str) and parent is not None
     if kind == "f" if st is None else stat.S_ISREG(st.st_mode):
@@ -3432,7 +3499,7 @@ def archive_through_docker(tar: TarWriter, container: str, item: ArchiveItem, ne
     # `docker cp C:/a/b -` names entries "b", "b/x": rebase them on "a".
     parent = posixpath.dirname(item.path.rstrip("/")).strip("/")
     excluded = [p for p in rules.backup_dir_paths if _inside(p, [item.path])]
-    archived = array.array("Q")
+    archived = bytearray((len(before) + 7) // 8 if before is not None else 0)  # a bit per entry of before: in the stream
     first = True
     with stream_from(["docker", "cp", f"{container}:{item.path}", "-"], timeout=rules.timeout) as pipe:
         for source, member in _docker_cp_entries(pipe, f"{container}:{item.path}"):
@@ -3460,7 +3527,8 @@ def archive_through_docker(tar: TarWriter, container: str, item: ArchiveItem, ne
             else:
                 tar.add(member)
             stats.count(item.group, member)
-            archived.append(_name_key(name))
+            if before is not None:
+                _mark(before, archived, _name_key(name))
     if before is not None:
         _compare_inventory(container, item, nested, rules, stats, before, archived)
 
@@ -3496,9 +3564,9 @@ def _find_inside(container: str, item: ArchiveItem, rules: ArchiveRules, each: C
 
 def _inventory(container: str, item: ArchiveItem, nested: list[str], rules: ArchiveRules, stats: ArchiveStats) -> array.array[int] | None:
     """Return the sorted name keys of every entry the container lists under the item, or None (and why, recorded)."""
-    keys = array.array("Q")
+    keys = NameKeys()
     sockets: list[str] = []
-    why = _find_inside(container, item, rules, lambda name: None if _left_out(name, item, nested, rules) else keys.append(_name_key(name)),
+    why = _find_inside(container, item, rules, lambda name: None if _left_out(name, item, nested, rules) else keys.add(_name_key(name)),
                        lambda name: None if _left_out(name, item, nested, rules) else sockets.append(name))
     for name in sockets[:STDERR_DETAIL_LINES]:
         stats.warnings.append(f"socket ignored: /{name}")
@@ -3508,7 +3576,7 @@ def _inventory(container: str, item: ArchiveItem, nested: list[str], rules: Arch
     if why is not None:
         stats.inventories[item.group] = f"not taken: {why}"
         return None
-    return array.array("Q", sorted(keys))
+    return keys.sorted()
 
 
 def _left_out(name: str, item: ArchiveItem, nested: list[str], rules: ArchiveRules) -> bool:
@@ -3521,11 +3589,21 @@ def _left_out(name: str, item: ArchiveItem, nested: list[str], rules: ArchiveRul
     return rules.exclude is not None and rules.exclude(name) is not None
 
 
+def _mark(keys: array.array[int], marks: bytearray, key: int) -> None:
+    """Set the bit in marks of every place key holds in the sorted keys (two names of one hash are both there)."""
+    index = bisect.bisect_left(keys, key)
+    while index < len(keys) and keys[index] == key:
+        marks[index >> 3] |= 1 << (index & 7)
+        index += 1
+
+
 def _compare_inventory(container: str, item: ArchiveItem, nested: list[str], rules: ArchiveRules, stats: ArchiveStats,
-                       before: array.array[int], archived: array.array[int]) -> None:
-    """Fail if entries that find listed before the copy, and lists again after it, are not in the archive."""
-    archived = array.array("Q", sorted(archived))
-    missing = {key for key in before if not _sorted_has(archived, key)}
+                       before: array.array[int], archived: bytearray) -> None:
+    """Fail if entries that find listed before the copy, and lists again after it, are not in the archive.
+
+    archived holds a bit per key of before, set by _mark for each entry the docker cp stream held.
+    """
+    missing = {key for index, key in enumerate(before) if not archived[index >> 3] >> (index & 7) & 1}
     if not missing:
         stats.inventories[item.group] = f"find inside the container listed {len(before)} entries; every one is in the archive"
         return
@@ -3544,6 +3622,38 @@ def _inventory_names(container: str, item: ArchiveItem, rules: ArchiveRules, wan
     found: list[str] = []
     why = _find_inside(container, item, rules, lambda name: found.append(name) if _name_key(name) in wanted else None)
     return found if why is None else None
+
+
+class NameKeys:
+    """Name keys gathered a 256th at a time by their first byte, to be sorted (for _sorted_has) without a list of them all.
+
+    sorted() of a million keys builds a list of a million Python ints, 40 bytes each; kept
+    here as 8 bytes each and sorted a part at a time (keys are hashes, so the parts are
+    even), a million keys never take more than about 8 MiB: memory stays constant however
+    many entries a mount or bucket holds.
+    """
+
+    def __init__(self) -> None:
+        self.parts = [array.array("Q") for _ in range(256)]
+
+    def add(self, key: int) -> None:
+        self.parts[key >> 56].append(key)
+
+    def sorted(self) -> array.array[int]:
+        """Return every key added, in order (each part is released as soon as it is copied)."""
+        ordered = array.array("Q")
+        for number, part in enumerate(self.parts):
+            ordered.extend(sorted(part))
+            self.parts[number] = array.array("Q")
+        return ordered
+
+
+def sorted_keys(keys: Iterable[int]) -> array.array[int]:
+    """Return keys sorted, as NameKeys sorts them."""
+    gathered = NameKeys()
+    for key in keys:
+        gathered.add(key)
+    return gathered.sorted()
 
 
 def _sorted_has(keys: array.array[int], key: int) -> bool:
@@ -6984,12 +7094,34 @@ def mc_runner(container: str, host_mc: str | None, secrets: dict[str, str], time
     return mc
 
 
+def files_under(root: Path) -> Iterator[str]:
+    """Yield the path under root of everything in it but directories, a directory listing at a time, never held whole.
+
+    A root or folder that is not there holds nothing (a mirror of a bucket whose objects all
+    failed to copy makes no folder for it); any other error is raised.
+    """
+    folders = [""]
+    while folders:
+        folder = folders.pop()
+        try:
+            listing = os.scandir(root / folder if folder else root)
+        except FileNotFoundError:
+            continue
+        with listing:
+            for entry in listing:
+                name = f"{folder}/{entry.name}" if folder else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(name)
+                else:
+                    yield name
+
+
 def mc_listing(mc: McRunner, alias: str, bucket: str, cwd: str) -> array.array[int]:
     """Return the sorted keys (hashed) of every object `mc ls --recursive` lists in the bucket."""
-    keys = array.array("Q")
+    keys = NameKeys()
     mc(["ls", "--recursive", "--json", f"{alias}/{bucket}"], cwd, f"mc ls --recursive {alias}/{bucket}",
-       lambda record: keys.append(_name_key(str(record.get("key", "")))) if record.get("type") == "file" else None)
-    return array.array("Q", sorted(keys))
+       lambda record: keys.add(_name_key(str(record.get("key", "")))) if record.get("type") == "file" else None)
+    return keys.sorted()
 
 
 def check_mirrored(mc: McRunner, alias: str, bucket: str, cwd: str, listed: array.array[int], mirrored: Path) -> str:
@@ -6998,8 +7130,7 @@ def check_mirrored(mc: McRunner, alias: str, bucket: str, cwd: str, listed: arra
     The mirror's own report cannot show an object it never saw; the listing is the bucket
     read a second way.
     """
-    have = array.array("Q", sorted(_name_key(os.path.relpath(os.path.join(folder, name), mirrored))
-                                   for folder, _, names in os.walk(mirrored) for name in names))
+    have = sorted_keys(_name_key(name) for name in files_under(mirrored))
     missing = {key for key in listed if not _sorted_has(have, key)}
     if missing:
         again: list[str] = []

@@ -9,8 +9,10 @@ the output size, where the tool's time went (its --debug phases), the docker cal
 1-3 against gzip -6 on four kinds of data (the evidence for zstd's default level).
 
 Data: 100,000 small files of 1-4 KiB (BENCH_SMALL_FILES), a mixed tree of BENCH_MB (default
-512), an empty volume (the fixed start-up), and a PostgreSQL database of BENCH_PG_ROWS rows
-(default 2,000,000, about 230 MB of SQL); BENCH_RUNS runs of each (default 3). The
+512), an empty volume (the fixed start-up), one directory of BENCH_WIDE_FILES entries (default
+300,000, run once: the tool's memory where a directory is bigger than it can hold whole), and
+a PostgreSQL database of BENCH_PG_ROWS rows (default 2,000,000, about 230 MB of SQL);
+BENCH_RUNS runs of each (default 3). The
 hand-written archive writer, tar reader and threaded gzip each run against the standard
 library's (bench/tarfile_variant.py) inside the same tool. Absolute times on shared
 machines are noise; the ratios are the result.
@@ -54,6 +56,21 @@ def build_small_files(root: Path, count: int) -> int:
         start = (n * 104729) % (len(words) - size)
         (sub / f"f{n:06d}.txt").write_bytes(words[start:start + size])
         total += size
+    return total
+
+
+def build_wide_directory(root: Path, count: int) -> int:
+    """count files of 0-99 bytes in one directory: a PHP session store, a Maildir's cur/, a flat cache."""
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    total = 0
+    try:
+        for n in range(count):
+            out = os.open(f"sess_{n * 2654435761 % (1 << 32):010d}{n:016d}", os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600, dir_fd=fd)
+            total += os.write(out, b"s" * (n % 100))
+            os.close(out)
+    finally:
+        os.close(fd)
     return total
 
 
@@ -208,6 +225,7 @@ def main() -> int:
     size_mb = int(os.environ.get("BENCH_MB", "512"))
     small_count = int(os.environ.get("BENCH_SMALL_FILES", "100000"))
     pg_rows = int(os.environ.get("BENCH_PG_ROWS", "2000000"))
+    wide_count = int(os.environ.get("BENCH_WIDE_FILES", "300000"))
     runs = int(os.environ.get("BENCH_RUNS", "3"))
     work = Path(tempfile.mkdtemp(prefix="bba-bench-", dir="/var/tmp"))
     box = Sandbox().start()
@@ -292,6 +310,19 @@ def main() -> int:
         report += [f"#### Fixed start-up: the default backup of an empty volume took {medians_empty[default]['wall']:.2f}s "
                    f"({phases_empty[default]}; the rest is Python start-up and the tool's own work)", ""]
 
+        print(f"bench: one directory of {wide_count} entries (memory)", file=sys.stderr)
+        box.docker("volume", "create", "bench-wide")
+        wide = Path(json.loads(box.docker("volume", "inspect", "bench-wide").stdout)[0]["Mountpoint"])
+        build_wide_directory(wide / "sessions", wide_count)
+        box.run_container("wide", "-v", "bench-wide:/data")
+        wide_platform = work / "platform-wide"  # a platform of its own: --list below still sees 50 modules
+        (wide_platform / "modules" / "wide").mkdir(parents=True)
+        (wide_platform / "modules" / "wide" / "module.yaml").write_text("spec:\n  runtime:\n    statefulness: stateful\n")
+        medians_wide = run_variants({default: ([*TOOL, "wide", "--platform-root", str(wide_platform), "--allow-ci", "--debug",
+                                                 "--backup-dir", str(work / "wide")], env, work / "wide")}, 1)
+        report += [f"#### One directory of {wide_count:,} entries: the default backup took {medians_wide[default]['wall']:.1f}s, "
+                   f"peak RSS of the tool {medians_wide[default]['rss']:.0f} MiB", ""]
+
         print(f"bench: class A, loading {pg_rows} rows", file=sys.stderr)
         box.run_postgres("postgres", user="postgres", password="bench")
         box.docker("exec", "postgres", "psql", "-q", "-U", "postgres", "-c",
@@ -335,7 +366,7 @@ def main() -> int:
             """The share of the tool's default wall time the hand-written part saves over its swapped-in standard library."""
             return (medians[swapped]["wall"] - medians[own]["wall"]) / medians[default]["wall"]
 
-        peak = max(m["rss"] for medians in (medians_small, medians_e, medians_a, medians_empty) for name, m in medians.items()
+        peak = max(m["rss"] for medians in (medians_small, medians_e, medians_a, medians_empty, medians_wide) for name, m in medians.items()
                    if not name.endswith("(swapped)"))
         pause_ratio = pause_seconds / max(plain_tar, 1.0)
         rows = [

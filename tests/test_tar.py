@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import io
 import os
 import stat
 import tarfile
 import threading
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -185,6 +189,124 @@ def test_archive_file_swapped_for_a_fifo_is_left_out_without_waiting(tmp_path):
     finally:
         os.close(parent)
     assert stats.warnings == ["replaced by a non-regular file while archiving, left out: /queue"]
+
+
+def source_listing(root: Path) -> dict[str, str]:
+    """Every entry under root by an lstat walk of its own, as archive member name -> kind."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            mode = path.lstat().st_mode
+            kind = "d" if stat.S_ISDIR(mode) else "f" if stat.S_ISREG(mode) else "l" if stat.S_ISLNK(mode) else "p" if stat.S_ISFIFO(mode) else "?"
+            found["data/" + str(path.relative_to(root))] = kind
+    return found
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@contextlib.contextmanager
+def nothing_left_open() -> Iterator[None]:
+    """Fail if a descriptor stays open, or a directory listing is left for the garbage collector to close."""
+    before = open_fds()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        yield
+        gc.collect()
+    assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert open_fds() == before
+
+
+@pytest.fixture
+def wide_tree(tmp_path: Path) -> Path:
+    """Directories around a batch of 7 entries: 40 (with big subdirectories in it), 7, 6 and 8."""
+    root = tmp_path / "wide"
+    root.mkdir()
+    for n in range(30):
+        (root / f"f{n:02d}").write_bytes(b"x" * n)
+    for n in range(4):
+        sub = root / f"sub{n}"
+        sub.mkdir()
+        for m in range(20 if n == 0 else (7, 6, 8)[n - 1]):
+            (sub / f"g{m:02d}").write_text(str(m))
+    (root / "sub0" / "inner").mkdir()
+    for m in range(9):
+        (root / "sub0" / "inner" / f"h{m}").write_text("h")
+    os.symlink("f01", root / "link")
+    os.mkfifo(root / "fifo")
+    os.link(root / "f05", root / "hard")
+    (root / "z-last").mkdir()
+    return root
+
+
+def test_archive_directory_of_more_entries_than_a_batch_holds_every_entry_once(wide_tree, monkeypatch):
+    """A directory of DIRECTORY_BATCH entries or more is walked from its open listing a batch at a time (constant memory)."""
+    monkeypatch.setattr(bba, "DIRECTORY_BATCH", 7)
+    sink = Collect()
+    with nothing_left_open():
+        stats = archive(wide_tree, sink)
+    with tarfile.open(fileobj=io.BytesIO(bytes(sink.data)), mode="r:") as tar:
+        members = tar.getmembers()
+    names = [m.name for m in members]
+    assert len(names) == len(set(names)) == stats.members
+    kinds = {m.name: "d" if m.isdir() else "f" if m.isreg() or m.islnk() else "l" if m.issym() else "p" if m.isfifo() else "?" for m in members}
+    assert kinds == {"data": "d", **source_listing(wide_tree)}  # compared with the source, not with what the walk reported
+    small = [name for name in names if name.startswith("data/sub2/")]
+    assert small == sorted(small) and len(small) == 6  # fewer than a batch: name order, as always
+    assert stats.files == 30 + 20 + 7 + 6 + 8 + 9  # the hard link is a link entry, not a second file
+
+
+def test_archive_stopped_inside_a_big_directory_closes_its_listings(wide_tree, monkeypatch):
+    monkeypatch.setattr(bba, "DIRECTORY_BATCH", 7)
+    real_add, calls = bba.TarWriter.add, []
+
+    def failing_add(self, entry):
+        calls.append(entry.name)
+        if len(calls) == 4:  # the third directory: sub0/inner's listing is open inside sub0's and the top's
+            raise BrokenPipeError("the compressor went away")
+        return real_add(self, entry)
+
+    monkeypatch.setattr(bba.TarWriter, "add", failing_add)
+    with nothing_left_open(), pytest.raises(BrokenPipeError):
+        archive(wide_tree, Collect())
+
+
+def test_archive_memory_does_not_grow_with_a_directory(tmp_path, monkeypatch):
+    """12,000 entries in one directory, held 500 at a time: what the walk allocates stays far below holding them all."""
+    import tracemalloc
+
+    root = tmp_path / "sessions"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for n in range(12_000):
+            os.close(os.open(f"sess_{n:026d}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+    class Null(bba.StreamSink):
+        def write(self, data) -> int:
+            return len(data)
+
+    def peak_of_walk() -> int:
+        writer, stats = bba.TarWriter(Null()), bba.ArchiveStats(listing=False)
+        tracemalloc.start()
+        try:
+            bba.archive_from_host(writer, bba.ArchiveItem("/data", str(root), "/data"), [], stats)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert stats.members == 12_001
+        return peak
+
+    monkeypatch.setattr(bba, "DIRECTORY_BATCH", 500)
+    batched = peak_of_walk()
+    monkeypatch.setattr(bba, "DIRECTORY_BATCH", 100_000)  # the whole directory in one batch, as before batches
+    whole = peak_of_walk()
+    assert batched < bba.COPY_CHUNK + (256 << 10)  # the writer's 1 MiB buffer and one batch of 500 (about 60 KiB)
+    assert whole > batched + (1 << 20)  # the same walk holding the 12,000 whole (about 1.5 MiB more): the test can tell
 
 
 def test_gzip_threads_error_reaches_the_writer_and_never_blocks_it():
