@@ -28,6 +28,7 @@ import fnmatch
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import logging
 import math
@@ -5220,12 +5221,20 @@ def empty_directory(path: str, keep: list[str]) -> None:
 
     keep: names (relative paths) of nested mounts, whose own contents belong to another mount.
     """
+    kept = {k.split("/", 1)[0] for k in keep}  # nested mounts' mount points (their own contents are restored on their own)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for name in os.listdir(fd):
-            if name in {k.split("/", 1)[0] for k in keep}:
-                continue  # a nested mount's mount point (its own contents are restored on their own)
-            remove_entry(fd, name)
+        last: list[str] = []
+        while True:  # a batch at a time, listed again from the start each time: a directory of millions is never held whole
+            with os.scandir(fd) as listing:
+                batch = list(itertools.islice((entry.name for entry in listing if entry.name not in kept), DIRECTORY_BATCH))
+            if not batch:
+                return
+            if batch == last:
+                raise BackupError(f"{path}: {batch[0]} is still there after it was removed; the directory cannot be emptied")
+            for name in batch:
+                remove_entry(fd, name)
+            last = batch
     finally:
         os.close(fd)
 

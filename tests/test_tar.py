@@ -423,3 +423,31 @@ def test_reader_refuses_a_header_whose_checksum_does_not_match(prefix, at, delta
     bad[at] = (bad[at] + delta) % 256
     with pytest.raises(bba.BackupError, match="tar header 1 has a bad checksum"):
         list(bba.tar_entries(io.BytesIO(bytes(bad) + bytes(1024))))
+
+
+def test_empty_directory_removes_a_directory_of_many_entries_a_batch_at_a_time(wide_tree, monkeypatch):
+    """--restore empties a mount before extracting into it: a batch of names at a time, listed again each time, never the whole directory."""
+    monkeypatch.setattr(bba, "DIRECTORY_BATCH", 7)
+    (wide_tree / "nested-mount" / "its-own").mkdir(parents=True)  # another mount's mount point: its contents are left alone
+    (wide_tree / "nested-mount" / "its-own" / "data").write_text("kept")
+    top, listed = wide_tree.stat().st_ino, []
+    real_scandir = os.scandir
+
+    def counting_scandir(target):
+        if isinstance(target, int) and os.fstat(target).st_ino == top:
+            listed.append(target)
+        return real_scandir(target)
+
+    monkeypatch.setattr(bba.os, "scandir", counting_scandir)
+    with nothing_left_open():
+        bba.empty_directory(str(wide_tree), ["nested-mount/its-own"])
+    monkeypatch.undo()
+    assert os.listdir(wide_tree) == ["nested-mount"] and (wide_tree / "nested-mount" / "its-own" / "data").read_text() == "kept"
+    assert len(listed) == 7  # 38 entries to remove (the nested mount point stays): six batches of 7 or fewer, then an empty listing
+
+
+def test_empty_directory_that_cannot_be_emptied_fails_instead_of_looping(tmp_path, monkeypatch):
+    (tmp_path / "stuck").write_text("x")
+    monkeypatch.setattr(bba, "remove_entry", lambda dir_fd, name: None)  # as if something put it back at once
+    with nothing_left_open(), pytest.raises(bba.BackupError, match="stuck is still there after it was removed"):
+        bba.empty_directory(str(tmp_path), [])
