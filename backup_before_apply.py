@@ -112,6 +112,7 @@ COPY_CHUNK = 1 << 20
 WRITEBACK_EVERY = 32 << 20
 STDERR_TAIL_LINES = 5
 STDERR_DETAIL_LINES = 50  # printed before the error line when a child said more than its tail
+WARNINGS_PER_KIND = 50  # entries named per kind of warning ("vanished while archiving"); the rest are counted
 
 RESTORE_PLACEHOLDERS = ("backup", "manifest", "module", "container", "image", "decompress")
 
@@ -3020,9 +3021,27 @@ class ArchiveStats:
     per_mount: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     warnings: list[str] = dataclasses.field(default_factory=list)
     sockets: int = 0  # left out, as GNU tar leaves them out ("socket ignored"), and said so
+    warned: dict[str, int] = dataclasses.field(default_factory=dict)  # warnings of each kind so far
+    unlisted: dict[str, int] = dataclasses.field(default_factory=dict)  # kind -> where in warnings its "N more" line is
     listing: bool = True  # False: counts only (the archive writer: the digest is taken from the archive as it is read back)
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # mounts found to be single files
     inventories: dict[str, str] = dataclasses.field(default_factory=dict)  # group -> what the docker cp inventory found
+
+    def warn(self, what: str, path: str) -> None:
+        """Say what happened to the entry at path ("vanished while archiving", ...), in the warnings.
+
+        Past WARNINGS_PER_KIND of one kind the rest are counted on one line: a session store
+        whose clean-up runs during the walk can lose thousands of files, and each would be a
+        line on stderr and in the manifest, held in memory until the end.
+        """
+        count = self.warned[what] = self.warned.get(what, 0) + 1
+        if count <= WARNINGS_PER_KIND:
+            self.warnings.append(f"{what}: {path}")
+            return
+        if what not in self.unlisted:
+            self.unlisted[what] = len(self.warnings)
+            self.warnings.append("")
+        self.warnings[self.unlisted[what]] = f"{what}: {count - WARNINGS_PER_KIND} more, not listed"
 
     def count(self, group: str, entry: TarEntry) -> None:
         self.members += 1
@@ -3268,7 +3287,7 @@ def archive_from_host(tar: TarWriter, item: ArchiveItem, nested: list[str], stat
                 try:
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 except FileNotFoundError:
-                    stats.warnings.append(f"vanished while archiving: /{rel}/{name}")
+                    stats.warn("vanished while archiving", f"/{rel}/{name}")
                     continue
             _visit(tar, item, fd, name, f"{rel}/{name}", st, nested, stats, rules, hard_links, frames, kind)
     finally:
@@ -3379,17 +3398,17 @@ def _visit(tar: TarWriter, item: ArchiveItem, parent: int | None, name: str | in
             try:
                 fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
             except FileNotFoundError:
-                stats.warnings.append(f"vanished while archiving: /{rel}")
+                stats.warn("vanished while archiving", f"/{rel}")
                 return
             except OSError as exc:
                 if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                     raise
-                stats.warnings.append(f"replaced by a link or a file while archiving, left out: /{rel}")
+                stats.warn("replaced by a link or a file while archiving, left out", f"/{rel}")
                 return
         try:
             here = os.fstat(fd)
             if rules.backup_dir == (here.st_dev, here.st_ino):
-                stats.warnings.append(f"the backup directory itself is inside this mount and was left out: /{rel}")
+                stats.warn("the backup directory itself is inside this mount and was left out", f"/{rel}")
                 if not isinstance(name, int):
                     os.close(fd)
                 return
@@ -3409,7 +3428,7 @@ def _visit(tar: TarWriter, item: ArchiveItem, parent: int | None, name: str | in
     if kind == "f" if st is None else stat.S_ISREG(st.st_mode):
         reason = rules.exclude(rel) if rules.exclude is not None else None
         if reason is not None:
-            stats.warnings.append(f"left out: /{rel} ({reason})")
+            stats.warn("left out", f"/{rel} ({reason})")
             return
         entry = _add_host_file(tar, parent, name, arcname, hard_links, stats)
     else:
@@ -3417,18 +3436,18 @@ def _visit(tar: TarWriter, item: ArchiveItem, parent: int | None, name: str | in
         try:
             linkname = os.readlink(name, dir_fd=parent) if stat.S_ISLNK(st.st_mode) else ""
         except FileNotFoundError:
-            stats.warnings.append(f"vanished while archiving: /{rel}")
+            stats.warn("vanished while archiving", f"/{rel}")
             return
         except OSError:
-            stats.warnings.append(f"replaced while archiving, left out: /{rel}")
+            stats.warn("replaced while archiving, left out", f"/{rel}")
             return
         entry = entry_for(arcname, st, hard_links, linkname)
         if entry is None:
             if stat.S_ISSOCK(st.st_mode):
                 stats.sockets += 1
-                stats.warnings.append(f"socket ignored: /{rel}")
+                stats.warn("socket ignored", f"/{rel}")
             else:
-                stats.warnings.append(f"file type tar cannot hold, left out: /{rel}")
+                stats.warn("file type tar cannot hold, left out", f"/{rel}")
             return
         if entry.kind != tarfile.LNKTYPE:
             entry.xattrs = read_xattrs(f"/proc/self/fd/{parent}/{name}")  # a link's own, never its target's
@@ -3441,17 +3460,17 @@ def _add_host_file(tar: TarWriter, parent: int, name: str, arcname: str, hard_li
     try:
         fd = os.open(name, _OPEN_FILE, dir_fd=parent)
     except FileNotFoundError:
-        stats.warnings.append(f"vanished while archiving: /{arcname}")
+        stats.warn("vanished while archiving", f"/{arcname}")
         return None
     except OSError as exc:
         if exc.errno not in (errno.ELOOP, errno.ENXIO):
             raise
-        stats.warnings.append(f"replaced by a link or socket while archiving, left out: /{arcname}")
+        stats.warn("replaced by a link or socket while archiving, left out", f"/{arcname}")
         return None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            stats.warnings.append(f"replaced by a non-regular file while archiving, left out: /{arcname}")
+            stats.warn("replaced by a non-regular file while archiving, left out", f"/{arcname}")
             return None
         entry = entry_for(arcname, st, hard_links)
         assert entry is not None
@@ -3462,7 +3481,7 @@ def _add_host_file(tar: TarWriter, parent: int, name: str, arcname: str, hard_li
         if st.st_blocks * 512 < st.st_size:
             entry.sparse = sparse_map(fd, st.st_size)
         if not tar.add_file(entry, fd):
-            stats.warnings.append(f"file changed as we read it: /{arcname}")
+            stats.warn("file changed as we read it", f"/{arcname}")
         return entry
     finally:
         os.close(fd)
@@ -3514,17 +3533,17 @@ def archive_through_docker(tar: TarWriter, container: str, item: ArchiveItem, ne
                 continue
             if excluded and _inside("/" + name, excluded):
                 if "/" + name in excluded:
-                    stats.warnings.append(f"the backup directory itself is inside this mount and was left out: /{name}")
+                    stats.warn("the backup directory itself is inside this mount and was left out", f"/{name}")
                 continue
             if member.kind == tarfile.REGTYPE and rules.exclude is not None and (reason := rules.exclude(name)) is not None:
-                stats.warnings.append(f"left out: /{name} ({reason})")
+                stats.warn("left out", f"/{name} ({reason})")
                 continue
             member.name = item.prefix + name
             if member.kind == tarfile.LNKTYPE:
                 member.linkname = item.prefix + posixpath.normpath(posixpath.join(parent, member.linkname)).lstrip("/")
             if member.kind == tarfile.REGTYPE:
                 if not tar.add_stream(member, source):
-                    stats.warnings.append(f"file cut short in the docker cp stream: /{member.name}")
+                    stats.warn("file cut short in the docker cp stream", f"/{member.name}")
             else:
                 tar.add(member)
             stats.count(item.group, member)
@@ -3566,14 +3585,13 @@ def _find_inside(container: str, item: ArchiveItem, rules: ArchiveRules, each: C
 def _inventory(container: str, item: ArchiveItem, nested: list[str], rules: ArchiveRules, stats: ArchiveStats) -> array.array[int] | None:
     """Return the sorted name keys of every entry the container lists under the item, or None (and why, recorded)."""
     keys = NameKeys()
-    sockets: list[str] = []
-    why = _find_inside(container, item, rules, lambda name: None if _left_out(name, item, nested, rules) else keys.add(_name_key(name)),
-                       lambda name: None if _left_out(name, item, nested, rules) else sockets.append(name))
-    for name in sockets[:STDERR_DETAIL_LINES]:
-        stats.warnings.append(f"socket ignored: /{name}")
-    if len(sockets) > STDERR_DETAIL_LINES:
-        stats.warnings.append(f"socket ignored: {len(sockets) - STDERR_DETAIL_LINES} more under {item.path}")
-    stats.sockets += len(sockets)
+
+    def socket(name: str) -> None:
+        if not _left_out(name, item, nested, rules):
+            stats.warn("socket ignored", f"/{name}")
+            stats.sockets += 1
+
+    why = _find_inside(container, item, rules, lambda name: None if _left_out(name, item, nested, rules) else keys.add(_name_key(name)), socket)
     if why is not None:
         stats.inventories[item.group] = f"not taken: {why}"
         return None
@@ -4341,7 +4359,7 @@ def remove_stale_partials(dir_fd: int, module_id: str) -> None:
             os.unlink(name, dir_fd=dir_fd)
         elif left == "staging":
             LOG.warning("removing %s/ left by an interrupted run", name)
-            remove_tree_at(dir_fd, name)
+            remove_entry(dir_fd, name)
 
 
 _PARTIAL_NAME = re.compile(r"(?P<module>.+)-[0-9]{8}T[0-9]{6}Z\.[a-z.]+\.partial")  # incl. class G's .pgdump.sql.gz
@@ -4355,12 +4373,6 @@ def _left_by_a_run(name: str, module_id: str) -> str | None:
         if found and found["module"] == module_id:
             return kind
     return None
-
-
-def remove_tree_at(dir_fd: int, name: str) -> None:
-    """Remove the directory name in dir_fd and everything in it, never following a symlink."""
-    with contextlib.suppress(FileNotFoundError):
-        shutil.rmtree(name, dir_fd=dir_fd)
 
 
 class Pause:
@@ -4565,7 +4577,7 @@ def _archive_staged(job: BackupJob, dir_fd: int, items: list[ArchiveItem], skipp
             os.close(fd)
     finally:
         with signals_deferred():
-            remove_tree_at(dir_fd, staging)
+            remove_entry(dir_fd, staging)
 
 
 def mount_items(job: BackupJob) -> list[ArchiveItem]:
@@ -5222,34 +5234,124 @@ def empty_directory(path: str, keep: list[str]) -> None:
     keep: names (relative paths) of nested mounts, whose own contents belong to another mount.
     """
     kept = {k.split("/", 1)[0] for k in keep}  # nested mounts' mount points (their own contents are restored on their own)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        last: list[str] = []
-        while True:  # a batch at a time, listed again from the start each time: a directory of millions is never held whole
-            with os.scandir(fd) as listing:
-                batch = list(itertools.islice((entry.name for entry in listing if entry.name not in kept), DIRECTORY_BATCH))
-            if not batch:
-                return
-            if batch == last:
-                raise BackupError(f"{path}: {batch[0]} is still there after it was removed; the directory cannot be emptied")
-            for name in batch:
-                remove_entry(fd, name)
-            last = batch
-    finally:
-        os.close(fd)
+    _empty(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), kept)
 
 
 def remove_entry(dir_fd: int, name: str) -> None:
     """Remove name in dir_fd, a directory with everything in it or anything else, never following a link; gone already is fine."""
+    if _unlink(dir_fd, name):
+        return
     try:
-        is_dir = stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         return
-    if is_dir:
-        shutil.rmtree(name, dir_fd=dir_fd)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise _cannot_remove(dir_fd, name, exc) from None
+        _unlink(dir_fd, name)  # a directory a moment ago, something else now
+        return
+    _empty(fd, set())
+    _rmdir(dir_fd, name)
+
+
+@dataclasses.dataclass
+class _Emptying:
+    """A directory being emptied: its descriptor, its name in the one below it, the subdirectories of its last batch still to empty."""
+
+    fd: int
+    name: str
+    subdirectories: list[str] = dataclasses.field(default_factory=list)
+    last: list[str] = dataclasses.field(default_factory=list)
+
+
+def _empty(top: int, kept: set[str]) -> None:
+    """Remove everything in the open directory top but the names in kept; close top.
+
+    Nothing is held whole and nothing recurses. A directory is listed DIRECTORY_BATCH names
+    at a time, again from the start once a batch is removed, so that a directory of millions
+    costs the memory of a batch. Going down keeps one descriptor per level on a list, not a
+    Python frame, so that a tree deeper than the interpreter's recursion limit is emptied
+    like any other: shutil.rmtree recurses, and stops with RecursionError at about 1,000
+    levels on Python 3.11, with the tree half removed. Raise BackupError naming an entry
+    that cannot be removed, or that is still there after it was.
+    """
+    stack = [_Emptying(top, "")]
+    try:
+        while stack:
+            here = stack[-1]
+            if here.subdirectories:
+                name = here.subdirectories.pop()
+                try:
+                    child = os.open(name, _DIR_FLAGS, dir_fd=here.fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                        raise _cannot_remove(here.fd, name, exc) from None
+                    _unlink(here.fd, name)  # a directory when it was listed, something else now
+                    continue
+                stack.append(_Emptying(child, name))
+                continue
+            with os.scandir(here.fd) as listing:
+                found = (entry for entry in listing if here.fd != top or entry.name not in kept)
+                batch = [(entry.name, _listed_as_directory(entry)) for entry in itertools.islice(found, DIRECTORY_BATCH)]
+            if not batch:
+                stack.pop()
+                os.close(here.fd)
+                if stack:
+                    _rmdir(stack[-1].fd, here.name)
+                continue
+            names = [name for name, _ in batch]
+            if names == here.last:
+                raise BackupError(f"{_fd_path(here.fd)}/{names[0]} is still there after it was removed; the directory cannot be emptied")
+            here.last = names
+            for name, is_directory in batch:
+                if is_directory or not _unlink(here.fd, name):
+                    here.subdirectories.append(name)
+    finally:
+        for frame in stack:
+            os.close(frame.fd)
+
+
+def _listed_as_directory(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False  # then unlink says
+
+
+def _unlink(dir_fd: int, name: str) -> bool:
+    """Remove name (anything but a directory) in dir_fd; return False if it is a directory. Gone already is fine."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except IsADirectoryError:
+        return False
+    except OSError as exc:
+        raise _cannot_remove(dir_fd, name, exc) from None
+    return True
+
+
+def _rmdir(dir_fd: int, name: str) -> None:
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _cannot_remove(dir_fd, name, exc) from None
+
+
+def _cannot_remove(dir_fd: int, name: str, exc: OSError) -> BackupError:
+    return BackupError(f"cannot remove {_fd_path(dir_fd)}/{name}: {exc.strerror or exc}")
+
+
+def _fd_path(fd: int) -> str:
+    """Return the path of an open directory, for a message (what the kernel says it is)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"(directory descriptor {fd})"
 
 
 register(Procedure(
@@ -7083,7 +7185,7 @@ def procedure_mc_mirror(job: BackupJob, dir_fd: int) -> BackupResult:
         result = write_archive(job, dir_fd, items)
     finally:
         with signals_deferred():
-            remove_tree_at(dir_fd, staging_name)
+            remove_entry(dir_fd, staging_name)
             if not host_mc:
                 remove_in_container(job, inside, noted)
     result.contents["groups"] = result.contents.pop("per_mount")
@@ -7214,7 +7316,7 @@ def restore_mc_mirror(job: Restore) -> int:
     finally:
         with signals_deferred():
             if host_mc:
-                remove_tree_at(dir_fd, staging_name)
+                remove_entry(dir_fd, staging_name)
             else:
                 run(exec_argv(job.name, ["rm", "-rf", "--", inside]), timeout=settings.docker_timeout, check=False)
             os.close(dir_fd)
@@ -8225,7 +8327,7 @@ def cmd_prune(args: argparse.Namespace, config: Config, settings: Settings, out:
                     if dir_fd is not None:
                         with signals_deferred():
                             if item.is_tree:
-                                remove_tree_at(dir_fd, item.path.name)
+                                remove_entry(dir_fd, item.path.name)
                             else:
                                 with contextlib.suppress(FileNotFoundError):
                                     os.unlink(item.path.name, dir_fd=dir_fd)

@@ -139,6 +139,33 @@ def test_archive_sockets_are_reported_not_dropped_in_silence(tmp_path):
     assert "run/app/app.sock" not in members and stats.warnings == ["socket ignored: /run/app/app.sock"]
 
 
+def test_archive_warnings_name_the_first_of_each_kind_and_count_the_rest(tmp_path, monkeypatch):
+    """A session store whose clean-up runs during the walk: 70 files vanish, and 120 sockets sit beside them."""
+    import socket
+    volume = tmp_path / "v"
+    volume.mkdir()
+    for n in range(120):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(volume / f"s{n:03d}"))
+    for n in range(70):
+        (volume / f"gone-{n:02d}").write_text("x")
+    (volume / "kept").write_text("kept")
+    real_open = os.open
+
+    def vanishing(path, flags, mode=0o777, *, dir_fd=None):
+        if isinstance(path, str) and path.startswith("gone-"):
+            raise FileNotFoundError(2, "No such file or directory", path)  # removed between the listing and the open
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(bba.os, "open", vanishing)
+    members, stats = archive(bba.ArchiveItem("/data", str(volume), "/data"))
+    assert sorted(members) == ["data", "data/kept"] and stats.sockets == 120
+    assert stats.warnings == [*(f"vanished while archiving: /data/gone-{n:02d}" for n in range(bba.WARNINGS_PER_KIND)),
+                              "vanished while archiving: 20 more, not listed",
+                              *(f"socket ignored: /data/s{n:03d}" for n in range(bba.WARNINGS_PER_KIND)),
+                              "socket ignored: 70 more, not listed"]
+
+
 def test_plan_mounts_lists_tmpfs_mounts_that_docker_inspect_keeps_apart():
     container = fake_container("c", [{"Type": "volume", "Name": "v", "Source": "/x", "Destination": "/data", "RW": True}])
     container["HostConfig"] = {"Tmpfs": {"/run/cache": "", "/data/scratch": "size=1m"}}

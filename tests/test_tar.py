@@ -7,6 +7,8 @@ import gc
 import io
 import os
 import stat
+import subprocess
+import sys
 import tarfile
 import threading
 import warnings
@@ -447,7 +449,94 @@ def test_empty_directory_removes_a_directory_of_many_entries_a_batch_at_a_time(w
 
 
 def test_empty_directory_that_cannot_be_emptied_fails_instead_of_looping(tmp_path, monkeypatch):
-    (tmp_path / "stuck").write_text("x")
-    monkeypatch.setattr(bba, "remove_entry", lambda dir_fd, name: None)  # as if something put it back at once
-    with nothing_left_open(), pytest.raises(bba.BackupError, match="stuck is still there after it was removed"):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "stuck").write_text("x")
+    monkeypatch.setattr(bba.os, "unlink", lambda name, dir_fd=None: None)  # as if something put it back at once
+    with nothing_left_open(), pytest.raises(bba.BackupError, match=f"^{tmp_path}/sub/stuck is still there after it was removed"):
         bba.empty_directory(str(tmp_path), [])
+
+
+def test_remove_entry_says_which_entry_cannot_be_removed(tmp_path, monkeypatch):
+    (tmp_path / "top" / "a" / "busy").mkdir(parents=True)
+    (tmp_path / "top" / "a" / "busy" / "f").write_text("x")
+    real_rmdir = os.rmdir
+
+    def rmdir(name, dir_fd=None):
+        if name == "busy":
+            raise OSError(16, "Device or resource busy")  # a mount point nobody said was one
+        real_rmdir(name, dir_fd=dir_fd)
+
+    monkeypatch.setattr(bba.os, "rmdir", rmdir)
+    parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with nothing_left_open(), pytest.raises(bba.BackupError, match=f"^cannot remove {tmp_path}/top/a/busy: Device or resource busy$"):
+            bba.remove_entry(parent, "top")
+    finally:
+        os.close(parent)
+    assert os.listdir(tmp_path / "top" / "a" / "busy") == []
+
+
+def test_remove_entry_removes_a_tree_deeper_than_the_recursion_limit_and_never_follows_a_link(tmp_path):
+    """A tree of 1,500 levels more than the recursion limit (shutil.rmtree recurses: RecursionError at about 1,000 on Python 3.11)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("not part of the tree")
+    depth = sys.getrecursionlimit() + 1500
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for level in range(depth):
+            os.mkdir("d", dir_fd=fd)
+            if level % 100 == 0:
+                os.close(os.open(f"file-{level}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+                os.mkfifo(f"fifo-{level}", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        os.symlink(str(outside), "link-to-outside", dir_fd=fd)
+        os.symlink(str(outside / "keep"), "link-to-a-file", dir_fd=fd)
+    finally:
+        os.close(fd)
+    parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with nothing_left_open():
+            bba.remove_entry(parent, "d")
+            bba.remove_entry(parent, "d")  # gone already: fine
+    finally:
+        os.close(parent)
+        subprocess.run(["rm", "-rf", str(tmp_path / "d")], check=True)  # if the test failed: pytest's own clean-up recurses too
+    assert sorted(os.listdir(tmp_path)) == ["fifo-0", "file-0", "outside"]  # what sat beside the tree's top
+    assert (outside / "keep").read_text() == "not part of the tree"
+
+
+def test_remove_entry_holds_a_batch_of_a_subdirectory_not_the_whole(tmp_path, monkeypatch):
+    """--restore removes a mount's subdirectories, --prune and the clean-up staging trees: a batch of names at a time, at every level."""
+    import tracemalloc
+
+    def peak_of_removal(batch: int) -> int:
+        sessions = tmp_path / "top" / "sessions"
+        sessions.mkdir(parents=True)
+        fd = os.open(sessions, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for n in range(12_000):
+                os.close(os.open(f"sess_{n:026d}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
+        finally:
+            os.close(fd)
+        (sessions / "nested").mkdir()
+        for n in range(30):
+            (sessions / "nested" / f"n{n}").write_text("n")
+        monkeypatch.setattr(bba, "DIRECTORY_BATCH", batch)
+        parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        tracemalloc.start()
+        try:
+            bba.remove_entry(parent, "top")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+            os.close(parent)
+        assert os.listdir(tmp_path) == []
+        return peak
+
+    batched = peak_of_removal(500)
+    whole = peak_of_removal(100_000)  # the 12,000 names in one batch, as shutil.rmtree holds a directory
+    assert batched < 256 << 10  # one batch of 500 names (about 60 KiB)
+    assert whole > batched + (1 << 20)  # the same removal holding the whole directory (about 1.5 MiB more): the test can tell
