@@ -5231,10 +5231,16 @@ def plan_restore_mounted_archive(job: Restore) -> list[str]:
 def empty_directory(path: str, keep: list[str]) -> None:
     """Remove everything inside the directory path (not path itself), by directory descriptors, never following a link.
 
-    keep: names (relative paths) of nested mounts, whose own contents belong to another mount.
+    keep: the paths (relative to path) of nested mounts. Their mount points stay with what is
+    in them (another mount's contents, restored on its own), and so do the directories on the
+    way to them, emptied of everything else.
     """
-    kept = {k.split("/", 1)[0] for k in keep}  # nested mounts' mount points (their own contents are restored on their own)
-    _empty(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), kept)
+    spared: dict[str, set[str]] = {}  # a directory (relative path) -> its names that stay: a mount point, or a directory on the way to one
+    for kept in keep:
+        parts = [part for part in kept.split("/") if part]
+        for depth, part in enumerate(parts):
+            spared.setdefault("/".join(parts[:depth]), set()).add(part)
+    _empty(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), spared)
 
 
 def remove_entry(dir_fd: int, name: str) -> None:
@@ -5250,22 +5256,24 @@ def remove_entry(dir_fd: int, name: str) -> None:
             raise _cannot_remove(dir_fd, name, exc) from None
         _unlink(dir_fd, name)  # a directory a moment ago, something else now
         return
-    _empty(fd, set())
+    _empty(fd, {})
     _rmdir(dir_fd, name)
 
 
 @dataclasses.dataclass
 class _Emptying:
-    """A directory being emptied: its descriptor, its name in the one below it, the subdirectories of its last batch still to empty."""
+    """A directory being emptied: its descriptor, its name in the one below it and its path from the top, the subdirectories still to empty."""
 
     fd: int
     name: str
+    path: str
     subdirectories: list[str] = dataclasses.field(default_factory=list)
-    last: list[str] = dataclasses.field(default_factory=list)
+    last: list[str] = dataclasses.field(default_factory=list)  # the names of the last batch, which must not come back
+    ways_taken: bool = False  # the directories in it on the way to a nested mount were pushed
 
 
-def _empty(top: int, kept: set[str]) -> None:
-    """Remove everything in the open directory top but the names in kept; close top.
+def _empty(top: int, spared: dict[str, set[str]]) -> None:
+    """Remove everything in the open directory top but what spared keeps (empty_directory); close top.
 
     Nothing is held whole and nothing recurses. A directory is listed DIRECTORY_BATCH names
     at a time, again from the start once a batch is removed, so that a directory of millions
@@ -5275,12 +5283,13 @@ def _empty(top: int, kept: set[str]) -> None:
     levels on Python 3.11, with the tree half removed. Raise BackupError naming an entry
     that cannot be removed, or that is still there after it was.
     """
-    stack = [_Emptying(top, "")]
+    stack = [_Emptying(top, "", "")]
     try:
         while stack:
             here = stack[-1]
             if here.subdirectories:
                 name = here.subdirectories.pop()
+                path = f"{here.path}/{name}" if here.path else name
                 try:
                     child = os.open(name, _DIR_FLAGS, dir_fd=here.fd)
                 except FileNotFoundError:
@@ -5288,17 +5297,25 @@ def _empty(top: int, kept: set[str]) -> None:
                 except OSError as exc:
                     if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
                         raise _cannot_remove(here.fd, name, exc) from None
-                    _unlink(here.fd, name)  # a directory when it was listed, something else now
+                    if path not in spared:
+                        _unlink(here.fd, name)  # a directory when it was listed, something else now
                     continue
-                stack.append(_Emptying(child, name))
+                stack.append(_Emptying(child, name, path))
                 continue
-            with os.scandir(here.fd) as listing:
-                found = (entry for entry in listing if here.fd != top or entry.name not in kept)
-                batch = [(entry.name, _listed_as_directory(entry)) for entry in itertools.islice(found, DIRECTORY_BATCH)]
+            stays = spared.get(here.path, set())
+            batch = []
+            if not here.ways_taken:  # else what stays was all that was left
+                with os.scandir(here.fd) as listing:
+                    found = (entry for entry in listing if entry.name not in stays)
+                    batch = [(entry.name, _listed_as_directory(entry)) for entry in itertools.islice(found, DIRECTORY_BATCH)]
             if not batch:
+                if stays and not here.ways_taken:  # emptied but for what stays: now into the directories on the way to a mount
+                    here.ways_taken = True
+                    here.subdirectories = sorted(name for name in stays if (f"{here.path}/{name}" if here.path else name) in spared)
+                    continue
                 stack.pop()
                 os.close(here.fd)
-                if stack:
+                if stack and here.path not in spared:
                     _rmdir(stack[-1].fd, here.name)
                 continue
             names = [name for name, _ in batch]

@@ -448,6 +448,20 @@ def test_empty_directory_removes_a_directory_of_many_entries_a_batch_at_a_time(w
     assert len(listed) == 7  # 38 entries to remove (the nested mount point stays): six batches of 7 or fewer, then an empty listing
 
 
+def test_empty_directory_keeps_nested_mount_points_at_any_depth_and_empties_the_way_to_them(tmp_path):
+    """A mount with mounts nested in it (/data, /data/top-mnt, /data/deep/er/mnt): each nested one is restored on its own."""
+    root = tmp_path / "mount"
+    for path, text in {"top-mnt/inside": "kept", "deep/x": "added", "deep/er/y": "added", "deep/er/mnt/data": "kept",
+                       "deep/er/z/w": "added", "other/f": "added", "f": "added"}.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    with nothing_left_open():
+        bba.empty_directory(str(root), ["top-mnt", "deep/er/mnt/"])
+    assert sorted(str(p.relative_to(root)) for p in root.rglob("*")) == [
+        "deep", "deep/er", "deep/er/mnt", "deep/er/mnt/data", "top-mnt", "top-mnt/inside"]
+    assert (root / "deep/er/mnt/data").read_text() == "kept" and (root / "top-mnt/inside").read_text() == "kept"
+
+
 def test_empty_directory_that_cannot_be_emptied_fails_instead_of_looping(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "stuck").write_text("x")
