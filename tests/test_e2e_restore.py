@@ -69,13 +69,17 @@ def started_at(engine) -> str:
     return engine.inspect(MODULE)["State"]["StartedAt"]
 
 
-def test_e2e_restore_undoes_a_bad_apply_and_the_safety_backup_undoes_the_restore(keeper, tmp_path):
+def backed_up(keeper, tmp_path: Path) -> tuple:
+    """Back the keeper module up; return the engine, the platform, the volume, the archive and the volume's entries (no socket)."""
     engine, platform = keeper
     volume = mountpoint(engine, "keeper-data")
     proc = run_backup(engine, platform, MODULE, tmp_path / "b")
     assert proc.returncode == 0, proc.stderr
-    archive = proc.stdout.split()[0]
-    before = without_socket(walk(volume))
+    return engine, platform, volume, proc.stdout.split()[0], without_socket(walk(volume))
+
+
+def test_e2e_restore_undoes_a_bad_apply_and_the_safety_backup_undoes_the_restore(keeper, tmp_path):
+    engine, platform, volume, archive, before = backed_up(keeper, tmp_path)
     bad_apply(volume)
     broken = walk(volume)
 
@@ -117,12 +121,7 @@ def test_e2e_restore_removes_what_the_apply_added_however_deep(keeper, tmp_path)
     shutil.rmtree recurses, and stopped with RecursionError at about 1,000 levels on Python
     3.11, the mount half emptied.
     """
-    engine, platform = keeper
-    volume = mountpoint(engine, "keeper-data")
-    proc = run_backup(engine, platform, MODULE, tmp_path / "b")
-    assert proc.returncode == 0, proc.stderr
-    archive = proc.stdout.split()[0]
-    before = without_socket(walk(volume))
+    engine, platform, volume, archive, before = backed_up(keeper, tmp_path)
     add_a_deep_tree(volume, 3000)
 
     done = restore(engine, platform, archive, "--yes")
