@@ -274,18 +274,33 @@ def test_archive_stopped_inside_a_big_directory_closes_its_listings(wide_tree, m
         archive(wide_tree, Collect())
 
 
-def test_archive_memory_does_not_grow_with_a_directory(tmp_path, monkeypatch):
-    """12,000 entries in one directory, held 500 at a time: what the walk allocates stays far below holding them all."""
-    import tracemalloc
-
-    root = tmp_path / "sessions"
-    root.mkdir()
+def session_store(root: Path, count: int = 12_000) -> Path:
+    """One directory of count empty files named as PHP's session files are."""
+    root.mkdir(parents=True)
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for n in range(12_000):
+        for n in range(count):
             os.close(os.open(f"sess_{n:026d}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
     finally:
         os.close(fd)
+    return root
+
+
+def traced_peak(call) -> int:
+    """Return the most memory Python allocated at once during call() (tracemalloc)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_archive_memory_does_not_grow_with_a_directory(tmp_path, monkeypatch):
+    """12,000 entries in one directory, held 500 at a time: what the walk allocates stays far below holding them all."""
+    root = session_store(tmp_path / "sessions")
 
     class Null(bba.StreamSink):
         def write(self, data) -> int:
@@ -293,12 +308,7 @@ def test_archive_memory_does_not_grow_with_a_directory(tmp_path, monkeypatch):
 
     def peak_of_walk() -> int:
         writer, stats = bba.TarWriter(Null()), bba.ArchiveStats(listing=False)
-        tracemalloc.start()
-        try:
-            bba.archive_from_host(writer, bba.ArchiveItem("/data", str(root), "/data"), [], stats)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        peak = traced_peak(lambda: bba.archive_from_host(writer, bba.ArchiveItem("/data", str(root), "/data"), [], stats))
         assert stats.members == 12_001
         return peak
 
@@ -524,28 +534,16 @@ def test_remove_entry_removes_a_tree_deeper_than_the_recursion_limit_and_never_f
 
 def test_remove_entry_holds_a_batch_of_a_subdirectory_not_the_whole(tmp_path, monkeypatch):
     """--restore removes a mount's subdirectories, --prune and the clean-up staging trees: a batch of names at a time, at every level."""
-    import tracemalloc
-
     def peak_of_removal(batch: int) -> int:
-        sessions = tmp_path / "top" / "sessions"
-        sessions.mkdir(parents=True)
-        fd = os.open(sessions, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for n in range(12_000):
-                os.close(os.open(f"sess_{n:026d}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd))
-        finally:
-            os.close(fd)
+        sessions = session_store(tmp_path / "top" / "sessions")
         (sessions / "nested").mkdir()
         for n in range(30):
             (sessions / "nested" / f"n{n}").write_text("n")
         monkeypatch.setattr(bba, "DIRECTORY_BATCH", batch)
         parent = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-        tracemalloc.start()
         try:
-            bba.remove_entry(parent, "top")
-            peak = tracemalloc.get_traced_memory()[1]
+            peak = traced_peak(lambda: bba.remove_entry(parent, "top"))
         finally:
-            tracemalloc.stop()
             os.close(parent)
         assert os.listdir(tmp_path) == []
         return peak
