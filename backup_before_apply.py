@@ -3324,14 +3324,18 @@ def _listing_batch(listing: _OpenListing) -> list[tuple[str, str]]:
     """Return the next DIRECTORY_BATCH entries (or what is left) of an open listing, reversed: popped in the listing's order."""
     found = []
     for entry in listing:
-        kind = "o"
-        with contextlib.suppress(OSError):
-            kind = "d" if entry.is_dir(follow_symlinks=False) else "f" if entry.is_file(follow_symlinks=False) else "o"
-        found.append((entry.name, kind))
+        found.append((entry.name, _entry_kind(entry)))
         if len(found) == DIRECTORY_BATCH:
             break
     found.reverse()
     return found
+
+
+def _entry_kind(entry: os.DirEntry[str]) -> str:
+    """Return "d" (directory), "f" (regular file) or "o" (anything else, or unknown) from a directory entry, never following a link."""
+    with contextlib.suppress(OSError):
+        return "d" if entry.is_dir(follow_symlinks=False) else "f" if entry.is_file(follow_symlinks=False) else "o"
+    return "o"
 
 
 class _OpenListing(typing.Protocol):
@@ -5240,42 +5244,32 @@ def empty_directory(path: str, keep: list[str]) -> None:
         parts = [part for part in kept.split("/") if part]
         for depth, part in enumerate(parts):
             spared.setdefault("/".join(parts[:depth]), set()).add(part)
-    _empty(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), spared)
+    _empty(_Emptying(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), "", ""), spared)
 
 
 def remove_entry(dir_fd: int, name: str) -> None:
     """Remove name in dir_fd, a directory with everything in it or anything else, never following a link; gone already is fine."""
-    if _unlink(dir_fd, name):
-        return
-    try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
-            raise _cannot_remove(dir_fd, name, exc) from None
-        _unlink(dir_fd, name)  # a directory a moment ago, something else now
-        return
-    _empty(fd, {})
-    _rmdir(dir_fd, name)
+    _empty(_Emptying(os.dup(dir_fd), "", "", subdirectories=[name], listed_out=True), {})  # dir_fd itself is not listed
 
 
 @dataclasses.dataclass
 class _Emptying:
-    """A directory being emptied: its descriptor, its name in the one below it and its path from the top, the subdirectories still to empty."""
+    """A directory being emptied: its descriptor, its name in the one below it and its path from the top, the entries still to remove."""
 
     fd: int
     name: str
     path: str
     subdirectories: list[str] = dataclasses.field(default_factory=list)
     last: list[str] = dataclasses.field(default_factory=list)  # the names of the last batch, which must not come back
-    ways_taken: bool = False  # the directories in it on the way to a nested mount were pushed
+    listed_out: bool = False  # nothing more to list in it: what is left stays (or, at the top of remove_entry, is not this walk's)
 
 
-def _empty(top: int, spared: dict[str, set[str]]) -> None:
-    """Remove everything in the open directory top but what spared keeps (empty_directory); close top.
+def _empty(top: _Emptying, spared: dict[str, set[str]]) -> None:
+    """Remove everything in the directory top.fd but what spared keeps (empty_directory); close top.fd.
 
-    Nothing is held whole and nothing recurses. A directory is listed DIRECTORY_BATCH names
+    top.subdirectories are removed first, whole; with top.listed_out nothing else in top.fd
+    is touched (remove_entry). A name listed as a directory and found to be something else
+    is unlinked, never followed. Nothing is held whole and nothing recurses. A directory is listed DIRECTORY_BATCH names
     at a time, again from the start once a batch is removed, so that a directory of millions
     costs the memory of a batch. Going down keeps one descriptor per level on a list, not a
     Python frame, so that a tree deeper than the interpreter's recursion limit is emptied
@@ -5283,7 +5277,7 @@ def _empty(top: int, spared: dict[str, set[str]]) -> None:
     levels on Python 3.11, with the tree half removed. Raise BackupError naming an entry
     that cannot be removed, or that is still there after it was.
     """
-    stack = [_Emptying(top, "", "")]
+    stack = [top]
     try:
         while stack:
             here = stack[-1]
@@ -5304,13 +5298,13 @@ def _empty(top: int, spared: dict[str, set[str]]) -> None:
                 continue
             stays = spared.get(here.path, set())
             batch = []
-            if not here.ways_taken:  # else what stays was all that was left
+            if not here.listed_out:
                 with os.scandir(here.fd) as listing:
                     found = (entry for entry in listing if entry.name not in stays)
-                    batch = [(entry.name, _listed_as_directory(entry)) for entry in itertools.islice(found, DIRECTORY_BATCH)]
+                    batch = [(entry.name, _entry_kind(entry) == "d") for entry in itertools.islice(found, DIRECTORY_BATCH)]
             if not batch:
-                if stays and not here.ways_taken:  # emptied but for what stays: now into the directories on the way to a mount
-                    here.ways_taken = True
+                if stays and not here.listed_out:  # emptied but for what stays: now into the directories on the way to a mount
+                    here.listed_out = True
                     here.subdirectories = sorted(name for name in stays if (f"{here.path}/{name}" if here.path else name) in spared)
                     continue
                 stack.pop()
@@ -5328,13 +5322,6 @@ def _empty(top: int, spared: dict[str, set[str]]) -> None:
     finally:
         for frame in stack:
             os.close(frame.fd)
-
-
-def _listed_as_directory(entry: os.DirEntry[str]) -> bool:
-    try:
-        return entry.is_dir(follow_symlinks=False)
-    except OSError:
-        return False  # then unlink says
 
 
 def _unlink(dir_fd: int, name: str) -> bool:
