@@ -2010,26 +2010,54 @@ def du_total(out: bytes) -> int:
 
 
 def _tree_size_walk(path: str) -> int:
+    # Without du: what du -s -x measures, the archive's way. Directory fds (no path length
+    # limit, no recursion), one listing batch at a time, nothing followed through a link,
+    # other filesystems (nested mounts, measured on their own) left out.
     total = 0
     seen: set[tuple[int, int]] = set()
-    stack = [path]
-    while stack:
-        current = stack.pop()
-        try:
-            with os.scandir(current) as listing:  # not held whole: constant memory in a directory of millions
-                for entry in listing:
+    try:
+        top = os.open(path, _DIR_FLAGS & ~os.O_NOFOLLOW)  # a mount's source is followed as docker followed it
+    except OSError:
+        return 0
+    _raise_open_file_limit()
+    device = os.fstat(top).st_dev
+    try:
+        frames: list[tuple[int, Names]] = [(top, _entries(top))]
+    except BaseException as exc:
+        os.close(top)
+        if isinstance(exc, OSError):
+            return 0  # an unreadable top directory: nothing counted, as du counts it
+        raise
+    try:
+        while frames:
+            fd, names = frames[-1]
+            try:
+                more = bool(names)  # a big directory's next batch is read here
+            except OSError:
+                more = False
+            if not more:
+                frames.pop()
+                _close_frame(fd, names)
+                continue
+            name, _ = names.pop()
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode) and st.st_dev == device:
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
                     try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    if stat.S_ISDIR(st.st_mode):
-                        stack.append(entry.path)
-                    elif stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
-                        if st.st_nlink > 1:
-                            seen.add((st.st_dev, st.st_ino))
-                        total += min(st.st_size, st.st_blocks * 512)
-        except OSError:
-            continue
+                        frames.append((child, _entries(child)))
+                    except BaseException:
+                        os.close(child)
+                        raise
+            except OSError:
+                continue  # gone or unreadable: counted as nothing, as du counts it
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+                if st.st_nlink > 1:
+                    seen.add((st.st_dev, st.st_ino))
+                total += min(st.st_size, st.st_blocks * 512)
+    finally:
+        for fd, names in frames:
+            _close_frame(fd, names)
     return total
 
 

@@ -552,3 +552,63 @@ def test_remove_entry_holds_a_batch_of_a_subdirectory_not_the_whole(tmp_path, mo
     whole = peak_of_removal(100_000)  # the 12,000 names in one batch, as shutil.rmtree holds a directory
     assert batched < 256 << 10  # one batch of 500 names (about 60 KiB)
     assert whole > batched + (1 << 20)  # the same removal holding the whole directory (about 1.5 MiB more): the test can tell
+
+
+def find_file_bytes(root: Path) -> tuple[int, set[int]]:
+    """What the estimate must say, by GNU find: every regular file on root's filesystem once, its data (not its holes); and their inodes."""
+    out = subprocess.run(["find", str(root), "-xdev", "-type", "f", "-printf", r"%D %i %s %b\n"], capture_output=True, check=True).stdout
+    files = {}
+    for line in out.decode().splitlines():
+        dev, ino, size, blocks = map(int, line.split())
+        files[dev, ino] = min(size, blocks * 512)
+    return sum(files.values()), {ino for _, ino in files}
+
+
+def test_space_estimate_without_du_counts_what_find_counts_at_any_depth(tmp_path, monkeypatch):
+    """The estimate where du is missing: a file past 4,096 bytes of path, holes, hard links, links out, a nested filesystem, a big directory."""
+    root = tmp_path / "mount"
+    (root / "many").mkdir(parents=True)
+    for n in range(30):
+        (root / "many" / f"f{n:02d}").write_bytes(os.urandom(100 * n))
+    with open(root / "sparse", "wb") as fh:
+        fh.truncate(64 << 20)
+        fh.seek(10 << 20)
+        fh.write(os.urandom(1 << 20))
+    os.link(root / "many" / "f29", root / "hard")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big").write_bytes(os.urandom(2 << 20))
+    os.symlink(outside, root / "link-out")
+    os.symlink(outside / "big", root / "link-to-a-file")
+    deep = str(root)
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for level in range(500):  # 5,000 bytes of path under the mount: the old walk, by path strings, skipped what lies past 4,096
+            os.mkdir("level-dir", dir_fd=fd)
+            child = os.open("level-dir", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+            deep += "/level-dir"
+            if level in (250, 499):
+                with open(os.open(f"data-{level}", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=fd), "wb") as fh:
+                    fh.write(os.urandom(64 << 10))
+        deep_inode = os.stat("data-499", dir_fd=fd).st_ino
+    finally:
+        os.close(fd)
+    assert len(deep) - len(str(root)) > 4096
+    nested = root / "nested-mount"
+    nested.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(nested)], capture_output=True).returncode == 0
+    try:
+        (nested / "elsewhere").write_bytes(os.urandom(3 << 20))  # on a filesystem of its own: measured as a mount of its own, as du -x does
+        expected, inodes = find_file_bytes(root)
+        assert deep_inode in inodes and expected > (1 << 20) + 2 * (64 << 10)
+        monkeypatch.setattr(bba, "du_argv", lambda paths: None)
+        monkeypatch.setattr(bba, "DIRECTORY_BATCH", 7)
+        with nothing_left_open():
+            assert bba.tree_size(str(root)) == expected
+            assert bba.tree_size(str(tmp_path / "gone")) == 0
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(nested)], check=True)
+        subprocess.run(["rm", "-rf", str(root)], check=True)  # pytest's own clean-up recurses, with paths over 4,096 bytes
