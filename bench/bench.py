@@ -263,6 +263,7 @@ def main() -> int:
         default, zstd = "tool, default (gzip -6 via pigz)", f"tool, zstd (its default level, {level})"
         zlib, gzipfile = "tool, gzip -6, no pigz: threaded deflate", "tool, gzip -6, no pigz: one gzip.GzipFile (swapped)"
         tarfile_writer, tarfile_reader = "tool, default, tarfile as the writer (swapped)", "tool, default, tarfile as the reader (swapped)"
+        unverified = "tool, zstd, without its in-flight verification (swapped: what the proof costs)"
         pigz_shell, zstd_shell = "shell: tar -cf - | pigz -6 > file", f"shell: tar -cf - | zstd -T0 -{level} > file"
         # GNU tar storing what the tool stores (issue 12's fidelity): is it a faster reader of host paths than the tool's writer?
         fidelity = "--numeric-owner --xattrs --xattrs-include='*' --acls --sparse"
@@ -281,6 +282,7 @@ def main() -> int:
                 tarfile_reader: tool(module, work / f"{tag}-tr", swap="reader"),
                 zlib: tool(module, work / f"{tag}-zl", "--compress-level", "6", environment=no_pigz),
                 gzipfile: tool(module, work / f"{tag}-gf", "--compress-level", "6", environment=no_pigz, swap="gzipfile"),
+                unverified: tool(module, work / f"{tag}-nv", "--compression", "zstd", swap="verification"),
             }
 
         print("bench: class E, small files", file=sys.stderr)
@@ -387,6 +389,13 @@ def main() -> int:
                                    ("tar reader (TarReader vs tarfile)", tarfile_reader, default),
                                    ("gzip without pigz (threaded deflate vs gzip.GzipFile)", gzipfile, zlib)):
             report.append(f"| {part} | {saves(medians_small, swapped, own):.0%} | {saves(medians_e, swapped, own):.0%} |")
+        report += ["", f"### What the in-flight verification costs (zstd -{level}; the tool always verifies)", "",
+                   "| data | tool zstd / tar \\| zstd | the same without its verification / tar \\| zstd | "
+                   "CPU s of the verification (the tool's --debug) |", "|---|---|---|---|"]
+        for what, medians, phases in (("small files", medians_small, phases_small), ("mixed tree", medians_e, phases_e)):
+            spent = re.search(r"the in-flight verification ([0-9.]+)s", phases[zstd])
+            report.append(f"| {what} | {ratio(medians, zstd, zstd_shell):.2f} | {ratio(medians, unverified, zstd_shell):.2f} | "
+                          f"{spent.group(1) if spent else '?'} |")
         report += ["", "### GNU tar as the reader of host paths (issue 12: keep one writer if the other earns nothing)", "",
                    "GNU tar storing what the tool stores, in the shell, against the whole tool (which also verifies, hashes and fsyncs):", "",
                    "| data | tool default / tar with the fidelity flags \\| pigz | tool zstd / tar with the fidelity flags \\| zstd | "
