@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The tool with its hand-written parts swapped for the standard library's, for `make bench` only.
+"""The tool with a part swapped, for `make bench` only: a hand-written part for the standard library's, or its verification taken out.
 
 BENCH_SWAP names what is swapped, comma-separated:
 - writer: the archive is written by tarfile (TarFile.add into the same compressor), not TarWriter;
