@@ -4609,7 +4609,7 @@ def _archive_staged(job: BackupJob, dir_fd: int, items: list[ArchiveItem], skipp
             os.close(fd)
     finally:
         with signals_deferred():
-            remove_entry(dir_fd, staging)
+            remove_staging(dir_fd, staging)
 
 
 def mount_items(job: BackupJob) -> list[ArchiveItem]:
@@ -5278,6 +5278,24 @@ def empty_directory(path: str, keep: list[str]) -> None:
 def remove_entry(dir_fd: int, name: str) -> None:
     """Remove name in dir_fd, a directory with everything in it or anything else, never following a link; gone already is fine."""
     _empty(_Emptying(os.dup(dir_fd), "", "", subdirectories=[name], listed_out=True), {})  # dir_fd itself is not listed
+
+
+def remove_staging(dir_fd: int, name: str) -> None:
+    """Remove a run's staging tree as the run ends (from a finally), as remove_entry does.
+
+    If the run is failing already, a staging tree that cannot be removed is a warning, so
+    that the run's own error (a full disk, a lost container) stays the one it ends with; the
+    next run of the module removes what is left. Otherwise raise BackupError: a run that
+    cannot clean up after itself does not end well.
+    """
+    failing = sys.exc_info()[1]  # the error on its way through the finally that called this, if any
+    try:
+        remove_entry(dir_fd, name)
+    except (BackupError, OSError) as exc:
+        if failing is None:
+            raise
+        LOG.warning("%s; the next run of this module removes what is left", exc if isinstance(exc, BackupError) else
+                    f"cannot remove {_fd_path(dir_fd)}/{name}: {exc.strerror or exc}")
 
 
 @dataclasses.dataclass
@@ -7217,7 +7235,7 @@ def procedure_mc_mirror(job: BackupJob, dir_fd: int) -> BackupResult:
         result = write_archive(job, dir_fd, items)
     finally:
         with signals_deferred():
-            remove_entry(dir_fd, staging_name)
+            remove_staging(dir_fd, staging_name)
             if not host_mc:
                 remove_in_container(job, inside, noted)
     result.contents["groups"] = result.contents.pop("per_mount")
@@ -7348,7 +7366,7 @@ def restore_mc_mirror(job: Restore) -> int:
     finally:
         with signals_deferred():
             if host_mc:
-                remove_entry(dir_fd, staging_name)
+                remove_staging(dir_fd, staging_name)
             else:
                 run(exec_argv(job.name, ["rm", "-rf", "--", inside]), timeout=settings.docker_timeout, check=False)
             os.close(dir_fd)

@@ -158,6 +158,34 @@ def test_backup_disk_full_removes_partial_unpauses_and_exits_1(platform, tmp_pat
     assert kuma.subcommands().count("unpause") == 1
 
 
+def test_backup_failing_with_a_staging_copy_it_cannot_remove_ends_with_its_own_error(platform, tmp_path, data, kuma, capsys, monkeypatch):
+    """A full disk while staging, then a staging directory that will not go (busy): the error is the full disk; the next run removes it."""
+    (data["volume"] / "big").write_bytes(os.urandom(512 * 1024))  # incompressible, > 64k
+    real_rmdir, busy = os.rmdir, [True]
+
+    def rmdir(name, dir_fd=None):
+        if busy[0] and str(name).endswith(".pause-staging"):
+            raise OSError(16, "Device or resource busy")
+        real_rmdir(name, dir_fd=dir_fd)
+
+    monkeypatch.setattr(bba.os, "rmdir", rmdir)
+    with tiny_filesystem(tmp_path / "full") as backup_dir:
+        assert backup(platform, backup_dir, "--pause", "--no-space-check") == 1
+        busy[0] = False
+        staging = [p.name for p in backup_dir.iterdir() if p.name.endswith(".pause-staging")]
+        assert len(staging) == 1 and os.listdir(backup_dir / staging[0]) == []  # emptied, not removed
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert lines[-1] == (f"backup-before-apply: error: no space left on the filesystem of {backup_dir}/{staging[0]} (No space left on device); "
+                             "partial backup removed")
+        assert (f"backup-before-apply: warning: cannot remove {backup_dir}/{staging[0]}: Device or resource busy; "
+                "the next run of this module removes what is left") in lines
+        assert kuma.subcommands().count("unpause") == 1
+        (data["volume"] / "big").unlink()
+        assert backup(platform, backup_dir, "--pause", "--no-space-check") == 0
+        assert f"removing {staging[0]}/ left by an interrupted run" in capsys.readouterr().err
+        assert not [p for p in backup_dir.iterdir() if p.name.endswith("-staging")]
+
+
 @pytest.mark.parametrize(("compression", "tool"), [("gzip", "zlib"), ("gzip", "pigz"), ("zstd", "zstd")])
 def test_backup_disk_full_with_more_than_the_pipes_hold_fails_fast(platform, tmp_path, data, kuma, capsys, compression, tool):
     """The compressor's output outgrows its pipes after the disk is full: the archiver must not wait on it for ever."""
