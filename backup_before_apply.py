@@ -5285,8 +5285,8 @@ def remove_staging(dir_fd: int, name: str) -> None:
 
     If the run is failing already, a staging tree that cannot be removed is a warning, so
     that the run's own error (a full disk, a lost container) stays the one it ends with; the
-    next run of the module removes what is left. Otherwise raise BackupError: a run that
-    cannot clean up after itself does not end well.
+    next run of the module removes what is left. Otherwise raise what the removal raised
+    (BackupError naming the entry): a run that cannot clean up after itself does not end well.
     """
     failing = sys.exc_info()[1]  # the error on its way through the finally that called this, if any
     try:
