@@ -32,7 +32,8 @@ deps:
 
 # The tool against the shell pipelines it replaces, in the same run (ratios, MB/s, RSS, phases),
 # and against itself with its hand-written parts swapped for the standard library's; also the
-# shell pipelines reading their output back as they write it, as the tool's verification does.
+# shell pipelines reading their output back as they write it, as the tool's verification does,
+# and those doing the tool's whole job on the archive (fidelity flags, read-back, sha256, sync).
 # BENCH_SMALL_FILES (default 100000), BENCH_MB (default 512), BENCH_WIDE_FILES (one directory,
 # default 300000), BENCH_PG_ROWS (default 2000000) and BENCH_RUNS (default 3) set the size; about
 # 20 minutes on 2 cores at the defaults.
